@@ -1,0 +1,2 @@
+//! origami: train Mixture-of-Experts language models with five-dimensional parallelism and
+//! MoE Parallel Folding. See `DESIGN.md` for how the layers below fit together.

@@ -1,0 +1,7 @@
+//! The `origami` command-line tool.
+
+mod cli;
+
+fn main() -> anyhow::Result<()> {
+    cli::run()
+}
