@@ -1,3 +1,20 @@
 //! CPU kernels of origami: dense and grouped GEMM, norms, RoPE, attention, losses and the
 //! optimizer step. Kernels work on plain `f32` slices with explicit dimensions and know nothing
 //! about ranks or models, so a GPU backend can later sit beside them behind the same signatures.
+//!
+//! Memory rule (as in llm.c): parameter gradients accumulate (`+=`), activation gradients are
+//! written (`=`), unless a function says otherwise (the residual stream adds).
+
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod grad_norm;
+pub mod grouped_matmul;
+pub mod math;
+pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+pub mod testing;

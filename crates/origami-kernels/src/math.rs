@@ -1,0 +1,44 @@
+//! Vectorisable elementwise math. `exp` from libm is a scalar call; attention and softmax apply
+//! it to millions of values per step, so this branch-free version lets the compiler use SIMD.
+
+/// `e^x` with relative error below 3e-7 (about 4 ulp) over the range where f32 is normal; inputs below −87
+/// return values near 0 (never NaN), which is what masked attention scores need.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // x = n·ln2 + r with |r| ≤ ln2/2; exp(r) by a degree-6 Taylor polynomial (Horner).
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * (355.0 / 512.0) + n * 2.121_944_4e-4;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// Applies [`fast_exp`] to every element in place.
+pub fn exp_in_place(values: &mut [f32]) {
+    for v in values {
+        *v = fast_exp(*v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_std_exp() {
+        let mut worst = 0.0f64;
+        for i in -8000..=8000 {
+            let x = i as f32 * 0.0108;
+            let exact = (x as f64).exp();
+            let err = ((fast_exp(x) as f64 - exact) / exact).abs();
+            worst = worst.max(err);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert!(fast_exp(-1e9) >= 0.0 && fast_exp(-1e9) < 1e-37);
+        assert!(fast_exp(f32::NEG_INFINITY) < 1e-37);
+    }
+}
