@@ -5,6 +5,7 @@
 //! `dL/dx_j = scale · (p_j · (1 + 2·z_coeff·lse) − [j = y])` with `p = softmax(x)`; it is
 //! written over the logits so that no second `[rows, vocab]` buffer is needed.
 //! Rows whose target is [`IGNORE_TARGET`] contribute nothing and get a zero gradient.
+//! Sums are taken in row order, so results do not depend on thread scheduling.
 
 use crate::math::fast_exp;
 use rayon::prelude::*;
@@ -88,7 +89,9 @@ pub fn cross_entropy_forward_backward(
                 rows: 1,
             }
         })
-        .reduce(CrossEntropySums::default, |mut a, b| {
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(CrossEntropySums::default(), |mut a, b| {
             a += b;
             a
         })

@@ -46,35 +46,24 @@ pub fn rmsnorm_backward(
     rstd: &[f32],
     width: usize,
 ) {
+    // Partial weight gradients per fixed chunk of rows, summed in chunk order: deterministic.
     let partial_dweights: Vec<Vec<f32>> = dx
         .par_chunks_mut(width * ROWS_PER_TASK)
         .zip(dy.par_chunks(width * ROWS_PER_TASK))
         .zip(x.par_chunks(width * ROWS_PER_TASK))
         .zip(rstd.par_chunks(ROWS_PER_TASK))
-        .fold(
-            || vec![0.0f32; width],
-            |mut dw, (((dx, dy), x), rstd)| {
-                for (((dx, dy), x), &r) in dx
-                    .chunks_mut(width)
-                    .zip(dy.chunks(width))
-                    .zip(x.chunks(width))
-                    .zip(rstd)
-                {
-                    let dot: f32 = dy
-                        .iter()
-                        .zip(weight)
-                        .zip(x)
-                        .map(|((d, w), v)| d * w * v)
-                        .sum();
-                    let coeff = r * r * r * dot / width as f32;
-                    for i in 0..width {
-                        dx[i] = r * dy[i] * weight[i] - x[i] * coeff;
-                        dw[i] += dy[i] * x[i] * r;
-                    }
+        .map(|(((dx, dy), x), rstd)| {
+            let mut dw = vec![0.0f32; width];
+            for (((dx, dy), x), &r) in dx.chunks_mut(width).zip(dy.chunks(width)).zip(x.chunks(width)).zip(rstd) {
+                let dot: f32 = dy.iter().zip(weight).zip(x).map(|((d, w), v)| d * w * v).sum();
+                let coeff = r * r * r * dot / width as f32;
+                for i in 0..width {
+                    dx[i] = r * dy[i] * weight[i] - x[i] * coeff;
+                    dw[i] += dy[i] * x[i] * r;
                 }
-                dw
-            },
-        )
+            }
+            dw
+        })
         .collect();
     for partial in partial_dweights {
         for (d, p) in dweight.iter_mut().zip(partial) {

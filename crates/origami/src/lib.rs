@@ -1,2 +1,5 @@
 //! origami: train Mixture-of-Experts language models with five-dimensional parallelism and
 //! MoE Parallel Folding. See `DESIGN.md` for how the layers below fit together.
+
+pub mod layers;
+pub mod model;

@@ -1,0 +1,257 @@
+//! Self-attention sub-layer: fused q/k/v projection (optional bias), RoPE on q and k, causal
+//! grouped-query attention, output projection.
+//!
+//! The fused weight is `[(heads + 2·kv_heads)·head_dim, hidden]`, rows ordered q heads, k heads,
+//! v heads. Saved state: the rotated qkv, the attention context and its log-sum-exp.
+
+use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use origami_kernels::attention::{
+    attention_backward, attention_forward, AttentionShape, QkvLayout,
+};
+use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
+use origami_kernels::rope::{rope_apply, HeadLayout, RopeTable};
+
+/// Dimensions of the attention sub-layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    /// Model width.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Dim of one head.
+    pub head_dim: usize,
+}
+
+/// The attention sub-layer's parameters and dimensions.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    dims: AttentionDims,
+    qkv_weight: ParamId,
+    qkv_bias: Option<ParamId>,
+    out_weight: ParamId,
+}
+
+/// What the forward keeps for the backward.
+pub struct AttentionSaved {
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// Token positions and the rotary table shared by every attention layer of a step.
+pub struct Positions<'a> {
+    /// Position of each token row (`row % seq` without context parallelism).
+    pub of_row: &'a [usize],
+    /// Rotary angles.
+    pub rope: &'a RopeTable,
+}
+
+impl Attention {
+    /// Registers the parameters under `prefix` (e.g. `layers.0.attention`).
+    pub fn new(
+        registry: &mut ParamRegistry,
+        prefix: &str,
+        dims: AttentionDims,
+        bias: bool,
+        std: f32,
+        out_std: f32,
+    ) -> Self {
+        let qkv_rows = (dims.heads + 2 * dims.kv_heads) * dims.head_dim;
+        let qkv_weight = registry.register(
+            format!("{prefix}.qkv.weight"),
+            &[qkv_rows, dims.hidden],
+            ParamGroup::Dense,
+            Init::Normal(std),
+        );
+        let qkv_bias = bias.then(|| {
+            registry.register(
+                format!("{prefix}.qkv.bias"),
+                &[qkv_rows],
+                ParamGroup::Dense,
+                Init::Constant(0.0),
+            )
+        });
+        let out_weight = registry.register(
+            format!("{prefix}.out.weight"),
+            &[dims.hidden, dims.heads * dims.head_dim],
+            ParamGroup::Dense,
+            Init::Normal(out_std),
+        );
+        Attention {
+            dims,
+            qkv_weight,
+            qkv_bias,
+            out_weight,
+        }
+    }
+
+    fn qkv_width(&self) -> usize {
+        (self.dims.heads + 2 * self.dims.kv_heads) * self.dims.head_dim
+    }
+
+    fn layout(&self) -> QkvLayout {
+        let hd = self.dims.head_dim;
+        QkvLayout {
+            row_stride: self.qkv_width(),
+            q_offset: 0,
+            k_offset: self.dims.heads * hd,
+            v_offset: (self.dims.heads + self.dims.kv_heads) * hd,
+        }
+    }
+
+    fn shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        AttentionShape {
+            batch,
+            seq,
+            heads: self.dims.heads,
+            kv_heads: self.dims.kv_heads,
+            head_dim: self.dims.head_dim,
+        }
+    }
+
+    fn rotated_heads(&self) -> HeadLayout {
+        // q and k heads are adjacent in each row, so one pass rotates both.
+        HeadLayout {
+            row_stride: self.qkv_width(),
+            offset: 0,
+            heads: self.dims.heads + self.dims.kv_heads,
+            head_dim: self.dims.head_dim,
+        }
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.dims.head_dim as f32).sqrt()
+    }
+
+    /// `y[batch·seq, hidden]` from the normalised input `x`.
+    pub fn forward(
+        &self,
+        params: &Buffers,
+        x: &[f32],
+        batch: usize,
+        seq: usize,
+        positions: &Positions,
+    ) -> (Vec<f32>, AttentionSaved) {
+        let rows = batch * seq;
+        let d = self.dims;
+        let mut qkv = vec![0.0; rows * self.qkv_width()];
+        let bias = self.qkv_bias.map(|b| params.get(b));
+        linear_forward(
+            &mut qkv,
+            x,
+            params.get(self.qkv_weight),
+            bias,
+            rows,
+            d.hidden,
+            self.qkv_width(),
+            Par::All,
+        );
+        rope_apply(
+            &mut qkv,
+            self.rotated_heads(),
+            positions.of_row,
+            positions.rope,
+            false,
+        );
+        let mut context = vec![0.0; rows * d.heads * d.head_dim];
+        let lse = attention_forward(
+            &mut context,
+            &qkv,
+            self.layout(),
+            self.shape(batch, seq),
+            self.scale(),
+        );
+        let mut y = vec![0.0; rows * d.hidden];
+        linear_forward(
+            &mut y,
+            &context,
+            params.get(self.out_weight),
+            None,
+            rows,
+            d.heads * d.head_dim,
+            d.hidden,
+            Par::All,
+        );
+        (y, AttentionSaved { qkv, context, lse })
+    }
+
+    /// Accumulates parameter gradients and returns `dx` for the normalised input `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &Buffers,
+        grads: &mut Buffers,
+        saved: AttentionSaved,
+        x: &[f32],
+        dy: &[f32],
+        batch: usize,
+        seq: usize,
+        positions: &Positions,
+    ) -> Vec<f32> {
+        let rows = batch * seq;
+        let d = self.dims;
+        let context_width = d.heads * d.head_dim;
+        let mut dcontext = vec![0.0; rows * context_width];
+        linear_backward(
+            LinearGrads {
+                input: Some(&mut dcontext),
+                accumulate_input: false,
+                weight: Some(grads.get_mut(self.out_weight)),
+                bias: None,
+            },
+            dy,
+            &saved.context,
+            params.get(self.out_weight),
+            rows,
+            context_width,
+            d.hidden,
+            Par::All,
+        );
+        let mut dqkv = vec![0.0; saved.qkv.len()];
+        attention_backward(
+            &mut dqkv,
+            &dcontext,
+            &saved.context,
+            &saved.qkv,
+            &saved.lse,
+            self.layout(),
+            self.shape(batch, seq),
+            self.scale(),
+        );
+        drop(dcontext);
+        rope_apply(
+            &mut dqkv,
+            self.rotated_heads(),
+            positions.of_row,
+            positions.rope,
+            true,
+        );
+        let mut dx = vec![0.0; rows * d.hidden];
+        let mut dbias_storage = self.qkv_bias.map(|b| vec![0.0; b.len()]);
+        linear_backward(
+            LinearGrads {
+                input: Some(&mut dx),
+                accumulate_input: false,
+                weight: Some(grads.get_mut(self.qkv_weight)),
+                bias: dbias_storage.as_deref_mut(),
+            },
+            &dqkv,
+            x,
+            params.get(self.qkv_weight),
+            rows,
+            d.hidden,
+            self.qkv_width(),
+            Par::All,
+        );
+        if let (Some(id), Some(db)) = (self.qkv_bias, dbias_storage) {
+            grads
+                .get_mut(id)
+                .iter_mut()
+                .zip(db)
+                .for_each(|(g, v)| *g += v);
+        }
+        dx
+    }
+}

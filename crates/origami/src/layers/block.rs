@@ -1,0 +1,194 @@
+//! Pre-norm transformer block: `h = x + attention(norm1(x))`, `y = h + ffn(norm2(h))`, where the
+//! feed-forward part is a dense SwiGLU MLP or an MoE layer.
+//!
+//! Backward follows the residual stream: `dh = dy + norm2ᵀ(ffnᵀ(dy))`,
+//! `dx = dh + norm1ᵀ(attentionᵀ(dh))`.
+
+use crate::layers::attention::{Attention, AttentionSaved, Positions};
+use crate::layers::mlp::{Mlp, MlpSaved};
+use crate::layers::moe::{MoeLayer, MoeSaved, MoeStats};
+use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+
+/// The feed-forward half of a block.
+#[derive(Clone, Debug)]
+pub enum FeedForward {
+    /// Dense SwiGLU MLP.
+    Dense(Mlp),
+    /// Mixture of experts.
+    Moe(MoeLayer),
+}
+
+enum FeedForwardSaved {
+    Dense(MlpSaved),
+    Moe(MoeSaved),
+}
+
+/// One transformer block.
+#[derive(Clone, Debug)]
+pub struct Block {
+    hidden: usize,
+    norm_eps: f32,
+    attention_norm: ParamId,
+    attention: Attention,
+    ffn_norm: ParamId,
+    ffn: FeedForward,
+}
+
+/// What the forward keeps for the backward.
+pub struct BlockSaved {
+    input: Vec<f32>,
+    attention_norm_out: Vec<f32>,
+    attention_rstd: Vec<f32>,
+    attention: AttentionSaved,
+    residual: Vec<f32>,
+    ffn_norm_out: Vec<f32>,
+    ffn_rstd: Vec<f32>,
+    ffn: FeedForwardSaved,
+}
+
+impl Block {
+    /// Assembles a block from its parts, registering its two norm weights under `prefix`.
+    pub fn new(
+        registry: &mut ParamRegistry,
+        prefix: &str,
+        hidden: usize,
+        norm_eps: f32,
+        attention: Attention,
+        ffn: FeedForward,
+    ) -> Self {
+        let attention_norm = registry.register(
+            format!("{prefix}.attention_norm.weight"),
+            &[hidden],
+            ParamGroup::Dense,
+            Init::Constant(1.0),
+        );
+        let ffn_norm = registry.register(
+            format!("{prefix}.ffn_norm.weight"),
+            &[hidden],
+            ParamGroup::Dense,
+            Init::Constant(1.0),
+        );
+        Block {
+            hidden,
+            norm_eps,
+            attention_norm,
+            attention,
+            ffn_norm,
+            ffn,
+        }
+    }
+
+    /// Runs the block on `x[batch·seq, hidden]`; returns the output, saved state, and MoE stats for MoE blocks.
+    pub fn forward(
+        &self,
+        params: &Buffers,
+        x: Vec<f32>,
+        batch: usize,
+        seq: usize,
+        positions: &Positions,
+    ) -> (Vec<f32>, BlockSaved, Option<MoeStats>) {
+        let mut attention_norm_out = vec![0.0; x.len()];
+        let attention_rstd = rmsnorm_forward(
+            &mut attention_norm_out,
+            &x,
+            params.get(self.attention_norm),
+            self.hidden,
+            self.norm_eps,
+        );
+        let (mut residual, attention) =
+            self.attention
+                .forward(params, &attention_norm_out, batch, seq, positions);
+        residual.iter_mut().zip(&x).for_each(|(r, v)| *r += v);
+        let mut ffn_norm_out = vec![0.0; x.len()];
+        let ffn_rstd = rmsnorm_forward(
+            &mut ffn_norm_out,
+            &residual,
+            params.get(self.ffn_norm),
+            self.hidden,
+            self.norm_eps,
+        );
+        let (mut y, ffn, stats) = match &self.ffn {
+            FeedForward::Dense(mlp) => {
+                let (y, saved) = mlp.forward(params, &ffn_norm_out);
+                (y, FeedForwardSaved::Dense(saved), None)
+            }
+            FeedForward::Moe(moe) => {
+                let (y, saved, stats) = moe.forward(params, &ffn_norm_out);
+                (y, FeedForwardSaved::Moe(saved), Some(stats))
+            }
+        };
+        y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r);
+        let saved = BlockSaved {
+            input: x,
+            attention_norm_out,
+            attention_rstd,
+            attention,
+            residual,
+            ffn_norm_out,
+            ffn_rstd,
+            ffn,
+        };
+        (y, saved, stats)
+    }
+
+    /// Accumulates parameter gradients and returns `dx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &Buffers,
+        grads: &mut Buffers,
+        saved: BlockSaved,
+        dy: Vec<f32>,
+        loss_scale: f32,
+        batch: usize,
+        seq: usize,
+        positions: &Positions,
+    ) -> Vec<f32> {
+        let d_ffn_norm_out = match (&self.ffn, saved.ffn) {
+            (FeedForward::Dense(mlp), FeedForwardSaved::Dense(s)) => {
+                let mut d = vec![0.0; dy.len()];
+                mlp.backward(params, grads, s, &saved.ffn_norm_out, &dy, &mut d, false);
+                d
+            }
+            (FeedForward::Moe(moe), FeedForwardSaved::Moe(s)) => {
+                moe.backward(params, grads, s, &saved.ffn_norm_out, &dy, loss_scale)
+            }
+            _ => unreachable!("saved state matches the block's feed-forward kind"),
+        };
+        let mut d_residual = vec![0.0; dy.len()];
+        rmsnorm_backward(
+            &mut d_residual,
+            grads.get_mut(self.ffn_norm),
+            &d_ffn_norm_out,
+            &saved.residual,
+            params.get(self.ffn_norm),
+            &saved.ffn_rstd,
+            self.hidden,
+        );
+        d_residual.iter_mut().zip(&dy).for_each(|(d, g)| *d += g);
+        drop(dy);
+        let d_attention_norm_out = self.attention.backward(
+            params,
+            grads,
+            saved.attention,
+            &saved.attention_norm_out,
+            &d_residual,
+            batch,
+            seq,
+            positions,
+        );
+        let mut dx = vec![0.0; d_residual.len()];
+        rmsnorm_backward(
+            &mut dx,
+            grads.get_mut(self.attention_norm),
+            &d_attention_norm_out,
+            &saved.input,
+            params.get(self.attention_norm),
+            &saved.attention_rstd,
+            self.hidden,
+        );
+        dx.iter_mut().zip(&d_residual).for_each(|(d, g)| *d += g);
+        dx
+    }
+}

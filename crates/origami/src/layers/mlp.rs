@@ -1,0 +1,130 @@
+//! SwiGLU MLP: `y = W_down · (silu(W_gate·x) ∘ W_up·x)`, with gate and up fused into one weight
+//! `[2·ffn, hidden]` (gate rows first). Used for dense layers and shared experts.
+//! Saved state: the fused gate/up activations and the SwiGLU output.
+
+use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
+use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
+
+/// Parameters and sizes of one SwiGLU MLP.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    hidden: usize,
+    ffn: usize,
+    gate_up: ParamId,
+    down: ParamId,
+}
+
+/// What the forward keeps for the backward.
+pub struct MlpSaved {
+    gate_up: Vec<f32>,
+    activated: Vec<f32>,
+}
+
+impl Mlp {
+    /// Registers `{prefix}.gate_up.weight` and `{prefix}.down.weight`.
+    pub fn new(
+        registry: &mut ParamRegistry,
+        prefix: &str,
+        hidden: usize,
+        ffn: usize,
+        std: f32,
+        out_std: f32,
+    ) -> Self {
+        let gate_up = registry.register(
+            format!("{prefix}.gate_up.weight"),
+            &[2 * ffn, hidden],
+            ParamGroup::Dense,
+            Init::Normal(std),
+        );
+        let down = registry.register(
+            format!("{prefix}.down.weight"),
+            &[hidden, ffn],
+            ParamGroup::Dense,
+            Init::Normal(out_std),
+        );
+        Mlp {
+            hidden,
+            ffn,
+            gate_up,
+            down,
+        }
+    }
+
+    /// `y[rows, hidden]` from `x[rows, hidden]`.
+    pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Vec<f32>, MlpSaved) {
+        let rows = x.len() / self.hidden;
+        let mut gate_up = vec![0.0; rows * 2 * self.ffn];
+        linear_forward(
+            &mut gate_up,
+            x,
+            params.get(self.gate_up),
+            None,
+            rows,
+            self.hidden,
+            2 * self.ffn,
+            Par::All,
+        );
+        let mut activated = vec![0.0; rows * self.ffn];
+        swiglu_forward(&mut activated, &gate_up, self.ffn);
+        let mut y = vec![0.0; rows * self.hidden];
+        linear_forward(
+            &mut y,
+            &activated,
+            params.get(self.down),
+            None,
+            rows,
+            self.ffn,
+            self.hidden,
+            Par::All,
+        );
+        (y, MlpSaved { gate_up, activated })
+    }
+
+    /// Accumulates parameter gradients; writes (or adds, with `accumulate`) the input gradient into `dx`.
+    pub fn backward(
+        &self,
+        params: &Buffers,
+        grads: &mut Buffers,
+        saved: MlpSaved,
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        accumulate: bool,
+    ) {
+        let rows = x.len() / self.hidden;
+        let mut dactivated = vec![0.0; rows * self.ffn];
+        linear_backward(
+            LinearGrads {
+                input: Some(&mut dactivated),
+                accumulate_input: false,
+                weight: Some(grads.get_mut(self.down)),
+                bias: None,
+            },
+            dy,
+            &saved.activated,
+            params.get(self.down),
+            rows,
+            self.ffn,
+            self.hidden,
+            Par::All,
+        );
+        let mut dgate_up = vec![0.0; saved.gate_up.len()];
+        swiglu_backward(&mut dgate_up, &dactivated, &saved.gate_up, self.ffn);
+        linear_backward(
+            LinearGrads {
+                input: Some(dx),
+                accumulate_input: accumulate,
+                weight: Some(grads.get_mut(self.gate_up)),
+                bias: None,
+            },
+            &dgate_up,
+            x,
+            params.get(self.gate_up),
+            rows,
+            self.hidden,
+            2 * self.ffn,
+            Par::All,
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! The routed experts of one MoE layer as a grouped SwiGLU: rows grouped by expert pass through
+//! `W_fc1[e]` (`[2·ffn, hidden]`, gate rows then up rows), SwiGLU, and `W_fc2[e]` (`[hidden, ffn]`).
+//! Expert parameters live in the expert buffer (reduced over expert-data-parallel ranks).
+//! Saved state: the fc1 output and the SwiGLU output.
+
+use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use origami_kernels::grouped_matmul::{grouped_linear_backward, grouped_linear_forward};
+use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
+
+/// Parameters of the local experts.
+#[derive(Clone, Debug)]
+pub struct GroupedExperts {
+    experts: usize,
+    hidden: usize,
+    ffn: usize,
+    fc1: ParamId,
+    fc2: ParamId,
+}
+
+/// What the forward keeps for the backward.
+pub struct ExpertsSaved {
+    fc1_out: Vec<f32>,
+    activated: Vec<f32>,
+}
+
+impl GroupedExperts {
+    /// Registers `{prefix}.fc1.weight` `[experts, 2·ffn, hidden]` and `{prefix}.fc2.weight` `[experts, hidden, ffn]`.
+    pub fn new(
+        registry: &mut ParamRegistry,
+        prefix: &str,
+        experts: usize,
+        hidden: usize,
+        ffn: usize,
+        std: f32,
+        out_std: f32,
+    ) -> Self {
+        let fc1 = registry.register(
+            format!("{prefix}.fc1.weight"),
+            &[experts, 2 * ffn, hidden],
+            ParamGroup::Expert,
+            Init::Normal(std),
+        );
+        let fc2 = registry.register(
+            format!("{prefix}.fc2.weight"),
+            &[experts, hidden, ffn],
+            ParamGroup::Expert,
+            Init::Normal(out_std),
+        );
+        GroupedExperts {
+            experts,
+            hidden,
+            ffn,
+            fc1,
+            fc2,
+        }
+    }
+
+    /// Number of local experts.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// `y[rows, hidden]` for expert-grouped rows `x` (`offsets` has `experts + 1` entries).
+    pub fn forward(
+        &self,
+        params: &Buffers,
+        x: &[f32],
+        offsets: &[usize],
+    ) -> (Vec<f32>, ExpertsSaved) {
+        let rows = x.len() / self.hidden;
+        let mut fc1_out = vec![0.0; rows * 2 * self.ffn];
+        grouped_linear_forward(
+            &mut fc1_out,
+            x,
+            params.get(self.fc1),
+            offsets,
+            self.hidden,
+            2 * self.ffn,
+        );
+        let mut activated = vec![0.0; rows * self.ffn];
+        swiglu_forward(&mut activated, &fc1_out, self.ffn);
+        let mut y = vec![0.0; rows * self.hidden];
+        grouped_linear_forward(
+            &mut y,
+            &activated,
+            params.get(self.fc2),
+            offsets,
+            self.ffn,
+            self.hidden,
+        );
+        (y, ExpertsSaved { fc1_out, activated })
+    }
+
+    /// Accumulates parameter gradients and returns the row gradients `dx`.
+    pub fn backward(
+        &self,
+        params: &Buffers,
+        grads: &mut Buffers,
+        saved: ExpertsSaved,
+        x: &[f32],
+        dy: &[f32],
+        offsets: &[usize],
+    ) -> Vec<f32> {
+        let rows = x.len() / self.hidden;
+        let mut dactivated = vec![0.0; rows * self.ffn];
+        grouped_linear_backward(
+            Some(&mut dactivated),
+            grads.get_mut(self.fc2),
+            dy,
+            &saved.activated,
+            params.get(self.fc2),
+            offsets,
+            self.ffn,
+            self.hidden,
+        );
+        let mut dfc1 = vec![0.0; saved.fc1_out.len()];
+        swiglu_backward(&mut dfc1, &dactivated, &saved.fc1_out, self.ffn);
+        let mut dx = vec![0.0; rows * self.hidden];
+        grouped_linear_backward(
+            Some(&mut dx),
+            grads.get_mut(self.fc1),
+            &dfc1,
+            x,
+            params.get(self.fc1),
+            offsets,
+            self.hidden,
+            2 * self.ffn,
+        );
+        dx
+    }
+}

@@ -1,0 +1,323 @@
+//! The MoE router: `logits = x·Wᵀ` (f32), top-k expert choice, routing weights, and the
+//! load-balancing and z losses (DESIGN.md §1, "Router").
+//!
+//! Routing weights of token t for its chosen experts C (top-k of the logits; softmax and sigmoid
+//! are monotone, so every mode chooses the same experts), times the optional scaling factor:
+//! - softmax: `softmax(logits[C])` (equal to softmax-then-top-k renormalised);
+//! - softmax, `pre_softmax`: `softmax(logits)[C]`, not renormalised;
+//! - sigmoid: `σ(logits[C]) / Σ_C σ` when k > 1, else `σ(logits[C])`.
+//!
+//! Load-balancing loss `coeff · E/(k·T²) · Σ_i P_i · N_i` with `P_i = Σ_t a[t,i]` where `a` is the
+//! softmax over all experts (sigmoid: `σ / Σ σ` over all), `N_i` tokens routed to expert i.
+//! z-loss `coeff · mean_t(logsumexp(logits_t)²)`. Both are micro-batch scoped.
+
+use crate::model::config::{MoeConfig, ScoreFunction};
+use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
+use origami_kernels::softmax::{logsumexp, softmax_rows, softmax_rows_backward};
+
+/// Which experts each token goes to and with what weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    /// Chosen experts, `[tokens, k]`, best first.
+    pub experts: Vec<u32>,
+    /// Routing weights, `[tokens, k]`.
+    pub weights: Vec<f32>,
+    /// Tokens routed to each expert.
+    pub tokens_per_expert: Vec<usize>,
+    /// Choices per token.
+    pub topk: usize,
+}
+
+/// The router's auxiliary losses for one micro-batch (already multiplied by their coefficients).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RouterLosses {
+    /// Load-balancing loss.
+    pub load_balancing: f64,
+    /// z-loss.
+    pub z: f64,
+}
+
+/// The router's parameters and settings.
+#[derive(Clone, Debug)]
+pub struct Router {
+    weight: ParamId,
+    hidden: usize,
+    experts: usize,
+    settings: MoeConfig,
+}
+
+/// What the forward keeps for the backward.
+pub struct RouterSaved {
+    logits: Vec<f32>,
+    balancing_scores: Vec<f32>,
+}
+
+impl Router {
+    /// Registers `{prefix}.weight` of shape `[experts, hidden]`.
+    pub fn new(
+        registry: &mut ParamRegistry,
+        prefix: &str,
+        hidden: usize,
+        settings: &MoeConfig,
+        std: f32,
+    ) -> Self {
+        let weight = registry.register(
+            format!("{prefix}.weight"),
+            &[settings.num_experts, hidden],
+            ParamGroup::Dense,
+            Init::Normal(std),
+        );
+        Router {
+            weight,
+            hidden,
+            experts: settings.num_experts,
+            settings: settings.clone(),
+        }
+    }
+
+    fn scale(&self) -> f32 {
+        self.settings.topk_scaling_factor.unwrap_or(1.0)
+    }
+
+    /// Routes the tokens `x[tokens, hidden]`.
+    pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Routing, RouterLosses, RouterSaved) {
+        let tokens = x.len() / self.hidden;
+        let (e, k) = (self.experts, self.settings.topk);
+        let mut logits = vec![0.0; tokens * e];
+        linear_forward(
+            &mut logits,
+            x,
+            params.get(self.weight),
+            None,
+            tokens,
+            self.hidden,
+            e,
+            Par::All,
+        );
+        let mut routing = Routing {
+            experts: vec![0; tokens * k],
+            weights: vec![0.0; tokens * k],
+            tokens_per_expert: vec![0; e],
+            topk: k,
+        };
+        let mut order: Vec<u32> = (0..e as u32).collect();
+        for t in 0..tokens {
+            let row = &logits[t * e..(t + 1) * e];
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            let chosen = &order[..k];
+            routing.experts[t * k..(t + 1) * k].copy_from_slice(chosen);
+            self.chosen_weights(row, chosen, &mut routing.weights[t * k..(t + 1) * k]);
+            for &c in chosen {
+                routing.tokens_per_expert[c as usize] += 1;
+            }
+        }
+        let balancing_scores = self.balancing_scores(&logits);
+        let mut losses = RouterLosses::default();
+        if self.settings.aux_loss_coeff != 0.0 && tokens > 0 {
+            let coeff = self.balancing_coefficient(tokens);
+            for i in 0..e {
+                let p_i: f64 = (0..tokens)
+                    .map(|t| balancing_scores[t * e + i] as f64)
+                    .sum();
+                losses.load_balancing += coeff * p_i * routing.tokens_per_expert[i] as f64;
+            }
+        }
+        if self.settings.z_loss_coeff != 0.0 && tokens > 0 {
+            let sum: f64 = logits
+                .chunks(e)
+                .map(|row| (logsumexp(row) as f64).powi(2))
+                .sum();
+            losses.z = self.settings.z_loss_coeff as f64 * sum / tokens as f64;
+        }
+        (
+            routing,
+            losses,
+            RouterSaved {
+                logits,
+                balancing_scores,
+            },
+        )
+    }
+
+    /// `coeff · E / (k · T²)`, the factor of `Σ P_i N_i` in the load-balancing loss.
+    fn balancing_coefficient(&self, tokens: usize) -> f64 {
+        self.settings.aux_loss_coeff as f64 * self.experts as f64
+            / (self.settings.topk as f64 * (tokens as f64).powi(2))
+    }
+
+    fn chosen_weights(&self, row: &[f32], chosen: &[u32], out: &mut [f32]) {
+        match (self.settings.score_function, self.settings.pre_softmax) {
+            (ScoreFunction::Softmax, false) => {
+                out.iter_mut()
+                    .zip(chosen)
+                    .for_each(|(o, &c)| *o = row[c as usize]);
+                softmax_rows(out, out.len());
+            }
+            (ScoreFunction::Softmax, true) => {
+                let lse = logsumexp(row);
+                out.iter_mut()
+                    .zip(chosen)
+                    .for_each(|(o, &c)| *o = (row[c as usize] - lse).exp());
+            }
+            (ScoreFunction::Sigmoid, _) => {
+                out.iter_mut()
+                    .zip(chosen)
+                    .for_each(|(o, &c)| *o = sigmoid(row[c as usize]));
+                if chosen.len() > 1 {
+                    let sum: f32 = out.iter().sum();
+                    out.iter_mut().for_each(|o| *o /= sum);
+                }
+            }
+        }
+        out.iter_mut().for_each(|o| *o *= self.scale());
+    }
+
+    fn balancing_scores(&self, logits: &[f32]) -> Vec<f32> {
+        let mut scores = logits.to_vec();
+        match self.settings.score_function {
+            ScoreFunction::Softmax => softmax_rows(&mut scores, self.experts),
+            ScoreFunction::Sigmoid => {
+                for row in scores.chunks_mut(self.experts) {
+                    row.iter_mut().for_each(|v| *v = sigmoid(*v));
+                    let sum: f32 = row.iter().sum::<f32>() + 1e-20;
+                    row.iter_mut().for_each(|v| *v /= sum);
+                }
+            }
+        }
+        scores
+    }
+
+    /// Backward: `d_weights[tokens, k]` is the gradient of the routing weights; the auxiliary
+    /// losses enter with factor `loss_scale`. Accumulates the weight gradient and adds into `dx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        params: &Buffers,
+        grads: &mut Buffers,
+        saved: RouterSaved,
+        routing: &Routing,
+        x: &[f32],
+        d_weights: &[f32],
+        loss_scale: f32,
+        dx: &mut [f32],
+    ) {
+        let tokens = x.len() / self.hidden;
+        let (e, k) = (self.experts, self.settings.topk);
+        let mut dlogits = vec![0.0f32; tokens * e];
+        for t in 0..tokens {
+            let row = &saved.logits[t * e..(t + 1) * e];
+            let chosen = &routing.experts[t * k..(t + 1) * k];
+            let dw = &d_weights[t * k..(t + 1) * k];
+            self.chosen_weights_backward(row, chosen, dw, &mut dlogits[t * e..(t + 1) * e]);
+        }
+        if self.settings.aux_loss_coeff != 0.0 && tokens > 0 {
+            let coeff = (self.balancing_coefficient(tokens) * loss_scale as f64) as f32;
+            let d_scores: Vec<f32> = (0..tokens * e)
+                .map(|idx| coeff * routing.tokens_per_expert[idx % e] as f32)
+                .collect();
+            let mut d_logits_balance = vec![0.0; tokens * e];
+            match self.settings.score_function {
+                ScoreFunction::Softmax => softmax_rows_backward(
+                    &mut d_logits_balance,
+                    &d_scores,
+                    &saved.balancing_scores,
+                    e,
+                ),
+                ScoreFunction::Sigmoid => {
+                    for t in 0..tokens {
+                        let logits = &saved.logits[t * e..(t + 1) * e];
+                        let a = &saved.balancing_scores[t * e..(t + 1) * e];
+                        let da = &d_scores[t * e..(t + 1) * e];
+                        let sum: f32 = logits.iter().map(|&l| sigmoid(l)).sum::<f32>() + 1e-20;
+                        let dot: f32 = da.iter().zip(a).map(|(x, y)| x * y).sum();
+                        for i in 0..e {
+                            let s = sigmoid(logits[i]);
+                            d_logits_balance[t * e + i] = (da[i] - dot) / sum * s * (1.0 - s);
+                        }
+                    }
+                }
+            }
+            dlogits
+                .iter_mut()
+                .zip(d_logits_balance)
+                .for_each(|(d, b)| *d += b);
+        }
+        if self.settings.z_loss_coeff != 0.0 && tokens > 0 {
+            let coeff = 2.0 * self.settings.z_loss_coeff * loss_scale / tokens as f32;
+            for (d, row) in dlogits.chunks_mut(e).zip(saved.logits.chunks(e)) {
+                let lse = logsumexp(row);
+                for (d, &l) in d.iter_mut().zip(row) {
+                    *d += coeff * lse * (l - lse).exp();
+                }
+            }
+        }
+        linear_backward(
+            LinearGrads {
+                input: Some(dx),
+                accumulate_input: true,
+                weight: Some(grads.get_mut(self.weight)),
+                bias: None,
+            },
+            &dlogits,
+            x,
+            params.get(self.weight),
+            tokens,
+            self.hidden,
+            e,
+            Par::All,
+        );
+    }
+
+    fn chosen_weights_backward(
+        &self,
+        row: &[f32],
+        chosen: &[u32],
+        dw: &[f32],
+        dlogits: &mut [f32],
+    ) {
+        let scale = self.scale();
+        let k = chosen.len();
+        match (self.settings.score_function, self.settings.pre_softmax) {
+            (ScoreFunction::Softmax, false) => {
+                let mut w: Vec<f32> = chosen.iter().map(|&c| row[c as usize]).collect();
+                softmax_rows(&mut w, k);
+                let dot: f32 = dw.iter().zip(&w).map(|(a, b)| a * b).sum();
+                for j in 0..k {
+                    dlogits[chosen[j] as usize] += scale * w[j] * (dw[j] - dot);
+                }
+            }
+            (ScoreFunction::Softmax, true) => {
+                let lse = logsumexp(row);
+                let dot: f32 = (0..k)
+                    .map(|j| scale * dw[j] * (row[chosen[j] as usize] - lse).exp())
+                    .sum();
+                for (i, d) in dlogits.iter_mut().enumerate() {
+                    let p = (row[i] - lse).exp();
+                    let dp = chosen
+                        .iter()
+                        .position(|&c| c as usize == i)
+                        .map_or(0.0, |j| scale * dw[j]);
+                    *d += p * (dp - dot);
+                }
+            }
+            (ScoreFunction::Sigmoid, _) => {
+                let s: Vec<f32> = chosen.iter().map(|&c| sigmoid(row[c as usize])).collect();
+                let ds: Vec<f32> = if k > 1 {
+                    let sum: f32 = s.iter().sum();
+                    let dot: f32 = dw.iter().zip(&s).map(|(a, b)| a * b / sum).sum();
+                    dw.iter().map(|d| scale * (d - dot) / sum).collect()
+                } else {
+                    dw.iter().map(|d| scale * d).collect()
+                };
+                for j in 0..k {
+                    dlogits[chosen[j] as usize] += ds[j] * s[j] * (1.0 - s[j]);
+                }
+            }
+        }
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}

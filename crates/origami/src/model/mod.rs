@@ -1,0 +1,7 @@
+//! The GPT-MoE model: configuration, parameter registry and initialisation, and the assembled
+//! forward/backward.
+
+pub mod config;
+pub mod gpt;
+pub mod init;
+pub mod params;

@@ -1,0 +1,341 @@
+//! Finite-difference gradient checks of every layer and of the whole model, over the router's
+//! score functions, the auxiliary losses, the (gated) shared expert, biases and tied embeddings.
+
+use origami::layers::attention::{Attention, AttentionDims, Positions};
+use origami::layers::block::{Block, FeedForward};
+use origami::layers::mlp::Mlp;
+use origami::layers::moe::MoeLayer;
+use origami::model::config::{ModelConfig, MoeConfig, ScoreFunction};
+use origami::model::gpt::{GptModel, MicroBatch};
+use origami::model::init::initialise;
+use origami::model::params::{Buffers, ParamRegistry};
+use origami_kernels::cross_entropy::IGNORE_TARGET;
+use origami_kernels::rope::RopeTable;
+use origami_kernels::testing::{check_gradient_with, probe_loss, random_vec};
+
+const STEP: f32 = 2e-3;
+const TOLERANCE: f64 = 2e-2;
+
+/// Checks `d(loss)/d(input)` and `d(loss)/d(every parameter)` by finite differences, where
+/// `loss(params, x)` is evaluated in f64 and `analytic` gives `(dx, grads)`.
+fn check_layer(
+    what: &str,
+    registry: &ParamRegistry,
+    params: &Buffers,
+    x: &[f32],
+    loss: &dyn Fn(&Buffers, &[f32]) -> f64,
+    analytic: (Vec<f32>, Buffers),
+) {
+    let (dx, grads) = analytic;
+    check_gradient_with(
+        x,
+        &dx,
+        &mut |x| loss(params, x),
+        STEP,
+        TOLERANCE,
+        &format!("{what} input"),
+    );
+    for info in registry.params() {
+        let mut perturbed = params.clone();
+        check_gradient_with(
+            params.get(info.id),
+            grads.get(info.id),
+            &mut |v| {
+                perturbed.get_mut(info.id).copy_from_slice(v);
+                loss(&perturbed, x)
+            },
+            STEP,
+            TOLERANCE,
+            &format!("{what} {}", info.name),
+        );
+    }
+}
+
+fn moe_settings(
+    score_function: ScoreFunction,
+    pre_softmax: bool,
+    shared: usize,
+    gated: bool,
+) -> MoeConfig {
+    MoeConfig {
+        num_experts: 4,
+        ffn_hidden_size: 12,
+        topk: 2,
+        score_function,
+        pre_softmax,
+        topk_scaling_factor: if score_function == ScoreFunction::Sigmoid {
+            Some(2.5)
+        } else {
+            None
+        },
+        aux_loss_coeff: 0.1,
+        z_loss_coeff: 0.05,
+        shared_expert_ffn_hidden_size: shared,
+        shared_expert_gate: gated,
+        ..MoeConfig::default()
+    }
+}
+
+const HIDDEN: usize = 16;
+const BATCH: usize = 2;
+const SEQ: usize = 5;
+
+fn attention_dims() -> AttentionDims {
+    AttentionDims {
+        hidden: HIDDEN,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 6,
+    }
+}
+
+fn positions() -> Vec<usize> {
+    (0..BATCH * SEQ).map(|r| r % SEQ).collect()
+}
+
+#[test]
+fn attention_layer_with_qkv_bias() {
+    let mut registry = ParamRegistry::default();
+    let layer = Attention::new(&mut registry, "attention", attention_dims(), true, 0.3, 0.3);
+    let params = initialise(&registry, 1);
+    let rope = RopeTable::new(6, SEQ, 10000.0);
+    let rows = positions();
+    let pos = Positions {
+        of_row: &rows,
+        rope: &rope,
+    };
+    let x = random_vec(BATCH * SEQ * HIDDEN, 2);
+    let probe = random_vec(x.len(), 3);
+    let loss =
+        |p: &Buffers, x: &[f32]| probe_loss(&layer.forward(p, x, BATCH, SEQ, &pos).0, &probe);
+    let (_, saved) = layer.forward(&params, &x, BATCH, SEQ, &pos);
+    let mut grads = registry.zeros();
+    let dx = layer.backward(&params, &mut grads, saved, &x, &probe, BATCH, SEQ, &pos);
+    check_layer("attention", &registry, &params, &x, &loss, (dx, grads));
+}
+
+#[test]
+fn dense_mlp() {
+    let mut registry = ParamRegistry::default();
+    let layer = Mlp::new(&mut registry, "mlp", HIDDEN, 20, 0.3, 0.3);
+    let params = initialise(&registry, 4);
+    let x = random_vec(BATCH * SEQ * HIDDEN, 5);
+    let probe = random_vec(x.len(), 6);
+    let loss = |p: &Buffers, x: &[f32]| probe_loss(&layer.forward(p, x).0, &probe);
+    let (_, saved) = layer.forward(&params, &x);
+    let mut grads = registry.zeros();
+    let mut dx = vec![0.0; x.len()];
+    layer.backward(&params, &mut grads, saved, &x, &probe, &mut dx, false);
+    check_layer("mlp", &registry, &params, &x, &loss, (dx, grads));
+}
+
+/// MoE layer output probed, plus its auxiliary losses scaled by `loss_scale`.
+fn check_moe(what: &str, settings: MoeConfig) {
+    let mut registry = ParamRegistry::default();
+    let layer = MoeLayer::new(&mut registry, "moe", HIDDEN, &settings, 0.4, 0.4);
+    let params = initialise(&registry, 7);
+    let x = random_vec(BATCH * SEQ * HIDDEN, 8);
+    let probe = random_vec(x.len(), 9);
+    let loss_scale = 0.7;
+    let loss = |p: &Buffers, x: &[f32]| {
+        let (y, _, stats) = layer.forward(p, x);
+        probe_loss(&y, &probe) + loss_scale as f64 * (stats.losses.load_balancing + stats.losses.z)
+    };
+    let (_, saved, stats) = layer.forward(&params, &x);
+    assert!(
+        stats.losses.load_balancing > 0.0 && stats.losses.z > 0.0,
+        "{what}: auxiliary losses are on"
+    );
+    assert_eq!(
+        stats.tokens_per_expert.iter().sum::<usize>(),
+        BATCH * SEQ * settings.topk
+    );
+    let mut grads = registry.zeros();
+    let dx = layer.backward(&params, &mut grads, saved, &x, &probe, loss_scale);
+    check_layer(what, &registry, &params, &x, &loss, (dx, grads));
+}
+
+#[test]
+fn moe_layer_softmax_topk_then_softmax() {
+    check_moe(
+        "moe softmax",
+        moe_settings(ScoreFunction::Softmax, false, 0, false),
+    );
+}
+
+#[test]
+fn moe_layer_softmax_before_topk_with_gated_shared_expert() {
+    check_moe(
+        "moe pre-softmax shared",
+        moe_settings(ScoreFunction::Softmax, true, 10, true),
+    );
+}
+
+#[test]
+fn moe_layer_sigmoid_with_scaling_and_ungated_shared_expert() {
+    check_moe(
+        "moe sigmoid",
+        moe_settings(ScoreFunction::Sigmoid, false, 10, false),
+    );
+}
+
+#[test]
+fn transformer_block_with_moe() {
+    let mut registry = ParamRegistry::default();
+    let attention = Attention::new(
+        &mut registry,
+        "block.attention",
+        attention_dims(),
+        false,
+        0.3,
+        0.3,
+    );
+    let moe = MoeLayer::new(
+        &mut registry,
+        "block.moe",
+        HIDDEN,
+        &moe_settings(ScoreFunction::Softmax, false, 0, false),
+        0.3,
+        0.3,
+    );
+    let block = Block::new(
+        &mut registry,
+        "block",
+        HIDDEN,
+        1e-5,
+        attention,
+        FeedForward::Moe(moe),
+    );
+    let params = initialise(&registry, 10);
+    let rope = RopeTable::new(6, SEQ, 10000.0);
+    let rows = positions();
+    let pos = Positions {
+        of_row: &rows,
+        rope: &rope,
+    };
+    let x = random_vec(BATCH * SEQ * HIDDEN, 11);
+    let probe = random_vec(x.len(), 12);
+    let loss = |p: &Buffers, x: &[f32]| {
+        let (y, _, stats) = block.forward(p, x.to_vec(), BATCH, SEQ, &pos);
+        let stats = stats.expect("moe block reports stats");
+        probe_loss(&y, &probe) + stats.losses.load_balancing + stats.losses.z
+    };
+    let (_, saved, _) = block.forward(&params, x.clone(), BATCH, SEQ, &pos);
+    let mut grads = registry.zeros();
+    let dx = block.backward(
+        &params,
+        &mut grads,
+        saved,
+        probe.clone(),
+        1.0,
+        BATCH,
+        SEQ,
+        &pos,
+    );
+    check_layer("block", &registry, &params, &x, &loss, (dx, grads));
+}
+
+fn small_model(
+    moe: MoeConfig,
+    tie_embeddings: bool,
+    qkv_bias: bool,
+    pattern: Option<Vec<u8>>,
+) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 24,
+        hidden_size: HIDDEN,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: Some(6),
+        ffn_hidden_size: 20,
+        max_seq_len: 8,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        qkv_bias,
+        tie_embeddings,
+        init_std: 0.3,
+        moe: MoeConfig {
+            layer_pattern: pattern,
+            ..moe
+        },
+    }
+}
+
+fn check_model(what: &str, config: ModelConfig) {
+    let model = GptModel::new(config).expect("valid config");
+    let params = model.init_params(13);
+    let tokens: Vec<u32> = random_vec(BATCH * SEQ, 14)
+        .iter()
+        .map(|v| ((v + 1.0) * 12.0) as u32 % 24)
+        .collect();
+    let mut targets: Vec<u32> = tokens.iter().map(|t| (t * 7 + 3) % 24).collect();
+    targets[3] = IGNORE_TARGET;
+    let batch = MicroBatch {
+        tokens,
+        targets,
+        batch: BATCH,
+        seq: SEQ,
+    };
+    let mut grads = model.registry().zeros();
+    let report = model.forward_backward(&params, &mut grads, &batch, 1.0);
+    let forward_only = model.loss(&params, &batch);
+    assert_eq!(
+        report.tokens,
+        BATCH * SEQ - 1,
+        "{what}: ignored target not counted"
+    );
+    assert!(
+        (report.total() - forward_only.total()).abs() < 1e-5,
+        "{what}: training and evaluation losses differ"
+    );
+    for info in model.registry().params() {
+        let mut perturbed = params.clone();
+        check_gradient_with(
+            params.get(info.id),
+            grads.get(info.id),
+            &mut |v| {
+                perturbed.get_mut(info.id).copy_from_slice(v);
+                model.loss(&perturbed, &batch).total()
+            },
+            STEP,
+            TOLERANCE,
+            &format!("{what} {}", info.name),
+        );
+    }
+}
+
+#[test]
+fn whole_model_mixtral_style() {
+    check_model(
+        "mixtral-style",
+        small_model(
+            moe_settings(ScoreFunction::Softmax, false, 0, false),
+            false,
+            false,
+            None,
+        ),
+    );
+}
+
+#[test]
+fn whole_model_qwen2_moe_style_dense_first_layer_tied() {
+    let moe = moe_settings(ScoreFunction::Softmax, true, 10, true);
+    check_model(
+        "qwen2-moe-style",
+        small_model(moe, true, true, Some(vec![0, 1])),
+    );
+}
+
+#[test]
+fn whole_model_sigmoid_router() {
+    check_model(
+        "sigmoid",
+        small_model(
+            moe_settings(ScoreFunction::Sigmoid, false, 0, false),
+            false,
+            false,
+            None,
+        ),
+    );
+}
