@@ -7,7 +7,9 @@
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // x = n·ln2 + r with |r| ≤ ln2/2; exp(r) by a degree-6 Taylor polynomial (Horner).
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest by adding and subtracting 1.5·2²³ (no libm call, so loops vectorise).
+    const ROUNDER: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + ROUNDER) - ROUNDER;
     let r = x - n * (355.0 / 512.0) + n * 2.121_944_4e-4;
     let p = 1.0
         + r * (1.0
@@ -17,11 +19,10 @@ pub fn fast_exp(x: f32) -> f32 {
     p * scale
 }
 
-/// Applies [`fast_exp`] to every element in place.
-pub fn exp_in_place(values: &mut [f32]) {
-    for v in values {
-        *v = fast_exp(*v);
-    }
+/// `1 / (1 + e^(−x))` through [`fast_exp`].
+#[inline(always)]
+pub fn fast_sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-x))
 }
 
 #[cfg(test)]

@@ -54,8 +54,18 @@ pub fn rmsnorm_backward(
         .zip(rstd.par_chunks(ROWS_PER_TASK))
         .map(|(((dx, dy), x), rstd)| {
             let mut dw = vec![0.0f32; width];
-            for (((dx, dy), x), &r) in dx.chunks_mut(width).zip(dy.chunks(width)).zip(x.chunks(width)).zip(rstd) {
-                let dot: f32 = dy.iter().zip(weight).zip(x).map(|((d, w), v)| d * w * v).sum();
+            for (((dx, dy), x), &r) in dx
+                .chunks_mut(width)
+                .zip(dy.chunks(width))
+                .zip(x.chunks(width))
+                .zip(rstd)
+            {
+                let dot: f32 = dy
+                    .iter()
+                    .zip(weight)
+                    .zip(x)
+                    .map(|((d, w), v)| d * w * v)
+                    .sum();
                 let coeff = r * r * r * dot / width as f32;
                 for i in 0..width {
                     dx[i] = r * dy[i] * weight[i] - x[i] * coeff;

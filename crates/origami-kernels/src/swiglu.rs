@@ -4,6 +4,7 @@
 //! Backward (written, nothing saved beyond the input): `dgate = dh ∘ up ∘ σ(g)(1 + g(1 − σ(g)))`,
 //! `dup = dh ∘ silu(g)`.
 
+use crate::math::fast_sigmoid;
 use rayon::prelude::*;
 
 const ROWS_PER_TASK: usize = 16;
@@ -17,7 +18,7 @@ pub fn swiglu_forward(h: &mut [f32], gate_up: &[f32], ffn: usize) {
                 let (gate, up) = gu.split_at(ffn);
                 for i in 0..ffn {
                     let g = gate[i];
-                    h[i] = g / (1.0 + (-g).exp()) * up[i];
+                    h[i] = g * fast_sigmoid(g) * up[i];
                 }
             }
         });
@@ -39,7 +40,7 @@ pub fn swiglu_backward(dgate_up: &mut [f32], dh: &[f32], gate_up: &[f32], ffn: u
                 let (dgate, dup) = dgu.split_at_mut(ffn);
                 for i in 0..ffn {
                     let g = gate[i];
-                    let sig = 1.0 / (1.0 + (-g).exp());
+                    let sig = fast_sigmoid(g);
                     dgate[i] = dh[i] * up[i] * sig * (1.0 + g * (1.0 - sig));
                     dup[i] = dh[i] * g * sig;
                 }

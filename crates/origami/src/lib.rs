@@ -1,5 +1,7 @@
 //! origami: train Mixture-of-Experts language models with five-dimensional parallelism and
 //! MoE Parallel Folding. See `DESIGN.md` for how the layers below fit together.
 
+pub mod bench;
 pub mod layers;
 pub mod model;
+pub mod optim;

@@ -204,7 +204,7 @@ fn transformer_block_with_moe() {
         HIDDEN,
         1e-5,
         attention,
-        FeedForward::Moe(moe),
+        FeedForward::Moe(Box::new(moe)),
     );
     let params = initialise(&registry, 10);
     let rope = RopeTable::new(6, SEQ, 10000.0);

@@ -1,5 +1,7 @@
 //! Command-line entry points: one module per subcommand, this file only dispatches.
 
+mod bench;
+
 use clap::{Parser, Subcommand};
 
 /// Train Mixture-of-Experts language models with 5-D parallelism and MoE Parallel Folding.
@@ -11,10 +13,15 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Time training steps of a model preset on random tokens (tokens/s, MFU, memory).
+    Bench(bench::BenchArgs),
+}
 
 /// Parses the command line and runs the chosen subcommand.
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Bench(args) => bench::run(args),
+    }
 }

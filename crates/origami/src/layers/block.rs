@@ -16,12 +16,12 @@ pub enum FeedForward {
     /// Dense SwiGLU MLP.
     Dense(Mlp),
     /// Mixture of experts.
-    Moe(MoeLayer),
+    Moe(Box<MoeLayer>),
 }
 
 enum FeedForwardSaved {
     Dense(MlpSaved),
-    Moe(MoeSaved),
+    Moe(Box<MoeSaved>),
 }
 
 /// One transformer block.
@@ -115,7 +115,7 @@ impl Block {
             }
             FeedForward::Moe(moe) => {
                 let (y, saved, stats) = moe.forward(params, &ffn_norm_out);
-                (y, FeedForwardSaved::Moe(saved), Some(stats))
+                (y, FeedForwardSaved::Moe(Box::new(saved)), Some(stats))
             }
         };
         y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r);
@@ -152,7 +152,7 @@ impl Block {
                 d
             }
             (FeedForward::Moe(moe), FeedForwardSaved::Moe(s)) => {
-                moe.backward(params, grads, s, &saved.ffn_norm_out, &dy, loss_scale)
+                moe.backward(params, grads, *s, &saved.ffn_norm_out, &dy, loss_scale)
             }
             _ => unreachable!("saved state matches the block's feed-forward kind"),
         };

@@ -198,7 +198,7 @@ impl ModelConfig {
         }
         match &self.moe.layer_pattern {
             Some(pattern) => pattern[layer] == 1,
-            None => layer % self.moe.layer_freq.max(1) == 0,
+            None => layer.is_multiple_of(self.moe.layer_freq.max(1)),
         }
     }
 
@@ -231,7 +231,7 @@ impl ModelConfig {
         if self.head_dim() == 0 {
             return Err(ModelConfigError::Zero { field: "head_dim" });
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(ModelConfigError::OddHeadDim(self.head_dim()));
         }
         if let Some(pattern) = &self.moe.layer_pattern {

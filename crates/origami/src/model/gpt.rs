@@ -112,14 +112,14 @@ impl GptModel {
                     out_std,
                 );
                 let ffn = if c.is_moe_layer(l) {
-                    FeedForward::Moe(MoeLayer::new(
+                    FeedForward::Moe(Box::new(MoeLayer::new(
                         &mut registry,
                         &format!("{prefix}.moe"),
                         h,
                         &c.moe,
                         std,
                         out_std,
-                    ))
+                    )))
                 } else {
                     FeedForward::Dense(Mlp::new(
                         &mut registry,

@@ -2,6 +2,7 @@
 //! forward/backward.
 
 pub mod config;
+pub mod flops;
 pub mod gpt;
 pub mod init;
 pub mod params;
