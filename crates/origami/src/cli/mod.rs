@@ -1,6 +1,7 @@
 //! Command-line entry points: one module per subcommand, this file only dispatches.
 
 mod bench;
+mod eval;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +17,8 @@ struct Cli {
 enum Command {
     /// Time training steps of a model preset on random tokens (tokens/s, MFU, memory).
     Bench(bench::BenchArgs),
+    /// Next-token loss of a HuggingFace Mixtral / Qwen2-MoE checkpoint on given token ids.
+    Eval(eval::EvalArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -23,5 +26,6 @@ pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
