@@ -2,7 +2,9 @@
 //! MoE Parallel Folding. See `DESIGN.md` for how the layers below fit together.
 
 pub mod bench;
+pub mod generate;
 pub mod hf;
 pub mod layers;
 pub mod model;
 pub mod optim;
+pub mod train;

@@ -19,12 +19,28 @@ fn tiny_preset_memorises_one_batch_in_300_steps() {
         tokens.extend_from_slice(&window[..seq]);
         targets.extend_from_slice(&window[1..]);
     }
-    let micro_batch = MicroBatch { tokens, targets, batch, seq };
+    let micro_batch = MicroBatch {
+        tokens,
+        targets,
+        batch,
+        seq,
+    };
     let model = GptModel::new(ModelConfig::preset("tiny").unwrap()).unwrap();
     let mut params = model.init_params(42);
     let mut grads = model.registry().zeros();
-    let mut optimizer = AdamW::new(model.registry(), AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
-    let schedule = LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup_steps: 10, decay_steps: 300 };
+    let mut optimizer = AdamW::new(
+        model.registry(),
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+    );
+    let schedule = LrSchedule {
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 10,
+        decay_steps: 300,
+    };
     let mut first = 0.0;
     let mut last = 0.0;
     for step in 0..300 {

@@ -49,7 +49,11 @@ fn bool_or(json: &Value, key: &str, default: bool) -> bool {
 fn rope_theta(json: &Value) -> f64 {
     field(json, "rope_theta")
         .and_then(Value::as_f64)
-        .or_else(|| field(json, "rope_parameters").and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+        .or_else(|| {
+            field(json, "rope_parameters")
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+        })
         .unwrap_or(10000.0)
 }
 
@@ -58,7 +62,11 @@ pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), 
     let model_type = match field(json, "model_type").and_then(Value::as_str) {
         Some("mixtral") => HfModelType::Mixtral,
         Some("qwen2_moe") => HfModelType::Qwen2Moe,
-        other => return Err(HfError::UnsupportedModel(format!("{other:?} (supported: mixtral, qwen2_moe)"))),
+        other => {
+            return Err(HfError::UnsupportedModel(format!(
+                "{other:?} (supported: mixtral, qwen2_moe)"
+            )))
+        }
     };
     let layers = usize_field(json, "num_hidden_layers")?;
     let heads = usize_field(json, "num_attention_heads")?;
@@ -69,7 +77,9 @@ pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), 
         num_layers: layers,
         num_heads: heads,
         num_kv_heads: usize_or(json, "num_key_value_heads", heads)?,
-        head_dim: field(json, "head_dim").and_then(Value::as_u64).map(|v| v as usize),
+        head_dim: field(json, "head_dim")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize),
         ffn_hidden_size: usize_field(json, "intermediate_size")?,
         max_seq_len: usize_or(json, "max_position_embeddings", 4096)?,
         rope_theta: rope_theta(json),
@@ -102,7 +112,12 @@ pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), 
             let step = usize_or(json, "decoder_sparse_step", 1)?.max(1);
             let dense_layers: Vec<usize> = field(json, "mlp_only_layers")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_u64)
+                        .map(|v| v as usize)
+                        .collect()
+                })
                 .unwrap_or_default();
             let pattern = (0..layers)
                 .map(|l| u8::from(experts > 0 && !dense_layers.contains(&l) && (l + 1) % step == 0))
@@ -128,6 +143,8 @@ pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), 
             }
         }
     };
-    config.validate().map_err(|e| HfError::Config(e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| HfError::Config(e.to_string()))?;
     Ok((model_type, config))
 }

@@ -32,8 +32,10 @@ pub enum HfError {
 /// Loads `config.json` and the safetensors weights of `dir` into a model and its parameters.
 pub fn load_checkpoint(dir: &Path) -> Result<(GptModel, Buffers), HfError> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| HfError::Io(config_path.display().to_string(), e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| HfError::Config(e.to_string()))?;
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| HfError::Io(config_path.display().to_string(), e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| HfError::Config(e.to_string()))?;
     let (_, config) = config::model_config_from_hf(&json)?;
     let model = GptModel::new(config).map_err(|e| HfError::Config(e.to_string()))?;
     let tensors = weights::HfTensors::open(dir)?;
@@ -53,5 +55,10 @@ pub fn next_token_batch(input_ids: &[Vec<u32>]) -> MicroBatch {
         targets.extend(row.iter().skip(1).copied());
         targets.push(IGNORE_TARGET);
     }
-    MicroBatch { tokens, targets, batch, seq }
+    MicroBatch {
+        tokens,
+        targets,
+        batch,
+        seq,
+    }
 }

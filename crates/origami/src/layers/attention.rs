@@ -48,6 +48,13 @@ pub struct Positions<'a> {
     pub rope: &'a RopeTable,
 }
 
+/// Keys and values of the tokens decoded so far, for one attention layer.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
 impl Attention {
     /// Registers the parameters under `prefix` (e.g. `layers.0.attention`).
     pub fn new(
@@ -253,5 +260,69 @@ impl Attention {
                 .for_each(|(g, v)| *g += v);
         }
         dx
+    }
+
+    /// Incremental decoding of one token at `position`: appends its key and value to `cache`
+    /// and attends over every cached position. `x` is the normalised input `[hidden]`.
+    pub fn decode(
+        &self,
+        params: &Buffers,
+        x: &[f32],
+        position: usize,
+        rope: &RopeTable,
+        cache: &mut KvCache,
+    ) -> Vec<f32> {
+        let d = self.dims;
+        let hd = d.head_dim;
+        let mut qkv = vec![0.0; self.qkv_width()];
+        let bias = self.qkv_bias.map(|b| params.get(b));
+        linear_forward(
+            &mut qkv,
+            x,
+            params.get(self.qkv_weight),
+            bias,
+            1,
+            d.hidden,
+            self.qkv_width(),
+            Par::Seq,
+        );
+        rope_apply(&mut qkv, self.rotated_heads(), &[position], rope, false);
+        let layout = self.layout();
+        let kv_width = d.kv_heads * hd;
+        cache
+            .keys
+            .extend_from_slice(&qkv[layout.k_offset..layout.k_offset + kv_width]);
+        cache
+            .values
+            .extend_from_slice(&qkv[layout.v_offset..layout.v_offset + kv_width]);
+        let positions = cache.keys.len() / kv_width;
+        let mut context = vec![0.0; d.heads * hd];
+        let mut scores = vec![0.0f32; positions];
+        for h in 0..d.heads {
+            let g = h / (d.heads / d.kv_heads);
+            let q = &qkv[h * hd..(h + 1) * hd];
+            for (j, s) in scores.iter_mut().enumerate() {
+                let k = &cache.keys[j * kv_width + g * hd..][..hd];
+                *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * self.scale();
+            }
+            origami_kernels::softmax::softmax_rows(&mut scores, positions);
+            let out = &mut context[h * hd..(h + 1) * hd];
+            for (j, p) in scores.iter().enumerate() {
+                let v = &cache.values[j * kv_width + g * hd..][..hd];
+                out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+            }
+        }
+        let mut y = vec![0.0; d.hidden];
+        linear_forward(
+            &mut y,
+            &context,
+            params.get(self.out_weight),
+            None,
+            1,
+            d.heads * hd,
+            d.hidden,
+            Par::Seq,
+        );
+        y
     }
 }

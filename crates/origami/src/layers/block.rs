@@ -4,11 +4,12 @@
 //! Backward follows the residual stream: `dh = dy + norm2ᵀ(ffnᵀ(dy))`,
 //! `dx = dh + norm1ᵀ(attentionᵀ(dh))`.
 
-use crate::layers::attention::{Attention, AttentionSaved, Positions};
+use crate::layers::attention::{Attention, AttentionSaved, KvCache, Positions};
 use crate::layers::mlp::{Mlp, MlpSaved};
 use crate::layers::moe::{MoeLayer, MoeSaved, MoeStats};
 use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use origami_kernels::rope::RopeTable;
 
 /// The feed-forward half of a block.
 #[derive(Clone, Debug)]
@@ -190,5 +191,41 @@ impl Block {
         );
         dx.iter_mut().zip(&d_residual).for_each(|(d, g)| *d += g);
         dx
+    }
+
+    /// Incremental decoding of one token `x[hidden]` at `position`, using and extending `cache`.
+    pub fn decode(
+        &self,
+        params: &Buffers,
+        x: &[f32],
+        position: usize,
+        rope: &RopeTable,
+        cache: &mut KvCache,
+    ) -> Vec<f32> {
+        let mut normed = vec![0.0; x.len()];
+        rmsnorm_forward(
+            &mut normed,
+            x,
+            params.get(self.attention_norm),
+            self.hidden,
+            self.norm_eps,
+        );
+        let mut residual = self
+            .attention
+            .decode(params, &normed, position, rope, cache);
+        residual.iter_mut().zip(x).for_each(|(r, v)| *r += v);
+        rmsnorm_forward(
+            &mut normed,
+            &residual,
+            params.get(self.ffn_norm),
+            self.hidden,
+            self.norm_eps,
+        );
+        let mut y = match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(params, &normed).0,
+            FeedForward::Moe(moe) => moe.forward(params, &normed).0,
+        };
+        y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r);
+        y
     }
 }

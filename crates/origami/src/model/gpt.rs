@@ -8,7 +8,7 @@
 use super::config::{ModelConfig, ModelConfigError};
 use super::init::initialise;
 use super::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
-use crate::layers::attention::{Attention, AttentionDims, Positions};
+use crate::layers::attention::{Attention, AttentionDims, KvCache, Positions};
 use crate::layers::block::{Block, BlockSaved, FeedForward};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{MoeLayer, MoeStats};
@@ -384,6 +384,67 @@ impl GptModel {
             h,
         );
         report(sums, states.moe)
+    }
+}
+
+/// Per-layer key/value caches of one sequence being generated.
+#[derive(Clone, Debug, Default)]
+pub struct DecodeState {
+    caches: Vec<KvCache>,
+    position: usize,
+}
+
+impl DecodeState {
+    /// Tokens decoded so far.
+    pub fn len(&self) -> usize {
+        self.position
+    }
+
+    /// Whether nothing has been decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.position == 0
+    }
+}
+
+impl GptModel {
+    /// Feeds one token through the model with the key/value caches in `state` and returns the
+    /// logits `[vocab]` for the next token.
+    pub fn decode_step(&self, params: &Buffers, state: &mut DecodeState, token: u32) -> Vec<f32> {
+        assert!(
+            state.position < self.config.max_seq_len,
+            "generation reached model.max_seq_len = {}",
+            self.config.max_seq_len
+        );
+        let h = self.config.hidden_size;
+        if state.caches.is_empty() {
+            state.caches = vec![KvCache::default(); self.blocks.len()];
+        }
+        let mut x = vec![0.0; h];
+        embedding_forward(&mut x, params.get(self.embedding), &[token], h);
+        for (block, cache) in self.blocks.iter().zip(&mut state.caches) {
+            x = block.decode(params, &x, state.position, &self.rope, cache);
+        }
+        state.position += 1;
+        let mut normed = vec![0.0; h];
+        rmsnorm_forward(
+            &mut normed,
+            &x,
+            params.get(self.final_norm),
+            h,
+            self.config.norm_eps,
+        );
+        let mut logits = vec![0.0; self.config.vocab_size];
+        linear_forward(
+            &mut logits,
+            &normed,
+            params.get(self.output_weight()),
+            None,
+            1,
+            h,
+            self.config.vocab_size,
+            Par::Seq,
+        );
+        logits
     }
 }
 

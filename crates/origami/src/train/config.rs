@@ -1,0 +1,293 @@
+//! The run configuration: a TOML file with sections `model`, `parallel`, `train`, `data` and
+//! `checkpoint` (the MoE settings live in `model.moe`), every key overridable from the command
+//! line as `--set section.key=value` (the value is read as TOML, or as a string if it is not).
+
+use crate::model::config::ModelConfig;
+use crate::optim::adamw::AdamWConfig;
+use crate::optim::lr_schedule::LrSchedule;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Parallel layout of the run. This build trains on one rank; the sizes are validated so that
+/// configs written for later multi-rank runs fail clearly rather than silently.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelSection {
+    /// Total ranks.
+    pub world: usize,
+    /// Tensor-parallel size.
+    pub tp: usize,
+    /// Context-parallel size.
+    pub cp: usize,
+    /// Pipeline-parallel size.
+    pub pp: usize,
+    /// Expert-parallel size.
+    pub ep: usize,
+    /// Expert-tensor-parallel size (defaults to `tp`).
+    pub etp: Option<usize>,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection {
+            world: 1,
+            tp: 1,
+            cp: 1,
+            pp: 1,
+            ep: 1,
+            etp: None,
+        }
+    }
+}
+
+/// Training loop settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Sequences per optimizer step (a multiple of `micro_batch`; the rest is accumulated).
+    pub global_batch: usize,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+    /// Learning-rate schedule.
+    pub lr: LrSchedule,
+    /// AdamW hyper-parameters.
+    pub adamw: AdamWConfig,
+    /// Evaluate on the validation split every this many steps (0: only at the end).
+    pub eval_interval: u64,
+    /// Validation micro-batches per evaluation.
+    pub eval_batches: usize,
+    /// Kernel threads (0: all cores).
+    pub threads: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            steps: 600,
+            seq_len: 256,
+            micro_batch: 8,
+            global_batch: 16,
+            seed: 1234,
+            lr: LrSchedule {
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup_steps: 30,
+                decay_steps: 600,
+            },
+            adamw: AdamWConfig::default(),
+            eval_interval: 100,
+            eval_batches: 8,
+            threads: 0,
+        }
+    }
+}
+
+/// Where the training text comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Prefix of the prepared indexed dataset (`PREFIX.bin` / `PREFIX.idx`).
+    pub prefix: PathBuf,
+    /// Raw text (`.jsonl` or `.txt`) to prepare into `prefix` when it does not exist yet.
+    pub source: Option<PathBuf>,
+    /// Tokenizer: `byte` or a path to a HuggingFace `tokenizer.json`.
+    pub tokenizer: String,
+    /// JSON key of the text in `.jsonl` sources.
+    pub json_key: String,
+    /// Train/validation/test split weights over documents, e.g. `"90,10,0"`.
+    pub split: String,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            prefix: PathBuf::from("runs/data/shakespeare"),
+            source: Some(PathBuf::from("data/shakespeare/shakespeare.jsonl")),
+            tokenizer: "byte".into(),
+            json_key: "text".into(),
+            split: "90,10,0".into(),
+        }
+    }
+}
+
+/// Checkpointing and run outputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Directory of this run's outputs (checkpoints, metrics, plot).
+    pub dir: PathBuf,
+    /// Save every this many steps (0: only at the end).
+    pub interval: u64,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection {
+            dir: PathBuf::from("runs/shakespeare"),
+            interval: 200,
+            keep: 2,
+        }
+    }
+}
+
+/// A whole run configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Model architecture.
+    pub model: ModelConfig,
+    /// Parallel layout.
+    pub parallel: ParallelSection,
+    /// Training loop.
+    pub train: TrainSection,
+    /// Data.
+    pub data: DataSection,
+    /// Checkpoints and outputs.
+    pub checkpoint: CheckpointSection,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        toml::from_str(DEFAULT_CONFIG).expect("the embedded default config parses")
+    }
+}
+
+/// The quick-start configuration compiled into the binary (`configs/shakespeare.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../../../configs/shakespeare.toml");
+
+impl RunConfig {
+    /// Parses TOML text, applies `section.key=value` overrides, and validates the result.
+    pub fn from_toml(text: &str, overrides: &[String]) -> anyhow::Result<Self> {
+        let mut tree: toml::Table = toml::from_str(text).context("parsing the TOML config")?;
+        for item in overrides {
+            apply_override(&mut tree, item)?;
+        }
+        let config: RunConfig = toml::Value::Table(tree)
+            .try_into()
+            .context("reading the config")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the settings that the types cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.model.validate()?;
+        let t = &self.train;
+        if t.micro_batch == 0 || t.seq_len == 0 || t.steps == 0 {
+            bail!("train.micro_batch, train.seq_len and train.steps must be positive");
+        }
+        if t.global_batch == 0 || !t.global_batch.is_multiple_of(t.micro_batch) {
+            bail!(
+                "train.global_batch = {} must be a positive multiple of train.micro_batch = {}",
+                t.global_batch,
+                t.micro_batch
+            );
+        }
+        if t.seq_len > self.model.max_seq_len {
+            bail!(
+                "train.seq_len = {} exceeds model.max_seq_len = {}",
+                t.seq_len,
+                self.model.max_seq_len
+            );
+        }
+        let p = &self.parallel;
+        let sizes = [p.tp, p.cp, p.pp, p.ep, p.etp.unwrap_or(p.tp)];
+        if p.world != 1 || sizes.iter().any(|&s| s != 1) {
+            bail!(
+                "parallel.world = {} (tp {} cp {} pp {} ep {}): this build trains on one rank; multi-rank training is not available yet",
+                p.world, p.tp, p.cp, p.pp, p.ep
+            );
+        }
+        Ok(())
+    }
+
+    /// The config as TOML text (stored in checkpoints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config serialises")
+    }
+}
+
+/// Sets `section.key[.key…]=value` in a TOML tree.
+fn apply_override(tree: &mut toml::Table, item: &str) -> anyhow::Result<()> {
+    let (path, raw) = item
+        .split_once('=')
+        .with_context(|| format!("--set {item:?}: expected section.key=value"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+        bail!("--set {item:?}: the key must name a section and a field, e.g. train.steps=100");
+    }
+    let value = parse_value(raw.trim());
+    let mut table = tree;
+    for key in &keys[..keys.len() - 1] {
+        let entry = table
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .with_context(|| format!("--set {item:?}: {key} is not a section"))?;
+    }
+    table.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// A TOML literal (`3`, `1e-3`, `true`, `[0, 1]`, `"x"`), or the raw text as a string.
+fn parse_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        RunConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn overrides_reach_nested_fields_and_typos_are_rejected() {
+        let c = RunConfig::from_toml(
+            DEFAULT_CONFIG,
+            &[
+                "train.steps=7".into(),
+                "model.moe.topk=1".into(),
+                "train.lr.lr=0.01".into(),
+                "data.tokenizer=byte".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.train.steps, c.model.moe.topk, c.train.lr.lr),
+            (7, 1, 0.01)
+        );
+        let err = RunConfig::from_toml(DEFAULT_CONFIG, &["train.stepz=7".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("stepz"), "{err:#}");
+        assert!(RunConfig::from_toml(DEFAULT_CONFIG, &["train=7".into()]).is_err());
+    }
+
+    #[test]
+    fn batch_constraints_name_the_numbers() {
+        let err = RunConfig::from_toml(
+            DEFAULT_CONFIG,
+            &["train.global_batch=12".into(), "train.micro_batch=8".into()],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("global_batch = 12")
+                && err.to_string().contains("micro_batch = 8"),
+            "{err}"
+        );
+    }
+}

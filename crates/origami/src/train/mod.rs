@@ -1,0 +1,7 @@
+//! Training: the run configuration, the loop, checkpoints, metrics and the run's plot.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod plot;
+pub mod trainer;

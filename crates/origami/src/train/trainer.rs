@@ -1,0 +1,255 @@
+//! The training loop: micro-batches accumulated to the global batch, warm-up + cosine learning
+//! rate, global-norm clipping, AdamW; validation every `eval_interval` steps; a log line, a
+//! metrics record and a progress bar per step; checkpoints every `interval` steps, at the end,
+//! and when asked to stop (Ctrl-C).
+//!
+//! Sample `i` of step `s` is global sample `s·global_batch + i`, so the data order depends only
+//! on (seed, global sample index) and a resumed run sees exactly the batches it would have seen.
+
+use super::checkpoint::{self, TrainingState};
+use super::config::RunConfig;
+use super::metrics::{accumulate_expert_counts, load_imbalance, MetricsWriter, StepRecord};
+use crate::bench::peak_gemm_gflops;
+use crate::model::flops::training_flops_per_token;
+use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::params::Buffers;
+use crate::optim::adamw::AdamW;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Samples of `seq_len + 1` tokens addressed by a global index (wrapping around the data).
+pub trait SampleSource: Sync {
+    /// Distinct samples available.
+    fn len(&self) -> u64;
+    /// Whether there are no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Writes sample `index` (taken modulo the length) into `out` (`seq_len + 1` tokens).
+    fn sample_into(&self, index: u64, out: &mut [u32]);
+}
+
+/// How a run is driven, beyond its configuration.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// Checkpoint (or run directory) to continue from.
+    pub resume: Option<PathBuf>,
+    /// Metrics JSONL path (default: `checkpoint.dir/metrics.jsonl`).
+    pub metrics_out: Option<PathBuf>,
+    /// Show a progress bar and print a log line per step.
+    pub verbose: bool,
+    /// Stop (saving a checkpoint) once this many steps are done, as if interrupted.
+    pub stop_after: Option<u64>,
+    /// Set from outside (Ctrl-C) to stop after the current step, saving a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// What a run produced.
+pub struct TrainOutcome {
+    /// The model trained.
+    pub model: GptModel,
+    /// Final parameters.
+    pub params: Buffers,
+    /// Records of the steps run in this invocation.
+    pub records: Vec<StepRecord>,
+    /// Last validation loss measured, if any.
+    pub val_loss: Option<f64>,
+    /// Directory of the last checkpoint written.
+    pub checkpoint: PathBuf,
+    /// Whether the run stopped before `train.steps`.
+    pub interrupted: bool,
+}
+
+fn micro_batch(source: &dyn SampleSource, first: u64, batch: usize, seq: usize) -> MicroBatch {
+    let mut tokens = Vec::with_capacity(batch * seq);
+    let mut targets = Vec::with_capacity(batch * seq);
+    let mut sample = vec![0u32; seq + 1];
+    for i in 0..batch as u64 {
+        source.sample_into(first + i, &mut sample);
+        tokens.extend_from_slice(&sample[..seq]);
+        targets.extend_from_slice(&sample[1..]);
+    }
+    MicroBatch {
+        tokens,
+        targets,
+        batch,
+        seq,
+    }
+}
+
+/// Mean validation cross-entropy over `batches` fixed micro-batches of `valid`.
+pub fn evaluate(
+    model: &GptModel,
+    params: &Buffers,
+    valid: &dyn SampleSource,
+    batches: usize,
+    micro: usize,
+    seq: usize,
+) -> f64 {
+    let mut total = 0.0;
+    let mut tokens = 0usize;
+    for b in 0..batches {
+        let report = model.loss(params, &micro_batch(valid, (b * micro) as u64, micro, seq));
+        total += report.cross_entropy * report.tokens as f64;
+        tokens += report.tokens;
+    }
+    total / tokens.max(1) as f64
+}
+
+/// Trains `config`'s model on `train`, validating on `valid`.
+pub fn train(
+    config: &RunConfig,
+    train: &dyn SampleSource,
+    valid: Option<&dyn SampleSource>,
+    options: &TrainOptions,
+) -> anyhow::Result<TrainOutcome> {
+    anyhow::ensure!(
+        !train.is_empty(),
+        "the training split has no samples of {} tokens",
+        config.train.seq_len + 1
+    );
+    let t = &config.train;
+    let model = GptModel::new(config.model.clone())?;
+    let mut optimizer = AdamW::new(model.registry(), t.adamw);
+    let (mut params, mut step) = match &options.resume {
+        Some(path) => {
+            let dir = checkpoint::resolve(path)?;
+            let loaded = checkpoint::load(&dir, &model, true)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            let (m, v) = loaded.moments.expect("moments were requested");
+            optimizer.m = m;
+            optimizer.v = v;
+            optimizer.step = loaded.state.step;
+            (loaded.params, loaded.state.step)
+        }
+        None => (model.init_params(t.seed), 0),
+    };
+    let run_dir = config.checkpoint.dir.clone();
+    let metrics_path = options
+        .metrics_out
+        .clone()
+        .unwrap_or_else(|| run_dir.join("metrics.jsonl"));
+    let mut metrics = MetricsWriter::open(&metrics_path)?;
+    let micro_batches = t.global_batch / t.micro_batch;
+    let tokens_per_step = t.global_batch * t.seq_len;
+    let flops_per_token = training_flops_per_token(&config.model, t.seq_len);
+    let peak_gflops = peak_gemm_gflops();
+    let progress = options.verbose.then(|| progress_bar(t.steps, step));
+    let mut grads = model.registry().zeros();
+    let mut records = Vec::new();
+    let mut val_loss = None;
+    let mut last_checkpoint = None;
+    let mut interrupted = false;
+    while step < t.steps {
+        let started = Instant::now();
+        let lr = t.lr.at(step);
+        grads.fill_zero();
+        let (mut loss, mut ce, mut aux, mut z) = (0.0, 0.0, 0.0, 0.0);
+        let mut counts = Vec::new();
+        for m in 0..micro_batches {
+            let first = step * t.global_batch as u64 + (m * t.micro_batch) as u64;
+            let batch = micro_batch(train, first, t.micro_batch, t.seq_len);
+            let report =
+                model.forward_backward(&params, &mut grads, &batch, 1.0 / micro_batches as f32);
+            loss += report.total() / micro_batches as f64;
+            ce += report.cross_entropy / micro_batches as f64;
+            aux += report.load_balancing / micro_batches as f64;
+            z += report.z / micro_batches as f64;
+            accumulate_expert_counts(&mut counts, &report.moe);
+        }
+        let grad_norm = optimizer.step(model.registry(), &mut params, &mut grads, lr);
+        step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        let tokens_per_s = tokens_per_step as f64 / seconds;
+        let evaluate_now =
+            step == t.steps || (t.eval_interval > 0 && step.is_multiple_of(t.eval_interval));
+        let step_val = match valid {
+            Some(v) if evaluate_now => Some(evaluate(
+                &model,
+                &params,
+                v,
+                t.eval_batches,
+                t.micro_batch,
+                t.seq_len,
+            )),
+            _ => None,
+        };
+        val_loss = step_val.or(val_loss);
+        let record = StepRecord {
+            step,
+            loss,
+            cross_entropy: ce,
+            aux_loss: aux,
+            z_loss: z,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            mfu: tokens_per_s * flops_per_token / (peak_gflops * 1e9),
+            expert_load_imbalance: load_imbalance(&counts),
+            tokens_per_expert: counts,
+            val_loss: step_val,
+        };
+        metrics.write(&record)?;
+        if let Some(bar) = &progress {
+            bar.println(record.log_line(t.steps));
+            bar.set_position(step);
+        }
+        records.push(record);
+        let stop_requested = options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::SeqCst))
+            || options.stop_after.is_some_and(|k| step >= k);
+        let periodic =
+            config.checkpoint.interval > 0 && step.is_multiple_of(config.checkpoint.interval);
+        if periodic || step == t.steps || stop_requested {
+            let state = TrainingState {
+                step,
+                consumed_samples: step * t.global_batch as u64,
+                config_toml: config.to_toml(),
+            };
+            last_checkpoint = Some(checkpoint::save(
+                &run_dir,
+                &model,
+                &params,
+                &optimizer,
+                &state,
+                config.checkpoint.keep,
+            )?);
+        }
+        if stop_requested && step < t.steps {
+            interrupted = true;
+            break;
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let checkpoint = match last_checkpoint {
+        Some(dir) => dir,
+        None => checkpoint::resolve(&run_dir)?,
+    };
+    Ok(TrainOutcome {
+        model,
+        params,
+        records,
+        val_loss,
+        checkpoint,
+        interrupted,
+    })
+}
+
+fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40.cyan/blue} {pos}/{len} steps [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid progress template"),
+    );
+    bar.set_position(done);
+    bar
+}
