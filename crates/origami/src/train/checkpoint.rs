@@ -136,7 +136,8 @@ pub fn step_dir_name(step: u64) -> String {
 }
 
 /// Saves a checkpoint into `run_dir` atomically, points `latest` at it, and deletes all but
-/// the newest `keep` checkpoints. Returns the checkpoint's directory.
+/// the newest `keep` checkpoints. Returns the checkpoint's directory. Fails, changing nothing,
+/// if the latest checkpoint is of this same step.
 pub fn save(
     run_dir: &Path,
     model: &GptModel,
@@ -176,6 +177,16 @@ pub fn save(
     )?;
     let target = run_dir.join(&name);
     if target.exists() {
+        // Only the checkpoint `latest` names is protected; any other directory of this step is
+        // the orphan of a save killed between its rename and the `latest` update.
+        let latest = std::fs::read_to_string(run_dir.join(LATEST_FILE)).unwrap_or_default();
+        if latest.trim() == name {
+            std::fs::remove_dir_all(&tmp)?;
+            bail!(
+                "{} already exists and is the latest checkpoint; it is never overwritten",
+                target.display()
+            );
+        }
         std::fs::remove_dir_all(&target)?;
     }
     std::fs::rename(&tmp, &target)
@@ -213,6 +224,11 @@ fn prune(run_dir: &Path, keep: usize) -> anyhow::Result<()> {
         std::fs::remove_dir_all(run_dir.join(name))?;
     }
     Ok(())
+}
+
+/// Whether `run_dir` already holds a run's checkpoints (its `latest` pointer exists).
+pub fn has_checkpoints(run_dir: &Path) -> bool {
+    run_dir.join(LATEST_FILE).exists()
 }
 
 /// The checkpoint directory `path` designates: itself if it holds a checkpoint, else the one

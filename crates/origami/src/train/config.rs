@@ -1,6 +1,9 @@
 //! The run configuration: a TOML file with sections `model`, `parallel`, `train`, `data` and
 //! `checkpoint` (the MoE settings live in `model.moe`), every key overridable from the command
 //! line as `--set section.key=value` (the value is read as TOML, or as a string if it is not).
+//!
+//! The embedded `configs/shakespeare.toml` is the one source of defaults: a user's file is
+//! merged over it key by key, then the overrides are applied.
 
 use crate::model::config::ModelConfig;
 use crate::optim::adamw::AdamWConfig;
@@ -12,7 +15,7 @@ use std::path::PathBuf;
 /// Parallel layout of the run. This build trains on one rank; the sizes are validated so that
 /// configs written for later multi-rank runs fail clearly rather than silently.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct ParallelSection {
     /// Total ranks.
     pub world: usize,
@@ -28,22 +31,9 @@ pub struct ParallelSection {
     pub etp: Option<usize>,
 }
 
-impl Default for ParallelSection {
-    fn default() -> Self {
-        ParallelSection {
-            world: 1,
-            tp: 1,
-            cp: 1,
-            pp: 1,
-            ep: 1,
-            etp: None,
-        }
-    }
-}
-
 /// Training loop settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct TrainSection {
     /// Optimizer steps.
     pub steps: u64,
@@ -67,31 +57,9 @@ pub struct TrainSection {
     pub threads: usize,
 }
 
-impl Default for TrainSection {
-    fn default() -> Self {
-        TrainSection {
-            steps: 600,
-            seq_len: 256,
-            micro_batch: 8,
-            global_batch: 16,
-            seed: 1234,
-            lr: LrSchedule {
-                lr: 3e-3,
-                min_lr: 3e-4,
-                warmup_steps: 30,
-                decay_steps: 600,
-            },
-            adamw: AdamWConfig::default(),
-            eval_interval: 100,
-            eval_batches: 8,
-            threads: 0,
-        }
-    }
-}
-
 /// Where the training text comes from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct DataSection {
     /// Prefix of the prepared indexed dataset (`PREFIX.bin` / `PREFIX.idx`).
     pub prefix: PathBuf,
@@ -105,21 +73,9 @@ pub struct DataSection {
     pub split: String,
 }
 
-impl Default for DataSection {
-    fn default() -> Self {
-        DataSection {
-            prefix: PathBuf::from("runs/data/shakespeare"),
-            source: Some(PathBuf::from("data/shakespeare/shakespeare.jsonl")),
-            tokenizer: "byte".into(),
-            json_key: "text".into(),
-            split: "90,10,0".into(),
-        }
-    }
-}
-
 /// Checkpointing and run outputs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct CheckpointSection {
     /// Directory of this run's outputs (checkpoints, metrics, plot).
     pub dir: PathBuf,
@@ -129,19 +85,9 @@ pub struct CheckpointSection {
     pub keep: usize,
 }
 
-impl Default for CheckpointSection {
-    fn default() -> Self {
-        CheckpointSection {
-            dir: PathBuf::from("runs/shakespeare"),
-            interval: 200,
-            keep: 2,
-        }
-    }
-}
-
 /// A whole run configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// Model architecture.
     pub model: ModelConfig,
@@ -155,19 +101,22 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
 }
 
-impl Default for RunConfig {
-    fn default() -> Self {
-        toml::from_str(DEFAULT_CONFIG).expect("the embedded default config parses")
-    }
-}
-
 /// The quick-start configuration compiled into the binary (`configs/shakespeare.toml`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../../../configs/shakespeare.toml");
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig::from_toml("", &[]).expect("the embedded default config is valid")
+    }
+}
 
 impl RunConfig {
     /// Parses TOML text, applies `section.key=value` overrides, and validates the result.
     pub fn from_toml(text: &str, overrides: &[String]) -> anyhow::Result<Self> {
-        let mut tree: toml::Table = toml::from_str(text).context("parsing the TOML config")?;
+        let mut tree: toml::Table =
+            toml::from_str(DEFAULT_CONFIG).expect("the embedded default config parses");
+        let user: toml::Table = toml::from_str(text).context("parsing the TOML config")?;
+        merge(&mut tree, user);
         for item in overrides {
             apply_override(&mut tree, item)?;
         }
@@ -216,6 +165,18 @@ impl RunConfig {
     }
 }
 
+/// Merges `overlay` into `base`: tables key by key, any other value replaced.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
 /// Sets `section.key[.key…]=value` in a TOML tree.
 fn apply_override(tree: &mut toml::Table, item: &str) -> anyhow::Result<()> {
     let (path, raw) = item
@@ -254,6 +215,18 @@ mod tests {
     #[test]
     fn default_config_is_valid() {
         RunConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_user_file_overrides_only_what_it_names() {
+        let c = RunConfig::from_toml("[train]\nsteps = 5\n[model.moe]\nnum_experts = 4\n", &[])
+            .unwrap();
+        let d = RunConfig::default();
+        assert_eq!((c.train.steps, c.model.moe.num_experts), (5, 4));
+        assert_eq!(
+            (c.train.seq_len, c.model.moe.topk, c.data.tokenizer.as_str()),
+            (d.train.seq_len, d.model.moe.topk, "byte")
+        );
     }
 
     #[test]

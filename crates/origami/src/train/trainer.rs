@@ -125,7 +125,14 @@ pub fn train(
             optimizer.step = loaded.state.step;
             (loaded.params, loaded.state.step)
         }
-        None => (model.init_params(t.seed), 0),
+        None => {
+            anyhow::ensure!(
+                !checkpoint::has_checkpoints(&config.checkpoint.dir),
+                "checkpoint.dir {} already holds a run; continue it with --resume {0}, or choose another directory",
+                config.checkpoint.dir.display()
+            );
+            (model.init_params(t.seed), 0)
+        }
     };
     let run_dir = config.checkpoint.dir.clone();
     let metrics_path = options

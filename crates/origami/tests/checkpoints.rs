@@ -1,0 +1,235 @@
+//! Checkpoints: a run stopped at step k and resumed matches an uninterrupted run bit for bit;
+//! corrupt or truncated checkpoint files are reported; a process killed while saving leaves
+//! the previous checkpoint loadable.
+
+use origami::model::config::{ModelConfig, MoeConfig};
+use origami::model::gpt::GptModel;
+use origami::optim::adamw::{AdamW, AdamWConfig};
+use origami::train::checkpoint::{self, TrainingState};
+use origami::train::config::RunConfig;
+use origami::train::trainer::{train, SampleSource, TrainOptions};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Deterministic pseudo-text: sample `i` is a window of a fixed token stream.
+struct Synthetic {
+    seq: usize,
+}
+
+impl SampleSource for Synthetic {
+    fn len(&self) -> u64 {
+        1000
+    }
+    fn sample_into(&self, index: u64, out: &mut [u32]) {
+        let start = (index % self.len()) * 7;
+        for (j, o) in out.iter_mut().enumerate() {
+            let x = start + j as u64;
+            *o = ((x * x + 3 * x) % 251) as u32;
+        }
+        assert_eq!(out.len(), self.seq + 1);
+    }
+}
+
+fn small_run(dir: &Path, steps: u64) -> RunConfig {
+    let mut config = RunConfig::default();
+    config.model = ModelConfig {
+        vocab_size: 256,
+        hidden_size: 32,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        ffn_hidden_size: 48,
+        max_seq_len: 16,
+        moe: MoeConfig {
+            num_experts: 4,
+            ffn_hidden_size: 24,
+            ..config.model.moe
+        },
+        ..config.model
+    };
+    config.train.steps = steps;
+    config.train.seq_len = 16;
+    config.train.micro_batch = 2;
+    config.train.global_batch = 4;
+    config.train.eval_interval = 0;
+    config.train.lr.decay_steps = steps;
+    config.train.lr.warmup_steps = 2;
+    config.checkpoint.dir = dir.to_path_buf();
+    config.checkpoint.interval = 0;
+    config.checkpoint.keep = 3;
+    config
+}
+
+#[test]
+fn stopped_and_resumed_run_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Synthetic { seq: 16 };
+    let straight = train(
+        &small_run(&tmp.path().join("a"), 6),
+        &data,
+        None,
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(straight.records.len(), 6);
+
+    let resumed_dir = tmp.path().join("b");
+    let config = small_run(&resumed_dir, 6);
+    let first = train(
+        &config,
+        &data,
+        None,
+        &TrainOptions {
+            stop_after: Some(3),
+            ..TrainOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(first.interrupted);
+    assert_eq!(first.records.len(), 3);
+    let second = train(
+        &config,
+        &data,
+        None,
+        &TrainOptions {
+            resume: Some(resumed_dir.clone()),
+            ..TrainOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(second.records.first().map(|r| r.step), Some(4));
+
+    let losses = |records: &[origami::train::metrics::StepRecord]| {
+        records.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>()
+    };
+    let mut joined = losses(&first.records);
+    joined.extend(losses(&second.records));
+    assert_eq!(
+        joined,
+        losses(&straight.records),
+        "losses differ after resuming"
+    );
+    assert!(
+        straight.params == second.params,
+        "weights differ after resuming"
+    );
+}
+
+fn saved_checkpoint(dir: &Path) -> std::path::PathBuf {
+    let config = small_run(dir, 1);
+    let model = GptModel::new(config.model.clone()).unwrap();
+    let params = model.init_params(1);
+    let optimizer = AdamW::new(model.registry(), AdamWConfig::default());
+    let state = TrainingState {
+        step: 1,
+        consumed_samples: 4,
+        config_toml: config.to_toml(),
+    };
+    checkpoint::save(dir, &model, &params, &optimizer, &state, 2).unwrap()
+}
+
+#[test]
+fn corrupt_or_truncated_files_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = GptModel::new(small_run(tmp.path(), 1).model).unwrap();
+    let dir = saved_checkpoint(tmp.path());
+    checkpoint::load(&dir, &model, true).expect("a fresh checkpoint loads");
+
+    let file = dir.join("model.safetensors");
+    let original = std::fs::read(&file).unwrap();
+    let mut flipped = original.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    std::fs::write(&file, &flipped).unwrap();
+    let err = format!(
+        "{:#}",
+        checkpoint::load(&dir, &model, false)
+            .err()
+            .expect("a flipped byte is detected")
+    );
+    assert!(err.contains("corrupt or truncated"), "{err}");
+
+    std::fs::write(&file, &original[..original.len() - 100]).unwrap();
+    let err = format!(
+        "{:#}",
+        checkpoint::load(&dir, &model, false)
+            .err()
+            .expect("truncation is detected")
+    );
+    assert!(err.contains("corrupt or truncated"), "{err}");
+
+    std::fs::write(&file, &original).unwrap();
+    std::fs::write(dir.join("state.json"), "{\"format\": 1, \"sta").unwrap();
+    let err = format!(
+        "{:#}",
+        checkpoint::load(&dir, &model, false)
+            .err()
+            .expect("a broken state file is detected")
+    );
+    assert!(err.contains("state.json is corrupt"), "{err}");
+}
+
+/// Not a test on its own: the child process of `killed_save_leaves_previous_checkpoint`, which
+/// saves checkpoints in a loop until it is killed.
+#[test]
+#[ignore = "run as a child process by killed_save_leaves_previous_checkpoint"]
+fn checkpoint_writer_child() {
+    let dir = std::path::PathBuf::from(
+        std::env::var("ORIGAMI_CHECKPOINT_CHILD_DIR").expect("set by the parent test"),
+    );
+    let config = small_run(&dir, 1);
+    let model = GptModel::new(config.model.clone()).unwrap();
+    let optimizer = AdamW::new(model.registry(), AdamWConfig::default());
+    let last = checkpoint::read_state(&checkpoint::resolve(&dir).unwrap())
+        .unwrap()
+        .step;
+    for step in last + 1.. {
+        let params = model.init_params(step);
+        let state = TrainingState {
+            step,
+            consumed_samples: 4 * step,
+            config_toml: config.to_toml(),
+        };
+        checkpoint::save(&dir, &model, &params, &optimizer, &state, 2).unwrap();
+    }
+}
+
+#[test]
+fn killed_save_leaves_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = GptModel::new(small_run(tmp.path(), 1).model).unwrap();
+    saved_checkpoint(tmp.path());
+    let mut killed_mid_save = 0;
+    for delay_ms in [15, 40, 75, 120, 190, 260] {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "checkpoint_writer_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("ORIGAMI_CHECKPOINT_CHILD_DIR", tmp.path())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let leftovers = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".tmp-")
+            })
+            .count();
+        killed_mid_save += usize::from(leftovers > 0);
+        let dir = checkpoint::resolve(tmp.path()).expect("latest names a checkpoint");
+        let loaded =
+            checkpoint::load(&dir, &model, true).expect("the latest checkpoint loads after a kill");
+        assert!(loaded.state.step >= 1);
+    }
+    eprintln!("kills that interrupted a save: {killed_mid_save} of 6");
+}
