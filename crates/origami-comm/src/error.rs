@@ -182,7 +182,11 @@ pub enum CommError {
         /// The second call.
         op: Op,
     },
-    /// The MPI library reported an error.
+    /// MPI could not be started as origami needs it.
+    #[cfg(feature = "mpi")]
+    #[error("starting MPI: {0}")]
+    MpiInit(String),
+    /// A call MPI cannot express (e.g. a count beyond MPI's 32-bit int).
     #[cfg(feature = "mpi")]
     #[error("rank {rank}: {op}: MPI: {detail}")]
     Mpi {

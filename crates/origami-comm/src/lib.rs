@@ -19,6 +19,7 @@ mod error;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+mod reduce;
 mod stream;
 
 pub use communicator::{Communicator, ReduceOp};

@@ -12,56 +12,8 @@ use std::sync::Arc;
 use super::comm::{LocalComm, View};
 use super::rendezvous::{Published, RawSlice, Signature};
 use crate::communicator::{offsets, Checks};
+use crate::reduce::{chunk, combine_into, Element};
 use crate::{Communicator, Op, ReduceOp, Result};
-
-/// An element type all-reduce can combine.
-trait Element: Copy + Send + Sync + 'static {
-    /// Filler for scratch space that is overwritten before use.
-    const ZERO: Self;
-    fn combine(self, other: Self, op: ReduceOp) -> Self;
-}
-
-impl Element for f32 {
-    const ZERO: f32 = 0.0;
-    fn combine(self, other: f32, op: ReduceOp) -> f32 {
-        match op {
-            ReduceOp::Sum => self + other,
-            ReduceOp::Max => self.max(other),
-        }
-    }
-}
-
-impl Element for u64 {
-    const ZERO: u64 = 0;
-    fn combine(self, other: u64, op: ReduceOp) -> u64 {
-        match op {
-            ReduceOp::Sum => self.wrapping_add(other),
-            ReduceOp::Max => self.max(other),
-        }
-    }
-}
-
-/// The chunk of `len` elements rank `rank` of `size` owns during all-reduce.
-fn chunk(len: usize, size: usize, rank: usize) -> (usize, usize) {
-    let start = len * rank / size;
-    (start, len * (rank + 1) / size - start)
-}
-
-/// `target[i] = combine(blocks[0][i], blocks[1][i], …)`, in block order.
-fn combine_into<'a, T: Element>(
-    target: &mut [T],
-    mut blocks: impl Iterator<Item = &'a [T]>,
-    op: ReduceOp,
-) {
-    if let Some(first) = blocks.next() {
-        target.copy_from_slice(first);
-    }
-    for block in blocks {
-        for (sum, &value) in target.iter_mut().zip(block) {
-            *sum = sum.combine(value, op);
-        }
-    }
-}
 
 /// Every rank published the same counts in `field`.
 fn same_counts(view: &View<'_>, what: &str, field: fn(&Published) -> RawSlice) -> Result<()> {

@@ -1,7 +1,9 @@
 //! Command-line entry points: one module per subcommand, this file only dispatches.
 
 mod bench;
+mod bench_comm;
 mod eval;
+mod topology;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Next-token loss of a HuggingFace Mixtral / Qwen2-MoE checkpoint on given token ids.
     Eval(eval::EvalArgs),
+    /// Show the dense and expert rank groups of a parallel configuration (folding layout).
+    Topology(topology::TopologyArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -27,5 +31,6 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Topology(args) => topology::run(args),
     }
 }
