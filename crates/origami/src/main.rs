@@ -2,6 +2,10 @@
 
 mod cli;
 
-fn main() -> anyhow::Result<()> {
-    cli::run()
+/// Runs the CLI; a failure prints its chain of causes (no backtrace) and exits with status 1.
+fn main() {
+    if let Err(error) = cli::run() {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
 }

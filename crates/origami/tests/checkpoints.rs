@@ -21,13 +21,14 @@ impl SampleSource for Synthetic {
     fn len(&self) -> u64 {
         1000
     }
-    fn sample_into(&self, index: u64, out: &mut [u32]) {
+    fn sample_into(&self, index: u64, out: &mut [u32]) -> anyhow::Result<()> {
         let start = (index % self.len()) * 7;
         for (j, o) in out.iter_mut().enumerate() {
             let x = start + j as u64;
             *o = ((x * x + 3 * x) % 251) as u32;
         }
         assert_eq!(out.len(), self.seq + 1);
+        Ok(())
     }
 }
 

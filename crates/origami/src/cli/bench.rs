@@ -1,10 +1,15 @@
-//! `origami bench`: model training-step benchmark on a preset.
+//! `origami bench`: model training-step benchmark on a preset, or `origami bench comm` for the
+//! communication benchmark.
 
 use clap::{Args, Subcommand};
 
 /// Arguments of `origami bench`.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// Another benchmark than the model's.
+    #[command(subcommand)]
+    pub target: Option<BenchTarget>,
     /// Model preset: tiny, small or medium.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
@@ -17,22 +22,19 @@ pub struct BenchArgs {
     /// Tokens per sequence (default: the preset's sequence length).
     #[arg(long)]
     pub seq: Option<usize>,
-    /// Another benchmark instead of the model's (`origami bench comm`).
-    #[command(subcommand)]
-    pub other: Option<OtherBench>,
 }
 
-/// Benchmarks of parts other than the model.
+/// Benchmarks other than the model's training step.
 #[derive(Subcommand, Debug)]
-pub enum OtherBench {
-    /// Communicator bandwidth (all-reduce, all-to-all-v) beside memcpy.
+pub enum BenchTarget {
+    /// Bandwidth of all-reduce and all-to-all-v against a plain memcpy of the same bytes.
     Comm(super::bench_comm::CommBenchArgs),
 }
 
-/// Runs the benchmark and prints one JSON line.
+/// Runs the chosen benchmark; the model benchmark prints one JSON line.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if let Some(OtherBench::Comm(comm_args)) = args.other {
-        return super::bench_comm::run(comm_args);
+    if let Some(BenchTarget::Comm(comm)) = args.target {
+        return super::bench_comm::run(comm);
     }
     let report = origami::bench::run(&origami::bench::BenchSettings {
         preset: args.preset,

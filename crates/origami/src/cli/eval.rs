@@ -1,7 +1,13 @@
-//! `origami eval`: the next-token loss of a HuggingFace checkpoint on given token ids.
+//! `origami eval`: the next-token loss of a HuggingFace checkpoint on given token ids, or the
+//! validation loss of an origami checkpoint on an indexed dataset.
 
 use anyhow::{ensure, Context};
 use clap::Args;
+use origami::model::gpt::GptModel;
+use origami::train::checkpoint;
+use origami::train::config::RunConfig;
+use origami::train::trainer::evaluate;
+use origami_data::gpt_dataset::{GptDataset, Split};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -9,11 +15,25 @@ use std::path::PathBuf;
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Directory with a HuggingFace Mixtral or Qwen2-MoE `config.json` and `*.safetensors`.
+    #[arg(
+        long,
+        requires = "input_ids",
+        conflicts_with = "checkpoint",
+        required_unless_present = "checkpoint"
+    )]
+    pub hf_checkpoint: Option<PathBuf>,
+    /// JSON file `{"input_ids": [[...], ...]}`, rows of equal length (with --hf-checkpoint).
     #[arg(long)]
-    pub hf_checkpoint: PathBuf,
-    /// JSON file `{"input_ids": [[...], ...]}`, rows of equal length.
+    pub input_ids: Option<PathBuf>,
+    /// origami checkpoint or run directory.
+    #[arg(long, requires = "data")]
+    pub checkpoint: Option<PathBuf>,
+    /// Indexed dataset prefix to evaluate on (with --checkpoint).
     #[arg(long)]
-    pub input_ids: PathBuf,
+    pub data: Option<PathBuf>,
+    /// Micro-batches of the validation split to evaluate (0: the whole split).
+    #[arg(long, default_value_t = 0)]
+    pub batches: usize,
 }
 
 #[derive(Deserialize)]
@@ -21,13 +41,30 @@ struct InputIds {
     input_ids: Vec<Vec<u32>>,
 }
 
-/// Prints one JSON line: the mean next-token cross-entropy over all positions, as transformers
-/// returns for `labels = input_ids`.
+/// Prints one JSON line with `"loss"`.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.input_ids)
-        .with_context(|| format!("reading {}", args.input_ids.display()))?;
-    let ids: InputIds = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}", args.input_ids.display()))?;
+    match (
+        args.hf_checkpoint,
+        args.input_ids,
+        args.checkpoint,
+        args.data,
+    ) {
+        (Some(hf), Some(ids), None, None) => eval_hf(hf, ids),
+        (None, None, Some(checkpoint), Some(data)) => {
+            eval_checkpoint(checkpoint, data, args.batches)
+        }
+        _ => anyhow::bail!(
+            "give either --hf-checkpoint DIR --input-ids FILE, or --checkpoint DIR --data PREFIX"
+        ),
+    }
+}
+
+/// Mean next-token cross-entropy over all positions, as transformers returns for `labels = input_ids`.
+fn eval_hf(dir: PathBuf, input_ids: PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&input_ids)
+        .with_context(|| format!("reading {}", input_ids.display()))?;
+    let ids: InputIds =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", input_ids.display()))?;
     let seq = ids.input_ids.first().map_or(0, Vec::len);
     ensure!(
         !ids.input_ids.is_empty() && seq >= 2,
@@ -37,12 +74,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ids.input_ids.iter().all(|r| r.len() == seq),
         "every input_ids row must have {seq} tokens, as the first"
     );
-    let (model, params) = origami::hf::load_checkpoint(&args.hf_checkpoint).with_context(|| {
-        format!(
-            "loading HuggingFace checkpoint {}",
-            args.hf_checkpoint.display()
-        )
-    })?;
+    let (model, params) = origami::hf::load_checkpoint(&dir)
+        .with_context(|| format!("loading HuggingFace checkpoint {}", dir.display()))?;
     let vocab = model.config().vocab_size;
     ensure!(
         ids.input_ids
@@ -56,11 +89,39 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "rows of {seq} tokens exceed max_position_embeddings {}",
         model.config().max_seq_len
     );
-    let batch = origami::hf::next_token_batch(&ids.input_ids);
-    let report = model.loss(&params, &batch);
+    let report = model.loss(&params, &origami::hf::next_token_batch(&ids.input_ids));
     println!(
         "{}",
         serde_json::json!({ "loss": report.cross_entropy, "tokens": report.tokens })
+    );
+    Ok(())
+}
+
+/// Validation loss of an origami checkpoint on the validation split of `data`.
+fn eval_checkpoint(path: PathBuf, data: PathBuf, batches: usize) -> anyhow::Result<()> {
+    let dir = checkpoint::resolve(&path)?;
+    let config = RunConfig::from_toml(&checkpoint::read_state(&dir)?.config_toml, &[])?;
+    let model = GptModel::new(config.model.clone())?;
+    let params = checkpoint::load(&dir, &model, false)?.params;
+    let tokenizer = origami::train::data::run_tokenizer(&config)?;
+    let t = &config.train;
+    let valid = GptDataset::open(
+        &data,
+        Split::Valid,
+        &config.data.split,
+        t.seq_len,
+        t.seed,
+        tokenizer.eod_id(),
+    )?;
+    let batches = if batches == 0 {
+        (valid.len() as usize).div_ceil(t.micro_batch)
+    } else {
+        batches
+    };
+    let loss = evaluate(&model, &params, &valid, batches, t.micro_batch, t.seq_len)?;
+    println!(
+        "{}",
+        serde_json::json!({ "loss": loss, "split": "valid", "samples": batches * t.micro_batch })
     );
     Ok(())
 }

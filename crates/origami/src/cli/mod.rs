@@ -3,7 +3,10 @@
 mod bench;
 mod bench_comm;
 mod eval;
+mod generate;
+mod prepare;
 mod topology;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -17,9 +20,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model (with no arguments: the quick-start run on the shipped Shakespeare slice).
+    Train(train::TrainArgs),
+    /// Tokenize text or JSONL into a Megatron indexed dataset (PREFIX.bin + PREFIX.idx).
+    Prepare(prepare::PrepareArgs),
+    /// Sample text from a checkpoint.
+    Generate(generate::GenerateArgs),
     /// Time training steps of a model preset on random tokens (tokens/s, MFU, memory).
     Bench(bench::BenchArgs),
-    /// Next-token loss of a HuggingFace Mixtral / Qwen2-MoE checkpoint on given token ids.
+    /// Loss of a HuggingFace checkpoint on token ids, or of a checkpoint on a dataset's validation split.
     Eval(eval::EvalArgs),
     /// Show the dense and expert rank groups of a parallel configuration (folding layout).
     Topology(topology::TopologyArgs),
@@ -29,6 +38,9 @@ enum Command {
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Prepare(args) => prepare::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Topology(args) => topology::run(args),

@@ -1,12 +1,12 @@
 //! Per-step metrics: the record kept for the JSONL file and the plot, and the one-line log.
 
 use crate::layers::moe::MoeStats;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 
 /// Everything logged about one optimizer step.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StepRecord {
     /// Step number (1-based: the number of updates done).
     pub step: u64,

@@ -2,6 +2,8 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod metrics;
 pub mod plot;
+pub mod run;
 pub mod trainer;

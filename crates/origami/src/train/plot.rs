@@ -44,6 +44,7 @@ fn draw_losses(
         .configure_mesh()
         .x_desc("step")
         .y_desc("cross-entropy")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()?;
     chart
         .draw_series(LineSeries::new(
@@ -91,11 +92,15 @@ fn draw_expert_load(
         .margin(12)
         .x_label_area_size(32)
         .y_label_area_size(56)
-        .build_cartesian_2d(0f64..bins as f64, 0f64..rows as f64)?;
+        .build_cartesian_2d(
+            0f64..records[records.len() - 1].step as f64,
+            0f64..rows as f64,
+        )?;
     chart
         .configure_mesh()
         .disable_mesh()
-        .x_desc(format!("steps 1..{} in {bins} bins", records.len()))
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("layer × expert")
         .y_label_formatter(&|y| format!("L{}", (*y as usize) / experts))
         .y_labels(layers.min(16))
@@ -112,8 +117,9 @@ fn draw_expert_load(
             for (e, &count) in totals.iter().enumerate() {
                 let ratio = if mean > 0.0 { count as f64 / mean } else { 0.0 };
                 let row = (layer * experts + e) as f64;
+                let (from, to) = (span[0].step as f64 - 1.0, span[span.len() - 1].step as f64);
                 cells.push(Rectangle::new(
-                    [(bin as f64, row), (bin as f64 + 1.0, row + 1.0)],
+                    [(from, row), (to, row + 1.0)],
                     load_colour(ratio).filled(),
                 ));
             }

@@ -15,12 +15,14 @@ use crate::model::gpt::{GptModel, MicroBatch};
 use crate::model::params::Buffers;
 use crate::optim::adamw::AdamW;
 use anyhow::Context;
+use origami_data::gpt_dataset::GptDataset;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Samples of `seq_len + 1` tokens addressed by a global index (wrapping around the data).
+/// Implemented for [`origami_data::gpt_dataset::GptDataset`]; tests use synthetic sources.
 pub trait SampleSource: Sync {
     /// Distinct samples available.
     fn len(&self) -> u64;
@@ -29,7 +31,7 @@ pub trait SampleSource: Sync {
         self.len() == 0
     }
     /// Writes sample `index` (taken modulo the length) into `out` (`seq_len + 1` tokens).
-    fn sample_into(&self, index: u64, out: &mut [u32]);
+    fn sample_into(&self, index: u64, out: &mut [u32]) -> anyhow::Result<()>;
 }
 
 /// How a run is driven, beyond its configuration.
@@ -63,21 +65,33 @@ pub struct TrainOutcome {
     pub interrupted: bool,
 }
 
-fn micro_batch(source: &dyn SampleSource, first: u64, batch: usize, seq: usize) -> MicroBatch {
+fn micro_batch(
+    source: &dyn SampleSource,
+    first: u64,
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+) -> anyhow::Result<MicroBatch> {
     let mut tokens = Vec::with_capacity(batch * seq);
     let mut targets = Vec::with_capacity(batch * seq);
     let mut sample = vec![0u32; seq + 1];
     for i in 0..batch as u64 {
-        source.sample_into(first + i, &mut sample);
+        source.sample_into(first + i, &mut sample)?;
+        if let Some(&bad) = sample.iter().find(|&&t| t as usize >= vocab) {
+            anyhow::bail!(
+                "sample {} holds token id {bad}, outside model.vocab_size = {vocab} (was the data prepared with another tokenizer?)",
+                first + i
+            );
+        }
         tokens.extend_from_slice(&sample[..seq]);
         targets.extend_from_slice(&sample[1..]);
     }
-    MicroBatch {
+    Ok(MicroBatch {
         tokens,
         targets,
         batch,
         seq,
-    }
+    })
 }
 
 /// Mean validation cross-entropy over `batches` fixed micro-batches of `valid`.
@@ -88,15 +102,27 @@ pub fn evaluate(
     batches: usize,
     micro: usize,
     seq: usize,
-) -> f64 {
+) -> anyhow::Result<f64> {
+    let vocab = model.config().vocab_size;
     let mut total = 0.0;
     let mut tokens = 0usize;
     for b in 0..batches {
-        let report = model.loss(params, &micro_batch(valid, (b * micro) as u64, micro, seq));
+        let report = model.loss(
+            params,
+            &micro_batch(valid, (b * micro) as u64, micro, seq, vocab)?,
+        );
         total += report.cross_entropy * report.tokens as f64;
         tokens += report.tokens;
     }
-    total / tokens.max(1) as f64
+    Ok(total / tokens.max(1) as f64)
+}
+
+/// Where the run's metrics JSONL goes: `--metrics-out`, else `checkpoint.dir/metrics.jsonl`.
+pub fn metrics_path(config: &RunConfig, options: &TrainOptions) -> PathBuf {
+    options
+        .metrics_out
+        .clone()
+        .unwrap_or_else(|| config.checkpoint.dir.join("metrics.jsonl"))
 }
 
 /// Trains `config`'s model on `train`, validating on `valid`.
@@ -135,11 +161,7 @@ pub fn train(
         }
     };
     let run_dir = config.checkpoint.dir.clone();
-    let metrics_path = options
-        .metrics_out
-        .clone()
-        .unwrap_or_else(|| run_dir.join("metrics.jsonl"));
-    let mut metrics = MetricsWriter::open(&metrics_path)?;
+    let mut metrics = MetricsWriter::open(&metrics_path(config, options))?;
     let micro_batches = t.global_batch / t.micro_batch;
     let tokens_per_step = t.global_batch * t.seq_len;
     let flops_per_token = training_flops_per_token(&config.model, t.seq_len);
@@ -158,7 +180,13 @@ pub fn train(
         let mut counts = Vec::new();
         for m in 0..micro_batches {
             let first = step * t.global_batch as u64 + (m * t.micro_batch) as u64;
-            let batch = micro_batch(train, first, t.micro_batch, t.seq_len);
+            let batch = micro_batch(
+                train,
+                first,
+                t.micro_batch,
+                t.seq_len,
+                config.model.vocab_size,
+            )?;
             let report =
                 model.forward_backward(&params, &mut grads, &batch, 1.0 / micro_batches as f32);
             loss += report.total() / micro_batches as f64;
@@ -181,7 +209,7 @@ pub fn train(
                 t.eval_batches,
                 t.micro_batch,
                 t.seq_len,
-            )),
+            )?),
             _ => None,
         };
         val_loss = step_val.or(val_loss);
@@ -201,7 +229,12 @@ pub fn train(
         };
         metrics.write(&record)?;
         if let Some(bar) = &progress {
-            bar.println(record.log_line(t.steps));
+            // A hidden bar (output not a terminal) swallows `println`: print directly then.
+            if bar.is_hidden() {
+                println!("{}", record.log_line(t.steps));
+            } else {
+                bar.println(record.log_line(t.steps));
+            }
             bar.set_position(step);
         }
         records.push(record);
@@ -247,6 +280,16 @@ pub fn train(
         checkpoint,
         interrupted,
     })
+}
+
+impl SampleSource for origami_data::gpt_dataset::GptDataset {
+    fn len(&self) -> u64 {
+        GptDataset::len(self)
+    }
+
+    fn sample_into(&self, index: u64, out: &mut [u32]) -> anyhow::Result<()> {
+        Ok(GptDataset::sample_into(self, index, out)?)
+    }
 }
 
 fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {

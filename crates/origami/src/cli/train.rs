@@ -1,0 +1,71 @@
+//! `origami train`: the training job (the embedded quick-start config by default).
+
+use anyhow::Context;
+use clap::Args;
+use origami::train::checkpoint;
+use origami::train::config::RunConfig;
+use origami::train::trainer::TrainOptions;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Arguments of `origami train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// TOML run config; keys it leaves out keep the embedded default's values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one config key, e.g. `--set train.steps=100` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from a checkpoint or run directory (its config is used unless --config is given).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Metrics JSONL file (default: checkpoint.dir/metrics.jsonl).
+    #[arg(long)]
+    pub metrics_out: Option<PathBuf>,
+}
+
+/// Runs the training job.
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let text = match (&args.config, &args.resume) {
+        (Some(path), _) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        (None, Some(resume)) => checkpoint::read_state(&checkpoint::resolve(resume)?)?.config_toml,
+        (None, None) => String::new(),
+    };
+    let config = RunConfig::from_toml(&text, &args.overrides)?;
+    let threads = match config.train.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_stop = stop.clone();
+    ctrlc::set_handler(move || {
+        if handler_stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupt: saving a checkpoint after this step (press Ctrl-C again to quit at once)"
+        );
+    })?;
+    let options = TrainOptions {
+        resume: args.resume,
+        metrics_out: args.metrics_out,
+        verbose: true,
+        stop: Some(stop),
+        ..TrainOptions::default()
+    };
+    let summary = pool.install(|| origami::train::run::run(&config, &options))?;
+    if summary.outcome.interrupted {
+        println!(
+            "stopped early; continue with: origami train --resume {}",
+            config.checkpoint.dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! `origami train` as a library call: data, the training loop, the plot, a closing evaluation
+//! summary and a sample, with the log a user reads.
+
+use super::config::RunConfig;
+use super::data::open_run_data;
+use super::plot::plot_run;
+use super::trainer::{train, TrainOptions, TrainOutcome};
+use crate::generate::{generate, SamplingSettings};
+use std::path::PathBuf;
+
+/// What a finished quick-start run reports.
+pub struct RunSummary {
+    /// The training outcome.
+    pub outcome: TrainOutcome,
+    /// The SVG plot written.
+    pub plot: PathBuf,
+    /// Text sampled from the final model.
+    pub sample: String,
+}
+
+/// Prompt of the closing sample.
+const SAMPLE_PROMPT: &str = "ROMEO:\n";
+
+/// Runs a whole training job as configured, printing progress when `options.verbose`.
+pub fn run(config: &RunConfig, options: &TrainOptions) -> anyhow::Result<RunSummary> {
+    let data = open_run_data(config, options.verbose)?;
+    let model = crate::model::gpt::GptModel::new(config.model.clone())?;
+    if options.verbose {
+        println!(
+            "model: {} parameters ({} layers, hidden {}, {} experts top-{}), {} train samples of {} tokens{}",
+            model.registry().total_len(),
+            config.model.num_layers,
+            config.model.hidden_size,
+            config.model.moe.num_experts,
+            config.model.moe.topk,
+            data.train.len(),
+            config.train.seq_len + 1,
+            data.valid.as_ref().map_or(String::new(), |v| format!(", {} validation samples", v.len()))
+        );
+        let p = &config.parallel;
+        println!(
+            "layout: world {} | attention TP{} CP{} DP{} PP{} | MoE ETP{} EP{} EDP{} PP{}",
+            p.world,
+            p.tp,
+            p.cp,
+            p.world / (p.tp * p.cp * p.pp),
+            p.pp,
+            p.etp.unwrap_or(p.tp),
+            p.ep,
+            p.world / (p.etp.unwrap_or(p.tp) * p.ep * p.pp),
+            p.pp
+        );
+    }
+    let outcome = train(
+        config,
+        &data.train,
+        data.valid.as_ref().map(|v| v as _),
+        options,
+    )?;
+    let plot = config.checkpoint.dir.join("plot.svg");
+    if !outcome.records.is_empty() {
+        plot_run(&plot, &read_all_records(config, options, &outcome)?)?;
+    }
+    let prompt = data.tokenizer.encode(SAMPLE_PROMPT)?;
+    let settings = SamplingSettings {
+        max_tokens: 400,
+        temperature: 0.8,
+        top_k: 40,
+        seed: config.train.seed,
+    };
+    let tokens = generate(
+        &outcome.model,
+        &outcome.params,
+        &prompt,
+        &settings,
+        Some(data.tokenizer.eod_id()),
+    );
+    let sample = format!("{SAMPLE_PROMPT}{}", data.tokenizer.decode(&tokens));
+    if options.verbose {
+        match outcome.val_loss {
+            Some(v) => println!("validation loss {v:.4} nats per token (held-out documents)"),
+            None => println!("no validation split configured"),
+        }
+        println!("checkpoint {}", outcome.checkpoint.display());
+        println!("plot {}", plot.display());
+        println!("--- sample ---\n{sample}\n--------------");
+    }
+    Ok(RunSummary {
+        outcome,
+        plot,
+        sample,
+    })
+}
+
+/// Every step record of the run so far (earlier invocations included, when resumed), read back
+/// from the metrics file so the plot covers the whole run.
+fn read_all_records(
+    config: &RunConfig,
+    options: &TrainOptions,
+    outcome: &TrainOutcome,
+) -> anyhow::Result<Vec<super::metrics::StepRecord>> {
+    let path = super::trainer::metrics_path(config, options);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(outcome.records.clone());
+    };
+    let mut records: Vec<super::metrics::StepRecord> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    records.sort_by_key(|r| r.step);
+    records.dedup_by_key(|r| r.step);
+    Ok(if records.is_empty() {
+        outcome.records.clone()
+    } else {
+        records
+    })
+}
