@@ -57,6 +57,33 @@ fn rope_theta(json: &Value) -> f64 {
         .unwrap_or(10000.0)
 }
 
+/// Rejects attention variants origami does not implement, rather than computing something else:
+/// sliding windows shorter than the context, and RoPE scaling other than the default.
+fn check_supported_attention(json: &Value) -> Result<(), HfError> {
+    let max_positions = field(json, "max_position_embeddings")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let window = field(json, "sliding_window")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if bool_or(json, "use_sliding_window", window > 0) && window > 0 && window < max_positions {
+        return Err(HfError::UnsupportedModel(format!(
+            "sliding-window attention (sliding_window = {window}) is not supported"
+        )));
+    }
+    let rope_type = field(json, "rope_parameters")
+        .or_else(|| field(json, "rope_scaling"))
+        .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    if rope_type != "default" {
+        return Err(HfError::UnsupportedModel(format!(
+            "RoPE scaling {rope_type:?} is not supported (only the default)"
+        )));
+    }
+    Ok(())
+}
+
 /// Translates a parsed `config.json`.
 pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), HfError> {
     let model_type = match field(json, "model_type").and_then(Value::as_str) {
@@ -68,6 +95,7 @@ pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), 
             )))
         }
     };
+    check_supported_attention(json)?;
     let layers = usize_field(json, "num_hidden_layers")?;
     let heads = usize_field(json, "num_attention_heads")?;
     let hidden = usize_field(json, "hidden_size")?;
@@ -124,7 +152,7 @@ pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), 
                 .collect();
             let shared = usize_or(json, "shared_expert_intermediate_size", 0)?;
             ModelConfig {
-                qkv_bias: true,
+                qkv_bias: bool_or(json, "qkv_bias", true),
                 moe: MoeConfig {
                     num_experts: experts,
                     ffn_hidden_size: usize_field(json, "moe_intermediate_size")?,
