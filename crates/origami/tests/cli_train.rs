@@ -14,8 +14,21 @@ fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare/shakespeare.jsonl")
 }
 
-/// `--set` overrides for a seconds-long run writing into `dir`.
+/// `--set` overrides for a seconds-long run of a small model writing into `dir`.
 fn short_run(dir: &Path, steps: u64) -> Vec<String> {
+    let mut args = run_settings(dir, steps);
+    for model in [
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.moe.ffn_hidden_size=32",
+    ] {
+        args.extend(["--set".to_string(), model.to_string()]);
+    }
+    args
+}
+
+/// `--set` overrides of the run itself (no model settings), writing into `dir`.
+fn run_settings(dir: &Path, steps: u64) -> Vec<String> {
     [
         format!("train.steps={steps}"),
         "train.seq_len=64".into(),
@@ -25,9 +38,6 @@ fn short_run(dir: &Path, steps: u64) -> Vec<String> {
         "train.eval_batches=2".into(),
         format!("train.lr.decay_steps={steps}"),
         "train.lr.warmup_steps=1".into(),
-        "model.hidden_size=32".into(),
-        "model.num_layers=2".into(),
-        "model.moe.ffn_hidden_size=32".into(),
         "checkpoint.interval=0".into(),
         format!("checkpoint.dir={}", dir.join("run").display()),
         format!("data.prefix={}", dir.join("data/shakespeare").display()),
@@ -173,5 +183,42 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     assert!(
         first_step.starts_with(&format!("step {:>5}/", stopped_at + 1)),
         "{first_step}"
+    );
+}
+
+#[test]
+fn model_from_a_preset_or_a_hugging_face_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = origami()
+        .args(["train", "--model-preset", "tiny"])
+        .args(short_run(tmp.path(), 1))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "tiny's vocabulary of 256 cannot hold the byte tokenizer's 258 ids"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model.vocab_size = 256"));
+
+    let hf_config =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2_moe_tiny/config.json");
+    let mut args = run_settings(&tmp.path().join("hf"), 2);
+    args.extend(["--set".into(), "model.vocab_size=264".into()]);
+    let out = origami()
+        .arg("train")
+        .arg("--hf-config")
+        .arg(&hf_config)
+        .args(&args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("(3 layers, hidden 32, 4 experts top-2)"),
+        "{stdout}"
     );
 }

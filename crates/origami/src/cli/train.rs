@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
+use origami::model::config::ModelConfig;
 use origami::train::checkpoint;
 use origami::train::config::RunConfig;
 use origami::train::trainer::TrainOptions;
@@ -18,12 +19,36 @@ pub struct TrainArgs {
     /// Override one config key, e.g. `--set train.steps=100` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Take the `[model]` section from a preset: tiny, small or medium (`--set` still applies).
+    #[arg(long, conflicts_with = "hf_config")]
+    pub model_preset: Option<String>,
+    /// Take the `[model]` section from a HuggingFace Mixtral or Qwen2-MoE `config.json`.
+    #[arg(long)]
+    pub hf_config: Option<PathBuf>,
     /// Continue from a checkpoint or run directory (its config is used unless --config is given).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Metrics JSONL file (default: checkpoint.dir/metrics.jsonl).
     #[arg(long)]
     pub metrics_out: Option<PathBuf>,
+}
+
+/// The config text with its `[model]` replaced by `--model-preset` or `--hf-config`, if given.
+fn with_model(text: &str, args: &TrainArgs) -> anyhow::Result<String> {
+    let model = match (&args.model_preset, &args.hf_config) {
+        (Some(preset), _) => ModelConfig::preset(preset)?,
+        (None, Some(path)) => {
+            let json = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let json = serde_json::from_str(&json)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            origami::hf::config::model_config_from_hf(&json)?.1
+        }
+        (None, None) => return Ok(text.to_string()),
+    };
+    let mut config = RunConfig::from_toml(text, &[])?;
+    config.model = model;
+    Ok(config.to_toml())
 }
 
 /// Runs the training job.
@@ -35,7 +60,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         (None, Some(resume)) => checkpoint::read_state(&checkpoint::resolve(resume)?)?.config_toml,
         (None, None) => String::new(),
     };
-    let config = RunConfig::from_toml(&text, &args.overrides)?;
+    let config = RunConfig::from_toml(&with_model(&text, &args)?, &args.overrides)?;
     let threads = match config.train.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
