@@ -76,16 +76,6 @@ impl<'a> View<'a> {
             ..self
         }
     }
-
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of columns.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
 }
 
 /// A mutable matrix view, laid out like [`View`].

@@ -26,14 +26,6 @@ pub fn assert_close(actual: &[f32], expected: &[f32], tol: f32, what: &str) {
     }
 }
 
-/// Largest relative difference `|a − b| / max(|a|, |b|, floor)` over two slices.
-pub fn max_relative_error(a: &[f32], b: &[f32], floor: f32) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / x.abs().max(y.abs()).max(floor))
-        .fold(0.0, f32::max)
-}
-
 /// Compares an analytic gradient with central finite differences of `loss` around `x`.
 ///
 /// At most 48 elements are probed (spread over the whole vector). It fails when the probed

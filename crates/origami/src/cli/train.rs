@@ -42,7 +42,7 @@ fn with_model(text: &str, args: &TrainArgs) -> anyhow::Result<String> {
                 .with_context(|| format!("reading {}", path.display()))?;
             let json = serde_json::from_str(&json)
                 .with_context(|| format!("parsing {}", path.display()))?;
-            origami::hf::config::model_config_from_hf(&json)?.1
+            origami::hf::config::model_config_from_hf(&json)?
         }
         (None, None) => return Ok(text.to_string()),
     };

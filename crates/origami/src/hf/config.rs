@@ -11,7 +11,7 @@ use serde_json::Value;
 
 /// The HF architectures origami reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HfModelType {
+enum HfModelType {
     /// `model_type = "mixtral"`.
     Mixtral,
     /// `model_type = "qwen2_moe"`.
@@ -85,7 +85,7 @@ fn check_supported_attention(json: &Value) -> Result<(), HfError> {
 }
 
 /// Translates a parsed `config.json`.
-pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), HfError> {
+pub fn model_config_from_hf(json: &Value) -> Result<ModelConfig, HfError> {
     let model_type = match field(json, "model_type").and_then(Value::as_str) {
         Some("mixtral") => HfModelType::Mixtral,
         Some("qwen2_moe") => HfModelType::Qwen2Moe,
@@ -174,5 +174,5 @@ pub fn model_config_from_hf(json: &Value) -> Result<(HfModelType, ModelConfig), 
     config
         .validate()
         .map_err(|e| HfError::Config(e.to_string()))?;
-    Ok((model_type, config))
+    Ok(config)
 }

@@ -36,7 +36,7 @@ pub fn load_checkpoint(dir: &Path) -> Result<(GptModel, Buffers), HfError> {
         .map_err(|e| HfError::Io(config_path.display().to_string(), e))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| HfError::Config(e.to_string()))?;
-    let (_, config) = config::model_config_from_hf(&json)?;
+    let config = config::model_config_from_hf(&json)?;
     let model = GptModel::new(config).map_err(|e| HfError::Config(e.to_string()))?;
     let tensors = weights::HfTensors::open(dir)?;
     let params = weights::load_parameters(&model, &tensors)?;

@@ -34,16 +34,6 @@ impl ParamId {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// The buffer this parameter lives in.
-    pub fn group(&self) -> ParamGroup {
-        self.group
-    }
-
-    /// Offset inside its buffer.
-    pub fn offset(&self) -> usize {
-        self.offset
-    }
 }
 
 /// How a parameter is initialised.

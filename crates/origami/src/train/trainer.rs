@@ -154,7 +154,7 @@ pub fn train(
         None => {
             anyhow::ensure!(
                 !checkpoint::has_checkpoints(&config.checkpoint.dir),
-                "checkpoint.dir {} already holds a run; continue it with --resume {0}, or choose another directory",
+                "checkpoint.dir {} already holds a run: continue it with `--resume {0}`, start over by deleting {0}, or choose another directory with `--set checkpoint.dir=DIR`",
                 config.checkpoint.dir.display()
             );
             (model.init_params(t.seed), 0)
