@@ -93,6 +93,11 @@ impl SharedOut {
     }
 }
 
+/// The `rows × width` tile starting at element `start` of a row-major buffer with `row_stride`.
+fn tile(buffer: &[f32], start: usize, rows: usize, width: usize, row_stride: usize) -> View<'_> {
+    View::strided(&buffer[start..], rows, width, row_stride, 1)
+}
+
 fn check_shapes(qkv: &[f32], layout: QkvLayout, shape: AttentionShape) {
     assert!(
         shape.kv_heads > 0 && shape.heads.is_multiple_of(shape.kv_heads),
@@ -148,33 +153,15 @@ pub fn attention_forward(
             let g = h / shape.queries_per_kv_head();
             let (q0, q_rows) = shape.block_rows(qi);
             let row = |s: usize| (b * shape.seq + s) * rs;
-            let q = View::strided(
-                &qkv[row(q0) + layout.q_offset + h * hd..],
-                q_rows,
-                hd,
-                rs,
-                1,
-            );
+            let q = tile(qkv, row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
             let acc = &mut acc[..q_rows * hd];
             acc.fill(0.0);
             let mut max = [f32::NEG_INFINITY; BLOCK];
             let mut sum = [0.0f32; BLOCK];
             for kj in 0..=qi {
                 let (k0, k_rows) = shape.block_rows(kj);
-                let k = View::strided(
-                    &qkv[row(k0) + layout.k_offset + g * hd..],
-                    k_rows,
-                    hd,
-                    rs,
-                    1,
-                );
-                let v = View::strided(
-                    &qkv[row(k0) + layout.v_offset + g * hd..],
-                    k_rows,
-                    hd,
-                    rs,
-                    1,
-                );
+                let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
+                let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
                 let tile = &mut scores[..q_rows * k_rows];
                 matmul(
                     ViewMut::new(tile, q_rows, k_rows),
@@ -283,33 +270,15 @@ pub fn attention_backward(
             for h in heads {
                 for kj in 0..shape.blocks() {
                     let (k0, k_rows) = shape.block_rows(kj);
-                    let k = View::strided(
-                        &qkv[row(k0) + layout.k_offset + g * hd..],
-                        k_rows,
-                        hd,
-                        rs,
-                        1,
-                    );
-                    let v = View::strided(
-                        &qkv[row(k0) + layout.v_offset + g * hd..],
-                        k_rows,
-                        hd,
-                        rs,
-                        1,
-                    );
+                    let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
+                    let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
                     let dk = grad_ptr.matrix(row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
                     let dv = grad_ptr.matrix(row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
                     for qi in kj..shape.blocks() {
                         let (q0, q_rows) = shape.block_rows(qi);
-                        let q = View::strided(
-                            &qkv[row(q0) + layout.q_offset + h * hd..],
-                            q_rows,
-                            hd,
-                            rs,
-                            1,
-                        );
+                        let q = tile(qkv, row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
                         let do_start = (b * shape.seq + q0) * out_stride + h * hd;
-                        let d_out = View::strided(&dout[do_start..], q_rows, hd, out_stride, 1);
+                        let d_out = tile(dout, do_start, q_rows, hd, out_stride);
                         let p = &mut probs[..q_rows * k_rows];
                         let dp = &mut dprobs[..q_rows * k_rows];
                         matmul(ViewMut::new(p, q_rows, k_rows), q, k.t(), false, Par::Seq);

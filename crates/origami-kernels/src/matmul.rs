@@ -156,31 +156,16 @@ pub fn matmul(c: ViewMut<'_>, a: View<'_>, b: View<'_>, accumulate: bool, par: P
         }
         return;
     }
+    let out = RawMatrix {
+        ptr: c.data.as_mut_ptr(),
+        rows: m,
+        cols: n,
+        row_stride: c.row_stride,
+        col_stride: c.col_stride,
+    };
     // SAFETY: the views were checked at construction to hold every element they address, the
     // output is borrowed mutably, and the inputs immutably, so they cannot overlap it.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.data.as_mut_ptr(),
-            c.col_stride as isize,
-            c.row_stride as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par.to_gemm(),
-        )
-    }
+    unsafe { gemm_into(out, a, b, accumulate, par.to_gemm()) }
 }
 
 /// A matrix addressed by raw pointer, for kernels whose parallel tasks write interleaved but
@@ -213,6 +198,20 @@ pub(crate) unsafe fn matmul_raw(c: RawMatrix, a: View<'_>, b: View<'_>, accumula
         );
         return;
     }
+    gemm_into(c, a, b, accumulate, gemm::Parallelism::None)
+}
+
+/// The one call into the GEMM backend: `c = a·b` (or `c += a·b`), shapes already checked.
+///
+/// # Safety
+/// As for [`matmul_raw`].
+unsafe fn gemm_into(
+    c: RawMatrix,
+    a: View<'_>,
+    b: View<'_>,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
     gemm::gemm(
         c.rows,
         c.cols,
@@ -232,7 +231,7 @@ pub(crate) unsafe fn matmul_raw(c: RawMatrix, a: View<'_>, b: View<'_>, accumula
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     )
 }
 
