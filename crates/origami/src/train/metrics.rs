@@ -24,7 +24,8 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Trained tokens per second over this step.
     pub tokens_per_s: f64,
-    /// Model FLOPs utilisation against the peak GEMM rate measured at start.
+    /// Model FLOPs utilisation against the best GEMM rate measured so far in the run
+    /// (at start-up and at every evaluation).
     pub mfu: f64,
     /// Largest over MoE layers of (max tokens per expert / mean tokens per expert).
     pub expert_load_imbalance: f64,

@@ -165,7 +165,9 @@ pub fn train(
     let micro_batches = t.global_batch / t.micro_batch;
     let tokens_per_step = t.global_batch * t.seq_len;
     let flops_per_token = training_flops_per_token(&config.model, t.seq_len);
-    let peak_gflops = peak_gemm_gflops();
+    // The best GEMM rate seen so far: re-measured at each evaluation, so a start-up measurement
+    // taken while the machine was busy does not inflate the MFU of later steps.
+    let mut peak_gflops = peak_gemm_gflops();
     let progress = options.verbose.then(|| progress_bar(t.steps, step));
     let mut grads = model.registry().zeros();
     let mut records = Vec::new();
@@ -201,6 +203,9 @@ pub fn train(
         let tokens_per_s = tokens_per_step as f64 / seconds;
         let evaluate_now =
             step == t.steps || (t.eval_interval > 0 && step.is_multiple_of(t.eval_interval));
+        if evaluate_now {
+            peak_gflops = peak_gflops.max(peak_gemm_gflops());
+        }
         let step_val = match valid {
             Some(v) if evaluate_now => Some(evaluate(
                 &model,
