@@ -222,3 +222,31 @@ fn model_from_a_preset_or_a_hugging_face_config() {
         "{stdout}"
     );
 }
+
+#[test]
+fn resuming_a_finished_run_says_it_is_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(origami()
+        .arg("train")
+        .args(short_run(tmp.path(), 2))
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let out = origami()
+        .args(["train", "--resume"])
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("the run is complete at train.steps = 2"),
+        "{stdout}"
+    );
+    assert!(!stdout.lines().any(|l| l.starts_with("step ")), "{stdout}");
+}

@@ -77,9 +77,14 @@ pub fn run(config: &RunConfig, options: &TrainOptions) -> anyhow::Result<RunSumm
     );
     let sample = format!("{SAMPLE_PROMPT}{}", data.tokenizer.decode(&tokens));
     if options.verbose {
-        match outcome.val_loss {
-            Some(v) => println!("validation loss {v:.4} nats per token (held-out documents)"),
-            None => println!("no validation split configured"),
+        match (outcome.val_loss, outcome.records.is_empty(), data.valid.is_some()) {
+            (Some(v), _, _) => println!("validation loss {v:.4} nats per token (held-out documents)"),
+            (None, true, _) => println!(
+                "nothing to train: the run is complete at train.steps = {} (raise it with --set train.steps=N to continue)",
+                config.train.steps
+            ),
+            (None, false, false) => println!("no validation split configured (data.split gives it no documents)"),
+            (None, false, true) => println!("no evaluation in this invocation (train.eval_interval = {})", config.train.eval_interval),
         }
         println!("checkpoint {}", outcome.checkpoint.display());
         println!("plot {}", plot.display());
