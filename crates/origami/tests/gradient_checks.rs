@@ -5,7 +5,7 @@ use origami::layers::attention::{Attention, AttentionDims, Positions};
 use origami::layers::block::{Block, FeedForward};
 use origami::layers::mlp::Mlp;
 use origami::layers::moe::MoeLayer;
-use origami::model::config::{ModelConfig, MoeConfig, ScoreFunction};
+use origami::model::config::{DropPolicy, ModelConfig, MoeConfig, ScoreFunction};
 use origami::model::gpt::{GptModel, MicroBatch};
 use origami::model::init::initialise;
 use origami::model::params::{Buffers, ParamRegistry};
@@ -177,6 +177,29 @@ fn moe_layer_sigmoid_with_scaling_and_ungated_shared_expert() {
         "moe sigmoid",
         moe_settings(ScoreFunction::Sigmoid, false, 10, false),
     );
+}
+
+#[test]
+fn moe_layer_with_token_dropping_with_and_without_padding() {
+    for (policy, pad) in [(DropPolicy::Probs, false), (DropPolicy::Position, true)] {
+        let settings = MoeConfig {
+            capacity_factor: Some(0.6),
+            drop_policy: policy,
+            pad_to_capacity: pad,
+            ..moe_settings(ScoreFunction::Softmax, false, 10, true)
+        };
+        let mut registry = ParamRegistry::default();
+        let layer = MoeLayer::new(&mut registry, "moe", HIDDEN, &settings, 0.4, 0.4);
+        let (_, _, stats) = layer.forward(
+            &initialise(&registry, 7),
+            &random_vec(BATCH * SEQ * HIDDEN, 8),
+        );
+        assert!(
+            stats.dropped > 0,
+            "{policy:?}: the capacity must drop some slots for this test to mean anything"
+        );
+        check_moe(&format!("moe dropping {policy:?} pad={pad}"), settings);
+    }
 }
 
 #[test]

@@ -132,6 +132,7 @@ pub fn model_config_from_hf(json: &Value) -> Result<ModelConfig, HfError> {
                 z_loss_coeff: 0.0,
                 shared_expert_ffn_hidden_size: 0,
                 shared_expert_gate: false,
+                ..MoeConfig::default()
             },
             ..base
         },
@@ -166,6 +167,7 @@ pub fn model_config_from_hf(json: &Value) -> Result<ModelConfig, HfError> {
                     z_loss_coeff: 0.0,
                     shared_expert_ffn_hidden_size: shared,
                     shared_expert_gate: shared > 0,
+                    ..MoeConfig::default()
                 },
                 ..base
             }

@@ -42,6 +42,23 @@ pub struct MoeConfig {
     pub shared_expert_ffn_hidden_size: usize,
     /// Whether the shared expert's output is scaled by `sigmoid(x·w_gate)` (Qwen2-MoE).
     pub shared_expert_gate: bool,
+    /// Token dropping: each expert takes at most `ceil(tokens·topk / num_experts · factor)` of a
+    /// micro-batch's tokens (decided on local tokens). Absent: dropless.
+    pub capacity_factor: Option<f32>,
+    /// Which tokens an over-full expert keeps.
+    pub drop_policy: DropPolicy,
+    /// With dropping, pad every expert to exactly its capacity (fixed splits).
+    pub pad_to_capacity: bool,
+}
+
+/// Which tokens an expert over its capacity keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DropPolicy {
+    /// The tokens with the highest routing weights (ties: the earlier token).
+    Probs,
+    /// The earliest tokens.
+    Position,
 }
 
 impl Default for MoeConfig {
@@ -59,6 +76,9 @@ impl Default for MoeConfig {
             z_loss_coeff: 1e-3,
             shared_expert_ffn_hidden_size: 0,
             shared_expert_gate: false,
+            capacity_factor: None,
+            drop_policy: DropPolicy::Probs,
+            pad_to_capacity: false,
         }
     }
 }
@@ -147,6 +167,9 @@ pub enum ModelConfigError {
         /// Layers.
         layers: usize,
     },
+    /// A capacity factor that is not a positive number.
+    #[error("model.moe.capacity_factor = {0} must be positive")]
+    BadCapacityFactor(f32),
     /// Unknown preset name.
     #[error("unknown model preset {0:?} (known: tiny, small, medium)")]
     UnknownPreset(String),
@@ -262,6 +285,13 @@ impl ModelConfig {
                 return Err(ModelConfigError::Zero {
                     field: "moe.ffn_hidden_size",
                 });
+            }
+            if let Some(factor) = self
+                .moe
+                .capacity_factor
+                .filter(|f| !(*f > 0.0 && f.is_finite()))
+            {
+                return Err(ModelConfigError::BadCapacityFactor(factor));
             }
             if self.moe.layer_freq == 0 && self.moe.layer_pattern.is_none() {
                 return Err(ModelConfigError::Zero {

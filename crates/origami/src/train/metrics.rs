@@ -29,6 +29,8 @@ pub struct StepRecord {
     pub mfu: f64,
     /// Largest over MoE layers of (max tokens per expert / mean tokens per expert).
     pub expert_load_imbalance: f64,
+    /// Share of routed (token, expert) slots dropped for capacity, over all MoE layers.
+    pub dropped_fraction: f64,
     /// Tokens per expert, per MoE layer, summed over the step's micro-batches.
     pub tokens_per_expert: Vec<Vec<usize>>,
     /// Validation cross-entropy, on steps that evaluated.

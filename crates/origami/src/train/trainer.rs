@@ -180,6 +180,7 @@ pub fn train(
         grads.fill_zero();
         let (mut loss, mut ce, mut aux, mut z) = (0.0, 0.0, 0.0, 0.0);
         let mut counts = Vec::new();
+        let mut dropped = 0usize;
         for m in 0..micro_batches {
             let first = step * t.global_batch as u64 + (m * t.micro_batch) as u64;
             let batch = micro_batch(
@@ -196,6 +197,7 @@ pub fn train(
             aux += report.load_balancing / micro_batches as f64;
             z += report.z / micro_batches as f64;
             accumulate_expert_counts(&mut counts, &report.moe);
+            dropped += report.moe.iter().map(|s| s.dropped).sum::<usize>();
         }
         let grad_norm = optimizer.step(model.registry(), &mut params, &mut grads, lr);
         step += 1;
@@ -229,6 +231,7 @@ pub fn train(
             tokens_per_s,
             mfu: tokens_per_s * flops_per_token / (peak_gflops * 1e9),
             expert_load_imbalance: load_imbalance(&counts),
+            dropped_fraction: dropped as f64 / counts.iter().flatten().sum::<usize>().max(1) as f64,
             tokens_per_expert: counts,
             val_loss: step_val,
         };

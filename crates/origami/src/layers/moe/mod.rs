@@ -1,12 +1,14 @@
 //! The Mixture-of-Experts layer on one rank: router → permute → grouped experts → weighted
-//! un-permute, plus an optional shared expert. Dropless: every routed token is computed.
+//! un-permute, plus an optional shared expert. Dropless by default; with a capacity factor an
+//! expert computes at most its capacity of tokens (see [`capacity`]).
 
+pub mod capacity;
 pub mod experts;
 pub mod permute;
 pub mod router;
 pub mod shared_expert;
 
-use crate::model::config::MoeConfig;
+use crate::model::config::{DropPolicy, MoeConfig};
 use crate::model::params::{Buffers, ParamRegistry};
 use experts::{ExpertsSaved, GroupedExperts};
 use permute::{permute, permute_backward, unpermute, unpermute_backward, Permutation};
@@ -18,8 +20,10 @@ use shared_expert::{SharedExpert, SharedExpertSaved};
 pub struct MoeStats {
     /// Auxiliary losses (with their coefficients).
     pub losses: RouterLosses,
-    /// Tokens routed to each expert.
+    /// Tokens routed to each expert (before any dropping).
     pub tokens_per_expert: Vec<usize>,
+    /// Routed (token, expert) slots dropped for capacity.
+    pub dropped: usize,
 }
 
 /// One MoE layer's parameters.
@@ -29,6 +33,9 @@ pub struct MoeLayer {
     router: Router,
     experts: GroupedExperts,
     shared: Option<SharedExpert>,
+    capacity_factor: Option<f32>,
+    drop_policy: DropPolicy,
+    pad_to_capacity: bool,
 }
 
 /// What the forward keeps for the backward.
@@ -78,6 +85,28 @@ impl MoeLayer {
             router,
             experts,
             shared,
+            capacity_factor: settings.capacity_factor,
+            drop_policy: settings.drop_policy,
+            pad_to_capacity: settings.pad_to_capacity,
+        }
+    }
+
+    /// The expert-grouped row layout of this micro-batch: every routed slot (dropless), or the
+    /// slots each expert's capacity keeps, optionally padded to exactly the capacity.
+    fn permutation(&self, routing: &Routing, tokens: usize) -> Permutation {
+        let experts = self.experts.experts();
+        match self.capacity_factor {
+            None => Permutation::new(routing, experts),
+            Some(factor) => {
+                let capacity = capacity::expert_capacity(tokens, routing.topk, experts, factor);
+                let kept = capacity::kept_slots(routing, experts, capacity, self.drop_policy);
+                Permutation::with_capacity(
+                    routing,
+                    experts,
+                    &kept,
+                    self.pad_to_capacity.then_some(capacity),
+                )
+            }
         }
     }
 
@@ -85,7 +114,7 @@ impl MoeLayer {
     pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Vec<f32>, MoeSaved, MoeStats) {
         let tokens = x.len() / self.hidden;
         let (routing, losses, router_saved) = self.router.forward(params, x);
-        let permutation = Permutation::new(&routing, self.experts.experts());
+        let permutation = self.permutation(&routing, tokens);
         let expert_input = permute(x, &permutation, self.hidden);
         let (expert_output, experts_saved) =
             self.experts
@@ -105,6 +134,7 @@ impl MoeLayer {
         let stats = MoeStats {
             losses,
             tokens_per_expert: routing.tokens_per_expert.clone(),
+            dropped: permutation.dropped(),
         };
         let saved = MoeSaved {
             routing,
