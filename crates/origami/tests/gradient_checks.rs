@@ -203,6 +203,16 @@ fn moe_layer_with_token_dropping_with_and_without_padding() {
 }
 
 #[test]
+fn moe_layer_with_group_limited_routing() {
+    let settings = MoeConfig {
+        num_groups: Some(2),
+        group_topk: Some(1),
+        ..moe_settings(ScoreFunction::Sigmoid, false, 0, false)
+    };
+    check_moe("moe group-limited", settings);
+}
+
+#[test]
 fn transformer_block_with_moe() {
     let mut registry = ParamRegistry::default();
     let attention = Attention::new(

@@ -42,6 +42,11 @@ pub struct MoeConfig {
     pub shared_expert_ffn_hidden_size: usize,
     /// Whether the shared expert's output is scaled by `sigmoid(x·w_gate)` (Qwen2-MoE).
     pub shared_expert_gate: bool,
+    /// Group-limited routing: experts form this many equal groups, and each token's top-k is
+    /// taken inside its best `group_topk` groups (DeepSeek-style). Absent: no groups.
+    pub num_groups: Option<usize>,
+    /// Groups each token may use (with `num_groups`).
+    pub group_topk: Option<usize>,
     /// Token dropping: each expert takes at most `ceil(tokens·topk / num_experts · factor)` of a
     /// micro-batch's tokens (decided on local tokens). Absent: dropless.
     pub capacity_factor: Option<f32>,
@@ -76,6 +81,8 @@ impl Default for MoeConfig {
             z_loss_coeff: 1e-3,
             shared_expert_ffn_hidden_size: 0,
             shared_expert_gate: false,
+            num_groups: None,
+            group_topk: None,
             capacity_factor: None,
             drop_policy: DropPolicy::Probs,
             pad_to_capacity: false,
@@ -167,6 +174,9 @@ pub enum ModelConfigError {
         /// Layers.
         layers: usize,
     },
+    /// Group-limited routing settings that do not fit together.
+    #[error("group-limited routing: {0}")]
+    BadGroups(String),
     /// A capacity factor that is not a positive number.
     #[error("model.moe.capacity_factor = {0} must be positive")]
     BadCapacityFactor(f32),
@@ -222,6 +232,39 @@ impl ModelConfig {
         match &self.moe.layer_pattern {
             Some(pattern) => pattern[layer] == 1,
             None => layer.is_multiple_of(self.moe.layer_freq.max(1)),
+        }
+    }
+
+    fn validate_groups(&self) -> Result<(), ModelConfigError> {
+        let m = &self.moe;
+        let bad = |s: String| Err(ModelConfigError::BadGroups(s));
+        match (m.num_groups, m.group_topk) {
+            (None, None) => Ok(()),
+            (Some(groups), Some(used)) => {
+                if groups == 0 || !m.num_experts.is_multiple_of(groups) {
+                    return bad(format!("model.moe.num_experts = {} is not divisible by model.moe.num_groups = {groups}", m.num_experts));
+                }
+                if used == 0 || used > groups {
+                    return bad(format!(
+                        "model.moe.group_topk = {used} must be in 1..=num_groups = {groups}"
+                    ));
+                }
+                if !m.topk.is_multiple_of(used) {
+                    return bad(format!(
+                        "model.moe.topk = {} is not divisible by model.moe.group_topk = {used}",
+                        m.topk
+                    ));
+                }
+                if m.topk / used > m.num_experts / groups {
+                    return bad(format!(
+                        "topk / group_topk = {} exceeds the {} experts of a group",
+                        m.topk / used,
+                        m.num_experts / groups
+                    ));
+                }
+                Ok(())
+            }
+            _ => bad("model.moe.num_groups and model.moe.group_topk must be set together".into()),
         }
     }
 
@@ -286,6 +329,7 @@ impl ModelConfig {
                     field: "moe.ffn_hidden_size",
                 });
             }
+            self.validate_groups()?;
             if let Some(factor) = self
                 .moe
                 .capacity_factor
@@ -353,6 +397,26 @@ mod tests {
             .to_string()
             .contains("head_dim = 15"));
         assert!(ModelConfig::preset("huge").is_err());
+    }
+
+    #[test]
+    fn group_limited_settings_that_do_not_fit_are_errors() {
+        let base = ModelConfig::preset("tiny").unwrap();
+        let with = |groups, used, topk| {
+            let mut c = base.clone();
+            (c.moe.num_groups, c.moe.group_topk, c.moe.topk) = (groups, used, topk);
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(with(Some(3), Some(1), 2)
+            .contains("num_experts = 8 is not divisible by model.moe.num_groups = 3"));
+        assert!(with(Some(4), Some(5), 2).contains("group_topk = 5"));
+        assert!(with(Some(4), Some(2), 3).contains("topk = 3 is not divisible"));
+        assert!(with(Some(4), None, 2).contains("set together"));
+        assert!(with(Some(4), Some(1), 4).contains("exceeds the 2 experts of a group"));
+        assert_eq!(with(Some(4), Some(2), 2), "");
     }
 
     #[test]

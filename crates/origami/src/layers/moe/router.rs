@@ -10,6 +10,7 @@
 //! Load-balancing loss `coeff · E/(k·T²) · Σ_i P_i · N_i` with `P_i = Σ_t a[t,i]` where `a` is the
 //! softmax over all experts (sigmoid: `σ / Σ σ` over all), `N_i` tokens routed to expert i.
 //! z-loss `coeff · mean_t(logsumexp(logits_t)²)`. Both are micro-batch scoped.
+//! With group-limited routing the choice is restricted to each token's best groups of experts.
 
 use crate::model::config::{MoeConfig, ScoreFunction};
 use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
@@ -104,7 +105,7 @@ impl Router {
         let mut order: Vec<u32> = (0..e as u32).collect();
         for t in 0..tokens {
             let row = &logits[t * e..(t + 1) * e];
-            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            self.rank_experts(row, &mut order);
             let chosen = &order[..k];
             routing.experts[t * k..(t + 1) * k].copy_from_slice(chosen);
             self.chosen_weights(row, chosen, &mut routing.weights[t * k..(t + 1) * k]);
@@ -138,6 +139,51 @@ impl Router {
                 balancing_scores,
             },
         )
+    }
+
+    /// Orders `order` so that its first k entries are the token's chosen experts, best first:
+    /// the top-k of the logits, restricted to the best `group_topk` groups with group-limited
+    /// routing. A group's score is the sum of its `topk / group_topk` highest selection scores
+    /// (logits; probabilities with `pre_softmax`; sigmoids), as in Megatron-Core.
+    fn rank_experts(&self, row: &[f32], order: &mut [u32]) {
+        let allowed = match (self.settings.num_groups, self.settings.group_topk) {
+            (Some(groups), Some(used)) => self.best_groups(row, groups, used),
+            _ => vec![true; row.len()],
+        };
+        order.sort_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            allowed[b]
+                .cmp(&allowed[a])
+                .then(row[b].total_cmp(&row[a]))
+                .then(a.cmp(&b))
+        });
+    }
+
+    /// Which experts lie in the token's `used` best groups.
+    fn best_groups(&self, row: &[f32], groups: usize, used: usize) -> Vec<bool> {
+        let scores: Vec<f32> = match (self.settings.score_function, self.settings.pre_softmax) {
+            (ScoreFunction::Softmax, false) => row.to_vec(),
+            (ScoreFunction::Softmax, true) => {
+                let lse = logsumexp(row);
+                row.iter().map(|l| (l - lse).exp()).collect()
+            }
+            (ScoreFunction::Sigmoid, _) => row.iter().map(|&l| sigmoid(l)).collect(),
+        };
+        let per_group = row.len() / groups;
+        let take = self.settings.topk / used;
+        let group_score = |g: usize| {
+            let mut members = scores[g * per_group..(g + 1) * per_group].to_vec();
+            members.sort_by(|a, b| b.total_cmp(a));
+            members[..take].iter().sum::<f32>()
+        };
+        let mut ranked: Vec<usize> = (0..groups).collect();
+        let totals: Vec<f32> = ranked.iter().map(|&g| group_score(g)).collect();
+        ranked.sort_by(|&a, &b| totals[b].total_cmp(&totals[a]).then(a.cmp(&b)));
+        let mut allowed = vec![false; row.len()];
+        for &g in &ranked[..used] {
+            allowed[g * per_group..(g + 1) * per_group].fill(true);
+        }
+        allowed
     }
 
     /// `coeff · E / (k · T²)`, the factor of `Σ P_i N_i` in the load-balancing loss.
