@@ -80,6 +80,14 @@ impl Block {
         }
     }
 
+    /// The MoE layer of an MoE block.
+    pub fn moe(&self) -> Option<&MoeLayer> {
+        match &self.ffn {
+            FeedForward::Moe(moe) => Some(moe),
+            FeedForward::Dense(_) => None,
+        }
+    }
+
     /// Runs the block on `x[batch·seq, hidden]`; returns the output, saved state, and MoE stats for MoE blocks.
     pub fn forward(
         &self,

@@ -42,6 +42,10 @@ pub struct MoeConfig {
     pub shared_expert_ffn_hidden_size: usize,
     /// Whether the shared expert's output is scaled by `sigmoid(x·w_gate)` (Qwen2-MoE).
     pub shared_expert_gate: bool,
+    /// Aux-loss-free balancing: a per-expert bias added to the sigmoid scores for the choice of
+    /// experts only (not the weights), updated once per global batch by
+    /// `bias += rate · sign(mean(load) − load)`. Absent: no bias. Needs `score_function = "sigmoid"`.
+    pub expert_bias_update_rate: Option<f32>,
     /// Group-limited routing: experts form this many equal groups, and each token's top-k is
     /// taken inside its best `group_topk` groups (DeepSeek-style). Absent: no groups.
     pub num_groups: Option<usize>,
@@ -81,6 +85,7 @@ impl Default for MoeConfig {
             z_loss_coeff: 1e-3,
             shared_expert_ffn_hidden_size: 0,
             shared_expert_gate: false,
+            expert_bias_update_rate: None,
             num_groups: None,
             group_topk: None,
             capacity_factor: None,
@@ -174,6 +179,9 @@ pub enum ModelConfigError {
         /// Layers.
         layers: usize,
     },
+    /// Expert bias asked for with a score function it does not apply to.
+    #[error("model.moe.expert_bias_update_rate needs model.moe.score_function = \"sigmoid\" (got \"softmax\")")]
+    ExpertBiasNeedsSigmoid,
     /// Group-limited routing settings that do not fit together.
     #[error("group-limited routing: {0}")]
     BadGroups(String),
@@ -330,6 +338,11 @@ impl ModelConfig {
                 });
             }
             self.validate_groups()?;
+            if self.moe.expert_bias_update_rate.is_some()
+                && self.moe.score_function == ScoreFunction::Softmax
+            {
+                return Err(ModelConfigError::ExpertBiasNeedsSigmoid);
+            }
             if let Some(factor) = self
                 .moe
                 .capacity_factor

@@ -239,6 +239,14 @@ impl GptModel {
             .collect()
     }
 
+    /// Aux-loss-free balancing after a global batch: `loads[i]` are the tokens per expert of the
+    /// i-th MoE layer (summed over the batch's micro-batches).
+    pub fn update_expert_bias(&self, params: &mut Buffers, loads: &[Vec<usize>]) {
+        for (moe, load) in self.blocks.iter().filter_map(Block::moe).zip(loads) {
+            moe.update_expert_bias(params, load);
+        }
+    }
+
     /// Logits `[batch·seq, vocab]` (evaluation, generation).
     pub fn logits(&self, params: &Buffers, batch: &MicroBatch) -> Vec<f32> {
         let rows = self.positions(batch);

@@ -58,6 +58,9 @@ pub struct ParamInfo {
     pub init: Init,
     /// Whether AdamW applies weight decay to it (not to norms and biases).
     pub weight_decay: bool,
+    /// Whether the optimizer updates it; buffers (e.g. the router's expert bias) are changed by
+    /// their own rules but live, and are checkpointed, with the parameters.
+    pub trainable: bool,
 }
 
 /// All parameters of a model and the sizes of the two buffers.
@@ -69,13 +72,35 @@ pub struct ParamRegistry {
 }
 
 impl ParamRegistry {
-    /// Registers a parameter at the end of its group's buffer.
+    /// Registers a trained parameter at the end of its group's buffer.
     pub fn register(
         &mut self,
         name: String,
         shape: &[usize],
         group: ParamGroup,
         init: Init,
+    ) -> ParamId {
+        self.add(name, shape, group, init, true)
+    }
+
+    /// Registers a buffer: stored and checkpointed like a parameter, never updated by the optimizer.
+    pub fn register_buffer(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        group: ParamGroup,
+        init: Init,
+    ) -> ParamId {
+        self.add(name, shape, group, init, false)
+    }
+
+    fn add(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        group: ParamGroup,
+        init: Init,
+        trainable: bool,
     ) -> ParamId {
         assert!(
             self.params.iter().all(|p| p.name != name),
@@ -92,13 +117,14 @@ impl ParamRegistry {
             len,
         };
         *end += len;
-        let weight_decay = shape.len() > 1;
+        let weight_decay = trainable && shape.len() > 1;
         self.params.push(ParamInfo {
             name,
             shape: shape.to_vec(),
             id,
             init,
             weight_decay,
+            trainable,
         });
         id
     }

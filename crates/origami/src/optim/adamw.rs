@@ -75,7 +75,7 @@ impl AdamW {
                 .for_each(|b| scale_in_place(b, factor));
         }
         self.step += 1;
-        for info in registry.params() {
+        for info in registry.params().iter().filter(|p| p.trainable) {
             let id = info.id;
             let hyper = AdamWStep {
                 lr,

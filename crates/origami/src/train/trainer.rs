@@ -200,6 +200,7 @@ pub fn train(
             dropped += report.moe.iter().map(|s| s.dropped).sum::<usize>();
         }
         let grad_norm = optimizer.step(model.registry(), &mut params, &mut grads, lr);
+        model.update_expert_bias(&mut params, &counts);
         step += 1;
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_s = tokens_per_step as f64 / seconds;

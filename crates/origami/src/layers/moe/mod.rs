@@ -110,6 +110,11 @@ impl MoeLayer {
         }
     }
 
+    /// Aux-loss-free balancing after a global batch whose tokens per expert were `load`.
+    pub fn update_expert_bias(&self, params: &mut Buffers, load: &[usize]) {
+        self.router.update_expert_bias(params, load);
+    }
+
     /// `y[tokens, hidden]` from the normalised input `x`.
     pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Vec<f32>, MoeSaved, MoeStats) {
         let tokens = x.len() / self.hidden;

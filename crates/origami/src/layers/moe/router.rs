@@ -43,6 +43,7 @@ pub struct RouterLosses {
 #[derive(Clone, Debug)]
 pub struct Router {
     weight: ParamId,
+    expert_bias: Option<ParamId>,
     hidden: usize,
     experts: usize,
     settings: MoeConfig,
@@ -55,7 +56,8 @@ pub struct RouterSaved {
 }
 
 impl Router {
-    /// Registers `{prefix}.weight` of shape `[experts, hidden]`.
+    /// Registers `{prefix}.weight` of shape `[experts, hidden]`, and with an expert-bias update
+    /// rate the buffer `{prefix}.expert_bias` `[experts]` (zero at start).
     pub fn new(
         registry: &mut ParamRegistry,
         prefix: &str,
@@ -69,8 +71,17 @@ impl Router {
             ParamGroup::Dense,
             Init::Normal(std),
         );
+        let expert_bias = settings.expert_bias_update_rate.map(|_| {
+            registry.register_buffer(
+                format!("{prefix}.expert_bias"),
+                &[settings.num_experts],
+                ParamGroup::Dense,
+                Init::Constant(0.0),
+            )
+        });
         Router {
             weight,
+            expert_bias,
             hidden,
             experts: settings.num_experts,
             settings: settings.clone(),
@@ -103,9 +114,10 @@ impl Router {
             topk: k,
         };
         let mut order: Vec<u32> = (0..e as u32).collect();
+        let bias = self.expert_bias.map(|id| params.get(id));
         for t in 0..tokens {
             let row = &logits[t * e..(t + 1) * e];
-            self.rank_experts(row, &mut order);
+            self.rank_experts(&self.selection_scores(row, bias), &mut order);
             let chosen = &order[..k];
             routing.experts[t * k..(t + 1) * k].copy_from_slice(chosen);
             self.chosen_weights(row, chosen, &mut routing.weights[t * k..(t + 1) * k]);
@@ -141,49 +153,80 @@ impl Router {
         )
     }
 
-    /// Orders `order` so that its first k entries are the token's chosen experts, best first:
-    /// the top-k of the logits, restricted to the best `group_topk` groups with group-limited
-    /// routing. A group's score is the sum of its `topk / group_topk` highest selection scores
-    /// (logits; probabilities with `pre_softmax`; sigmoids), as in Megatron-Core.
-    fn rank_experts(&self, row: &[f32], order: &mut [u32]) {
-        let allowed = match (self.settings.num_groups, self.settings.group_topk) {
-            (Some(groups), Some(used)) => self.best_groups(row, groups, used),
-            _ => vec![true; row.len()],
-        };
-        order.sort_by(|&a, &b| {
-            let (a, b) = (a as usize, b as usize);
-            allowed[b]
-                .cmp(&allowed[a])
-                .then(row[b].total_cmp(&row[a]))
-                .then(a.cmp(&b))
-        });
-    }
-
-    /// Which experts lie in the token's `used` best groups.
-    fn best_groups(&self, row: &[f32], groups: usize, used: usize) -> Vec<bool> {
-        let scores: Vec<f32> = match (self.settings.score_function, self.settings.pre_softmax) {
+    /// Scores that decide the choice of experts: logits (top-k-then-softmax), probabilities
+    /// (`pre_softmax`) or sigmoids, plus the expert bias when there is one. Softmax and sigmoid
+    /// are monotone, so without a bias every mode ranks experts as the logits do.
+    fn selection_scores(&self, row: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        match (self.settings.score_function, self.settings.pre_softmax) {
             (ScoreFunction::Softmax, false) => row.to_vec(),
             (ScoreFunction::Softmax, true) => {
                 let lse = logsumexp(row);
                 row.iter().map(|l| (l - lse).exp()).collect()
             }
-            (ScoreFunction::Sigmoid, _) => row.iter().map(|&l| sigmoid(l)).collect(),
+            (ScoreFunction::Sigmoid, _) => match bias {
+                Some(bias) => row.iter().zip(bias).map(|(&l, b)| sigmoid(l) + b).collect(),
+                None => row.iter().map(|&l| sigmoid(l)).collect(),
+            },
+        }
+    }
+
+    /// Orders `order` so that its first k entries are the token's chosen experts, best first:
+    /// the top-k of the selection scores, restricted to the best `group_topk` groups with
+    /// group-limited routing (a group scores the sum of its `topk / group_topk` best selection
+    /// scores, as in Megatron-Core).
+    fn rank_experts(&self, selection: &[f32], order: &mut [u32]) {
+        let allowed = match (self.settings.num_groups, self.settings.group_topk) {
+            (Some(groups), Some(used)) => self.best_groups(selection, groups, used),
+            _ => vec![true; selection.len()],
         };
-        let per_group = row.len() / groups;
+        order.sort_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            allowed[b]
+                .cmp(&allowed[a])
+                .then(selection[b].total_cmp(&selection[a]))
+                .then(a.cmp(&b))
+        });
+    }
+
+    /// Which experts lie in the token's `used` best groups.
+    fn best_groups(&self, selection: &[f32], groups: usize, used: usize) -> Vec<bool> {
+        let per_group = selection.len() / groups;
         let take = self.settings.topk / used;
-        let group_score = |g: usize| {
-            let mut members = scores[g * per_group..(g + 1) * per_group].to_vec();
-            members.sort_by(|a, b| b.total_cmp(a));
-            members[..take].iter().sum::<f32>()
-        };
+        let totals: Vec<f32> = (0..groups)
+            .map(|g| {
+                let mut members = selection[g * per_group..(g + 1) * per_group].to_vec();
+                members.sort_by(|a, b| b.total_cmp(a));
+                members[..take].iter().sum()
+            })
+            .collect();
         let mut ranked: Vec<usize> = (0..groups).collect();
-        let totals: Vec<f32> = ranked.iter().map(|&g| group_score(g)).collect();
         ranked.sort_by(|&a, &b| totals[b].total_cmp(&totals[a]).then(a.cmp(&b)));
-        let mut allowed = vec![false; row.len()];
+        let mut allowed = vec![false; selection.len()];
         for &g in &ranked[..used] {
             allowed[g * per_group..(g + 1) * per_group].fill(true);
         }
         allowed
+    }
+
+    /// Aux-loss-free balancing, once per global batch: `bias_i += rate · sign(mean − load_i)`
+    /// from the tokens each expert received (`load`, summed over the batch). No-op without a bias.
+    pub fn update_expert_bias(&self, params: &mut Buffers, load: &[usize]) {
+        let (Some(id), Some(rate)) = (self.expert_bias, self.settings.expert_bias_update_rate)
+        else {
+            return;
+        };
+        let mean = load.iter().sum::<usize>() as f64 / load.len() as f64;
+        for (b, &l) in params.get_mut(id).iter_mut().zip(load) {
+            let gap = mean - l as f64;
+            *b += rate
+                * if gap > 0.0 {
+                    1.0
+                } else if gap < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+        }
     }
 
     /// `coeff · E / (k · T²)`, the factor of `Σ P_i N_i` in the load-balancing loss.
