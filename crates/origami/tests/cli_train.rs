@@ -10,6 +10,18 @@ fn origami() -> Command {
     Command::new(env!("CARGO_BIN_EXE_origami"))
 }
 
+/// Runs `command`, asserts it succeeded (showing its output otherwise), and returns its stdout.
+fn run_ok(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare/shakespeare.jsonl")
 }
@@ -51,17 +63,7 @@ fn run_settings(dir: &Path, steps: u64) -> Vec<String> {
 #[test]
 fn short_run_writes_outputs_and_its_checkpoint_generates_and_evaluates() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = origami()
-        .arg("train")
-        .args(short_run(tmp.path(), 4))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_ok(origami().arg("train").args(short_run(tmp.path(), 4)));
     assert!(
         stdout.contains("layout: world 1 | attention TP1 CP1 DP1 PP1 | MoE ETP1 EP1 EDP1 PP1"),
         "{stdout}"
@@ -167,17 +169,11 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     let stopped_at: u64 = latest.trim().trim_start_matches("step-").parse().unwrap();
     assert!(stopped_at >= 2);
 
-    let resumed = origami()
-        .args(["train", "--resume"])
-        .arg(tmp.path().join("run"))
-        .args(["--set", &format!("train.steps={}", stopped_at + 2)])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&resumed.stdout);
-    assert!(
-        resumed.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&resumed.stderr)
+    let stdout = run_ok(
+        origami()
+            .args(["train", "--resume"])
+            .arg(tmp.path().join("run"))
+            .args(["--set", &format!("train.steps={}", stopped_at + 2)]),
     );
     let first_step = stdout.lines().find(|l| l.starts_with("step ")).unwrap();
     assert!(
@@ -204,18 +200,12 @@ fn model_from_a_preset_or_a_hugging_face_config() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2_moe_tiny/config.json");
     let mut args = run_settings(&tmp.path().join("hf"), 2);
     args.extend(["--set".into(), "model.vocab_size=264".into()]);
-    let out = origami()
-        .arg("train")
-        .arg("--hf-config")
-        .arg(&hf_config)
-        .args(&args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run_ok(
+        origami()
+            .arg("train")
+            .arg("--hf-config")
+            .arg(&hf_config)
+            .args(&args),
     );
     assert!(
         stdout.contains("(3 layers, hidden 32, 4 experts top-2)"),
@@ -233,16 +223,10 @@ fn resuming_a_finished_run_says_it_is_complete() {
         .unwrap()
         .status
         .success());
-    let out = origami()
-        .args(["train", "--resume"])
-        .arg(tmp.path().join("run"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run_ok(
+        origami()
+            .args(["train", "--resume"])
+            .arg(tmp.path().join("run")),
     );
     assert!(
         stdout.contains("the run is complete at train.steps = 2"),
