@@ -9,6 +9,8 @@
 //!   error naming the rank and the operation.
 //! - `mpi` (cargo feature `mpi`): processes under `mpirun`, over rsmpi and the system's MPI.
 //!
+//! [`SoloComm`] is the trivial group of one rank.
+//!
 //! [`CommStream`] runs calls on a background thread so communication can overlap compute, and
 //! [`conformance`] is the test suite every backend must pass.
 
@@ -20,8 +22,10 @@ pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 mod reduce;
+mod solo;
 mod stream;
 
 pub use communicator::{Communicator, ReduceOp};
 pub use error::{CommError, Failure, Op, Result};
+pub use solo::SoloComm;
 pub use stream::{CommStream, Pending};

@@ -44,7 +44,7 @@ fn bias_changes_the_choice_but_not_the_weight() {
     params
         .get_mut(bias.id)
         .copy_from_slice(&[0.0, 0.5, 0.0, 0.0]);
-    let (routing, _, _) = router.forward(&params, &logits);
+    let (routing, _) = router.forward(&params, &logits);
     assert_eq!(routing.experts, [1], "σ(1) + 0.5 beats σ(2)");
     let unbiased = 1.0 / (1.0 + (-1.0f32).exp());
     assert!(

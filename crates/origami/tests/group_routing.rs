@@ -18,7 +18,7 @@ fn chosen(settings: &MoeConfig, logits: &[f32]) -> Vec<u32> {
         .iter_mut()
         .enumerate()
         .for_each(|(i, w)| *w = f32::from(i / n == i % n));
-    let (routing, _, _) = router.forward(&params, logits);
+    let (routing, _) = router.forward(&params, logits);
     let mut experts = routing.experts;
     experts.sort();
     experts

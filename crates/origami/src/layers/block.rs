@@ -123,7 +123,7 @@ impl Block {
                 (y, FeedForwardSaved::Dense(saved), None)
             }
             FeedForward::Moe(moe) => {
-                let (y, saved, stats) = moe.forward(params, &ffn_norm_out);
+                let (y, saved, stats) = moe.forward_batch(params, &ffn_norm_out, batch);
                 (y, FeedForwardSaved::Moe(Box::new(saved)), Some(stats))
             }
         };

@@ -58,6 +58,38 @@ pub struct MoeConfig {
     pub drop_policy: DropPolicy,
     /// With dropping, pad every expert to exactly its capacity (fixed splits).
     pub pad_to_capacity: bool,
+    /// With dropping, the smallest capacity an expert gets, whatever the formula gives.
+    pub min_capacity: usize,
+    /// Over which tokens the load-balancing loss counts expert loads.
+    pub aux_loss_scope: AuxLossScope,
+    /// Router input jitter while training: the router sees `x · u`, u uniform in
+    /// `[1 − jitter, 1 + jitter]` per element (the experts see `x`). Absent: none.
+    pub input_jitter: Option<f32>,
+    /// How tokens travel to the ranks that own their experts.
+    pub dispatcher: DispatcherKind,
+}
+
+/// The tokens over which the load-balancing loss counts expert loads (DESIGN.md §1, "Router").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuxLossScope {
+    /// The micro-batch: loads summed over the ranks that share its sequences (tp-cp).
+    MicroBatch,
+    /// Each sequence on its own, the losses averaged over the micro-batch's sequences.
+    Sequence,
+    /// The global batch: loads summed over tp-dp-cp and over the micro-batches of the step so
+    /// far (a running count that is exact at the step's last micro-batch).
+    GlobalBatch,
+}
+
+/// The token dispatcher of MoE layers across expert-parallel ranks (DESIGN.md §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DispatcherKind {
+    /// Permute by destination and all-to-all-v over ep (then all-gather-v over etp).
+    Alltoall,
+    /// All-gather every token over tp-ep; each rank computes its experts, then reduce-scatter.
+    Allgather,
 }
 
 /// Which tokens an expert over its capacity keeps.
@@ -91,6 +123,10 @@ impl Default for MoeConfig {
             capacity_factor: None,
             drop_policy: DropPolicy::Probs,
             pad_to_capacity: false,
+            min_capacity: 0,
+            aux_loss_scope: AuxLossScope::MicroBatch,
+            input_jitter: None,
+            dispatcher: DispatcherKind::Alltoall,
         }
     }
 }
@@ -188,6 +224,12 @@ pub enum ModelConfigError {
     /// A capacity factor that is not a positive number.
     #[error("model.moe.capacity_factor = {0} must be positive")]
     BadCapacityFactor(f32),
+    /// A router input jitter outside (0, 1).
+    #[error("model.moe.input_jitter = {0} must lie in (0, 1)")]
+    BadJitter(f32),
+    /// Expert sizes that the expert-parallel sizes do not divide.
+    #[error(transparent)]
+    Sharding(#[from] crate::layers::moe::parallel::ShardingError),
     /// Unknown preset name.
     #[error("unknown model preset {0:?} (known: tiny, small, medium)")]
     UnknownPreset(String),
@@ -349,6 +391,9 @@ impl ModelConfig {
                 .filter(|f| !(*f > 0.0 && f.is_finite()))
             {
                 return Err(ModelConfigError::BadCapacityFactor(factor));
+            }
+            if let Some(jitter) = self.moe.input_jitter.filter(|j| !(*j > 0.0 && *j < 1.0)) {
+                return Err(ModelConfigError::BadJitter(jitter));
             }
             if self.moe.layer_freq == 0 && self.moe.layer_pattern.is_none() {
                 return Err(ModelConfigError::Zero {

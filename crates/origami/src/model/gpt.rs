@@ -11,6 +11,7 @@ use super::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use crate::layers::attention::{Attention, AttentionDims, KvCache, Positions};
 use crate::layers::block::{Block, BlockSaved, FeedForward};
 use crate::layers::mlp::Mlp;
+use crate::layers::moe::parallel::MoeParallel;
 use crate::layers::moe::{MoeLayer, MoeStats};
 use origami_kernels::cross_entropy::{
     cross_entropy_forward_backward, cross_entropy_rows, CrossEntropySums, IGNORE_TARGET,
@@ -82,6 +83,15 @@ struct HiddenStates {
 impl GptModel {
     /// Builds the model's layers and registers every parameter; validates the configuration.
     pub fn new(config: ModelConfig) -> Result<Self, ModelConfigError> {
+        Self::new_parallel(config, MoeParallel::single())
+    }
+
+    /// The model on one rank of `moe_parallel`: every dense parameter whole, the MoE layers'
+    /// experts split over its ep and etp groups. Errors when the expert sizes do not split.
+    pub fn new_parallel(
+        config: ModelConfig,
+        moe_parallel: MoeParallel,
+    ) -> Result<Self, ModelConfigError> {
         config.validate()?;
         let c = &config;
         let mut registry = ParamRegistry::default();
@@ -101,7 +111,7 @@ impl GptModel {
             head_dim: c.head_dim(),
         };
         let blocks = (0..c.num_layers)
-            .map(|l| {
+            .map(|l| -> Result<Block, ModelConfigError> {
                 let prefix = format!("layers.{l}");
                 let attention = Attention::new(
                     &mut registry,
@@ -112,14 +122,14 @@ impl GptModel {
                     out_std,
                 );
                 let ffn = if c.is_moe_layer(l) {
-                    FeedForward::Moe(Box::new(MoeLayer::new(
+                    FeedForward::Moe(Box::new(MoeLayer::new_parallel(
                         &mut registry,
                         &format!("{prefix}.moe"),
                         h,
                         &c.moe,
-                        std,
-                        out_std,
-                    )))
+                        (std, out_std),
+                        moe_parallel.clone(),
+                    )?))
                 } else {
                     FeedForward::Dense(Mlp::new(
                         &mut registry,
@@ -130,9 +140,16 @@ impl GptModel {
                         out_std,
                     ))
                 };
-                Block::new(&mut registry, &prefix, h, c.norm_eps, attention, ffn)
+                Ok(Block::new(
+                    &mut registry,
+                    &prefix,
+                    h,
+                    c.norm_eps,
+                    attention,
+                    ffn,
+                ))
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let final_norm = registry.register(
             "final_norm.weight".into(),
             &[h],
@@ -237,6 +254,13 @@ impl GptModel {
         (0..batch.batch * batch.seq)
             .map(|r| r % batch.seq)
             .collect()
+    }
+
+    /// Starts a new global batch (the global-batch load-balancing loss counts loads from here).
+    pub fn begin_global_batch(&self) {
+        for moe in self.blocks.iter().filter_map(Block::moe) {
+            moe.begin_global_batch();
+        }
     }
 
     /// Aux-loss-free balancing after a global batch: `loads[i]` are the tokens per expert of the

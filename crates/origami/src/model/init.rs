@@ -2,7 +2,7 @@
 //! never on how a tensor is sharded: each element's value comes from a counter-based hash, so
 //! any rank can produce exactly its own slice of any parameter.
 
-use super::params::{Buffers, Init, ParamRegistry};
+use super::params::{Buffers, Init, ParamRegistry, Shard};
 use rayon::prelude::*;
 
 /// 64-bit FNV-1a of a name, the per-parameter stream id.
@@ -40,10 +40,15 @@ pub fn initialise(registry: &ParamRegistry, seed: u64) -> Buffers {
     let mut buffers = registry.zeros();
     for info in registry.params() {
         let values = buffers.get_mut(info.id);
-        values
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(i, v)| *v = init_value(seed, &info.name, info.init, i as u64));
+        let fill =
+            |(v, i): (&mut f32, usize)| *v = init_value(seed, &info.name, info.init, i as u64);
+        if info.shard == Shard::full(&info.shape) {
+            let len = values.len();
+            values.par_iter_mut().zip(0..len).for_each(fill);
+        } else {
+            let global = info.shard.global_indices(&info.shape);
+            values.par_iter_mut().zip(global).for_each(fill);
+        }
     }
     buffers
 }

@@ -5,6 +5,8 @@
 //! parameters (reduced over expert-data-parallel ranks). Gradients and optimizer moments use the
 //! same layout, so reductions and the optimizer work on large flat ranges.
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 /// Which flat buffer (and so which reduction group) a parameter belongs to.
@@ -45,6 +47,65 @@ pub enum Init {
     Constant(f32),
 }
 
+/// The part of a parameter's global tensor one rank holds: for each dimension, the global index
+/// ranges it keeps, concatenated in order. A fused `[gate; up]` projection split over expert
+/// tensor-parallel ranks keeps two ranges of its rows; a full tensor keeps `0..len` everywhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    ranges: Vec<Vec<Range<usize>>>,
+}
+
+impl Shard {
+    /// The whole tensor of `shape`.
+    pub fn full(shape: &[usize]) -> Self {
+        Shard {
+            ranges: shape.iter().map(|&n| vec![0..n]).collect(),
+        }
+    }
+
+    /// The whole tensor except dimension `dim`, of which only `ranges` are kept.
+    pub fn along(shape: &[usize], dim: usize, ranges: Vec<Range<usize>>) -> Self {
+        let mut shard = Shard::full(shape);
+        shard.ranges[dim] = ranges;
+        shard
+    }
+
+    /// Further restricts dimension `dim` to `ranges`.
+    pub fn and(mut self, dim: usize, ranges: Vec<Range<usize>>) -> Self {
+        self.ranges[dim] = ranges;
+        self
+    }
+
+    /// Shape of the local part.
+    pub fn local_shape(&self) -> Vec<usize> {
+        self.ranges
+            .iter()
+            .map(|r| r.iter().map(|r| r.len()).sum())
+            .collect()
+    }
+
+    /// Global row-major index of every local element, in local row-major order.
+    pub fn global_indices(&self, global_shape: &[usize]) -> Vec<usize> {
+        let mut indices = vec![0usize];
+        for (ranges, &extent) in self.ranges.iter().zip(global_shape) {
+            let kept: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+            indices = indices
+                .iter()
+                .flat_map(|&base| kept.iter().map(move |&i| base * extent + i))
+                .collect();
+        }
+        indices
+    }
+
+    /// This shard's elements of the full tensor `full` of `global_shape`.
+    pub fn extract(&self, global_shape: &[usize], full: &[f32]) -> Vec<f32> {
+        self.global_indices(global_shape)
+            .into_iter()
+            .map(|i| full[i])
+            .collect()
+    }
+}
+
 /// Registry entry of one parameter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamInfo {
@@ -52,6 +113,8 @@ pub struct ParamInfo {
     pub name: String,
     /// Global shape.
     pub shape: Vec<usize>,
+    /// The part of the global tensor this rank holds.
+    pub shard: Shard,
     /// Where it lives.
     pub id: ParamId,
     /// Initialisation rule.
@@ -80,7 +143,19 @@ impl ParamRegistry {
         group: ParamGroup,
         init: Init,
     ) -> ParamId {
-        self.add(name, shape, group, init, true)
+        self.add(name, shape, Shard::full(shape), group, init, true)
+    }
+
+    /// Registers a trained parameter of `global_shape` of which this rank holds `shard`.
+    pub fn register_sharded(
+        &mut self,
+        name: String,
+        global_shape: &[usize],
+        shard: Shard,
+        group: ParamGroup,
+        init: Init,
+    ) -> ParamId {
+        self.add(name, global_shape, shard, group, init, true)
     }
 
     /// Registers a buffer: stored and checkpointed like a parameter, never updated by the optimizer.
@@ -91,13 +166,14 @@ impl ParamRegistry {
         group: ParamGroup,
         init: Init,
     ) -> ParamId {
-        self.add(name, shape, group, init, false)
+        self.add(name, shape, Shard::full(shape), group, init, false)
     }
 
     fn add(
         &mut self,
         name: String,
         shape: &[usize],
+        shard: Shard,
         group: ParamGroup,
         init: Init,
         trainable: bool,
@@ -106,7 +182,7 @@ impl ParamRegistry {
             self.params.iter().all(|p| p.name != name),
             "parameter {name} registered twice"
         );
-        let len = shape.iter().product();
+        let len = shard.local_shape().iter().product();
         let end = match group {
             ParamGroup::Dense => &mut self.dense_len,
             ParamGroup::Expert => &mut self.expert_len,
@@ -121,6 +197,7 @@ impl ParamRegistry {
         self.params.push(ParamInfo {
             name,
             shape: shape.to_vec(),
+            shard,
             id,
             init,
             weight_decay,
@@ -142,6 +219,25 @@ impl ParamRegistry {
     /// Total number of parameters.
     pub fn total_len(&self) -> usize {
         self.dense_len + self.expert_len
+    }
+
+    /// Whether every parameter is held whole (a single rank, or no sharded parameter).
+    pub fn is_unsharded(&self) -> bool {
+        self.params.iter().all(|p| p.shard == Shard::full(&p.shape))
+    }
+
+    /// This registry's part of `full`, buffers laid out by `full_registry` (the same model on
+    /// one rank): each parameter found by name and cut to its shard.
+    pub fn shard_of(&self, full_registry: &ParamRegistry, full: &Buffers) -> Buffers {
+        let mut local = self.zeros();
+        for info in &self.params {
+            let whole = full_registry
+                .find(&info.name)
+                .unwrap_or_else(|| panic!("parameter {} missing from the full model", info.name));
+            let values = info.shard.extract(&info.shape, full.get(whole.id));
+            local.get_mut(info.id).copy_from_slice(&values);
+        }
+        local
     }
 
     /// A zero-filled buffer pair of this registry's layout.

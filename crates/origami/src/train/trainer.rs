@@ -178,6 +178,7 @@ pub fn train(
         let started = Instant::now();
         let lr = t.lr.at(step);
         grads.fill_zero();
+        model.begin_global_batch();
         let (mut loss, mut ce, mut aux, mut z) = (0.0, 0.0, 0.0, 0.0);
         let mut counts = Vec::new();
         let mut dropped = 0usize;

@@ -3,7 +3,8 @@
 //! Expert parameters live in the expert buffer (reduced over expert-data-parallel ranks).
 //! Saved state: the fc1 output and the SwiGLU output.
 
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use super::parallel::ExpertSharding;
+use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::grouped_matmul::{grouped_linear_backward, grouped_linear_forward};
 use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
 
@@ -24,7 +25,11 @@ pub struct ExpertsSaved {
 }
 
 impl GroupedExperts {
-    /// Registers `{prefix}.fc1.weight` `[experts, 2·ffn, hidden]` and `{prefix}.fc2.weight` `[experts, hidden, ffn]`.
+    /// Registers `{prefix}.fc1.weight` (global `[experts, 2·ffn, hidden]`) and
+    /// `{prefix}.fc2.weight` (global `[experts, hidden, ffn]`), of which this rank holds its
+    /// experts and its slice of their hidden units: fc1's gate and up rows of the slice
+    /// (column-parallel), fc2's columns of the slice (row-parallel).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: &mut ParamRegistry,
         prefix: &str,
@@ -33,23 +38,31 @@ impl GroupedExperts {
         ffn: usize,
         std: f32,
         out_std: f32,
+        sharding: ExpertSharding,
     ) -> Self {
-        let fc1 = registry.register(
+        let owned = sharding.local_experts(experts);
+        let slice = sharding.local_ffn(ffn);
+        let fc1_shape = [experts, 2 * ffn, hidden];
+        let fc1 = registry.register_sharded(
             format!("{prefix}.fc1.weight"),
-            &[experts, 2 * ffn, hidden],
+            &fc1_shape,
+            Shard::along(&fc1_shape, 0, vec![owned.clone()])
+                .and(1, vec![slice.clone(), ffn + slice.start..ffn + slice.end]),
             ParamGroup::Expert,
             Init::Normal(std),
         );
-        let fc2 = registry.register(
+        let fc2_shape = [experts, hidden, ffn];
+        let fc2 = registry.register_sharded(
             format!("{prefix}.fc2.weight"),
-            &[experts, hidden, ffn],
+            &fc2_shape,
+            Shard::along(&fc2_shape, 0, vec![owned.clone()]).and(2, vec![slice.clone()]),
             ParamGroup::Expert,
             Init::Normal(out_std),
         );
         GroupedExperts {
-            experts,
+            experts: owned.len(),
             hidden,
-            ffn,
+            ffn: slice.len(),
             fc1,
             fc2,
         }
@@ -58,6 +71,11 @@ impl GroupedExperts {
     /// Number of local experts.
     pub fn experts(&self) -> usize {
         self.experts
+    }
+
+    /// Width of the rows.
+    pub fn hidden(&self) -> usize {
+        self.hidden
     }
 
     /// `y[rows, hidden]` for expert-grouped rows `x` (`offsets` has `experts + 1` entries).

@@ -1,56 +1,110 @@
-//! The Mixture-of-Experts layer on one rank: router → permute → grouped experts → weighted
-//! un-permute, plus an optional shared expert. Dropless by default; with a capacity factor an
-//! expert computes at most its capacity of tokens (see [`capacity`]).
+//! The Mixture-of-Experts layer: router → permute → dispatch to the experts' ranks → grouped
+//! experts → combine → weighted un-permute, plus an optional shared expert. Dropless by
+//! default; with a capacity factor an expert computes at most its capacity of a rank's tokens
+//! (see [`capacity`]). Across ranks ([`parallel`]) the experts are split over ep (and their
+//! hidden units over etp) and tokens travel by the configured [`dispatch`]er.
 
+pub mod balance;
 pub mod capacity;
+pub mod dispatch;
 pub mod experts;
+pub mod parallel;
 pub mod permute;
 pub mod router;
 pub mod shared_expert;
 
-use crate::model::config::{DropPolicy, MoeConfig};
+use std::sync::Mutex;
+
+use origami_comm::ReduceOp;
+
+use crate::model::config::{AuxLossScope, DispatcherKind, DropPolicy, MoeConfig};
 use crate::model::params::{Buffers, ParamRegistry};
-use experts::{ExpertsSaved, GroupedExperts};
-use permute::{permute, permute_backward, unpermute, unpermute_backward, Permutation};
-use router::{Router, RouterLosses, RouterSaved, Routing};
+use balance::{BalanceSettings, BalanceWeights, RunningLoad};
+use dispatch::{RouteInput, RouteSaved};
+use experts::GroupedExperts;
+use parallel::{MoeParallel, ShardingError};
+use permute::Permutation;
+use router::{AuxGradient, Router, RouterLosses, RouterSaved, Routing};
 use shared_expert::{SharedExpert, SharedExpertSaved};
 
-/// Per-layer statistics of one micro-batch, for logging and the expert-load plot.
+/// Unwraps a communicator call of the MoE layer. A failure means another rank crashed or the
+/// job timed out; this rank then stops with the communicator's error, and the job runner (local
+/// backend) or MPI reports it on every rank.
+pub(crate) fn comm_ok<T>(result: origami_comm::Result<T>) -> T {
+    result.unwrap_or_else(|error| panic!("MoE layer communication failed: {error}"))
+}
+
+/// Per-layer statistics of one micro-batch, for logging and the expert-load plot. Counts are
+/// global: summed over the ranks that hold the rest of the batch (tp-dp-cp).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MoeStats {
-    /// Auxiliary losses (with their coefficients).
+    /// This rank's part of the auxiliary losses (with their coefficients); the parts of the
+    /// ranks sharing a micro-batch add up to its losses.
     pub losses: RouterLosses,
     /// Tokens routed to each expert (before any dropping).
     pub tokens_per_expert: Vec<usize>,
     /// Routed (token, expert) slots dropped for capacity.
     pub dropped: usize,
+    /// Tokens routed.
+    pub tokens: usize,
 }
 
-/// One MoE layer's parameters.
+impl MoeStats {
+    /// Most loaded expert over the mean load (1 is perfect balance).
+    pub fn imbalance(&self) -> f64 {
+        let total: usize = self.tokens_per_expert.iter().sum();
+        let max = self.tokens_per_expert.iter().copied().max().unwrap_or(0);
+        if total == 0 {
+            1.0
+        } else {
+            max as f64 * self.tokens_per_expert.len() as f64 / total as f64
+        }
+    }
+}
+
+/// Loads of the step so far, for the global-batch loss; cloning a layer starts a fresh count.
+#[derive(Debug, Default)]
+struct StepLoad(Mutex<RunningLoad>);
+
+impl Clone for StepLoad {
+    fn clone(&self) -> Self {
+        StepLoad::default()
+    }
+}
+
+/// One MoE layer's parameters (this rank's part of them) and parallel groups.
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
     hidden: usize,
+    num_experts: usize,
     router: Router,
     experts: GroupedExperts,
     shared: Option<SharedExpert>,
     capacity_factor: Option<f32>,
+    min_capacity: usize,
     drop_policy: DropPolicy,
     pad_to_capacity: bool,
+    scope: AuxLossScope,
+    dispatcher: DispatcherKind,
+    parallel: MoeParallel,
+    step_load: StepLoad,
 }
 
 /// What the forward keeps for the backward.
 pub struct MoeSaved {
     routing: Routing,
     router: RouterSaved,
+    balance: BalanceWeights,
+    z_tokens: usize,
     permutation: Permutation,
-    expert_input: Vec<f32>,
-    expert_output: Vec<f32>,
-    experts: ExpertsSaved,
+    fixed_rows: Option<usize>,
+    route: RouteSaved,
     shared: Option<SharedExpertSaved>,
 }
 
 impl MoeLayer {
-    /// Registers the router, experts and shared expert under `prefix`.
+    /// The layer on a single rank: registers the router, experts and shared expert under
+    /// `prefix`.
     pub fn new(
         registry: &mut ParamRegistry,
         prefix: &str,
@@ -59,6 +113,29 @@ impl MoeLayer {
         std: f32,
         out_std: f32,
     ) -> Self {
+        Self::new_parallel(
+            registry,
+            prefix,
+            hidden,
+            settings,
+            (std, out_std),
+            MoeParallel::single(),
+        )
+        .expect("one rank splits any expert count")
+    }
+
+    /// The layer on a rank of `parallel`: registers the router and shared expert whole and this
+    /// rank's experts (and slice of them) under `prefix`.
+    pub fn new_parallel(
+        registry: &mut ParamRegistry,
+        prefix: &str,
+        hidden: usize,
+        settings: &MoeConfig,
+        (std, out_std): (f32, f32),
+        parallel: MoeParallel,
+    ) -> Result<Self, ShardingError> {
+        let sharding = parallel.sharding();
+        sharding.check(settings.num_experts, settings.ffn_hidden_size)?;
         let router = Router::new(registry, &format!("{prefix}.router"), hidden, settings, std);
         let experts = GroupedExperts::new(
             registry,
@@ -68,6 +145,7 @@ impl MoeLayer {
             settings.ffn_hidden_size,
             std,
             out_std,
+            sharding,
         );
         let shared = (settings.shared_expert_ffn_hidden_size > 0).then(|| {
             SharedExpert::new(
@@ -80,25 +158,48 @@ impl MoeLayer {
                 out_std,
             )
         });
-        MoeLayer {
+        // On one rank both dispatchers are the local permutation; skip the copies.
+        let dispatcher = if parallel.is_local() {
+            DispatcherKind::Alltoall
+        } else {
+            settings.dispatcher
+        };
+        Ok(MoeLayer {
             hidden,
+            num_experts: settings.num_experts,
             router,
             experts,
             shared,
             capacity_factor: settings.capacity_factor,
+            min_capacity: settings.min_capacity,
             drop_policy: settings.drop_policy,
             pad_to_capacity: settings.pad_to_capacity,
-        }
+            scope: settings.aux_loss_scope,
+            dispatcher,
+            parallel,
+            step_load: StepLoad::default(),
+        })
+    }
+
+    /// Starts a new global batch: forgets the loads the global-batch loss has counted so far.
+    pub fn begin_global_batch(&self) {
+        *self.step_load.0.lock().expect("step load lock") = RunningLoad::default();
+    }
+
+    /// The capacity of each expert for `tokens` local tokens, when dropping.
+    fn capacity(&self, tokens: usize, topk: usize) -> Option<usize> {
+        self.capacity_factor.map(|factor| {
+            capacity::expert_capacity(tokens, topk, self.num_experts, factor).max(self.min_capacity)
+        })
     }
 
     /// The expert-grouped row layout of this micro-batch: every routed slot (dropless), or the
     /// slots each expert's capacity keeps, optionally padded to exactly the capacity.
-    fn permutation(&self, routing: &Routing, tokens: usize) -> Permutation {
-        let experts = self.experts.experts();
-        match self.capacity_factor {
+    fn permutation(&self, routing: &Routing, capacity: Option<usize>) -> Permutation {
+        let experts = self.num_experts;
+        match capacity {
             None => Permutation::new(routing, experts),
-            Some(factor) => {
-                let capacity = capacity::expert_capacity(tokens, routing.topk, experts, factor);
+            Some(capacity) => {
                 let kept = capacity::kept_slots(routing, experts, capacity, self.drop_policy);
                 Permutation::with_capacity(
                     routing,
@@ -110,44 +211,128 @@ impl MoeLayer {
         }
     }
 
-    /// Aux-loss-free balancing after a global batch whose tokens per expert were `load`.
+    /// Aux-loss-free balancing after a global batch whose tokens per expert were `load`
+    /// (summed over the batch's ranks and micro-batches, as [`MoeStats`] reports them).
     pub fn update_expert_bias(&self, params: &mut Buffers, load: &[usize]) {
         self.router.update_expert_bias(params, load);
     }
 
-    /// `y[tokens, hidden]` from the normalised input `x`.
+    /// Loads summed over the batch group: tokens per expert, dropped slots and tokens.
+    fn global_stats(&self, routing: &Routing, dropped: usize, tokens: usize) -> MoeStats {
+        let mut counts: Vec<u64> = routing
+            .tokens_per_expert
+            .iter()
+            .map(|&n| n as u64)
+            .chain([dropped as u64, tokens as u64])
+            .collect();
+        comm_ok(
+            self.parallel
+                .batch
+                .all_reduce_u64(&mut counts, ReduceOp::Sum),
+        );
+        let e = self.num_experts;
+        MoeStats {
+            losses: RouterLosses::default(),
+            tokens_per_expert: counts[..e].iter().map(|&n| n as usize).collect(),
+            dropped: counts[e] as usize,
+            tokens: counts[e + 1] as usize,
+        }
+    }
+
+    /// The load-balancing weights of this micro-batch under the configured scope.
+    fn balance(
+        &self,
+        routing: &Routing,
+        stats: &MoeStats,
+        tokens: usize,
+        sequences: usize,
+    ) -> BalanceWeights {
+        let settings = BalanceSettings {
+            scope: self.scope,
+            factor: self.router.balancing_factor(),
+            sequence_group: self.parallel.sequence.as_ref(),
+        };
+        if settings.factor == 0.0 {
+            return BalanceWeights::default();
+        }
+        match self.scope {
+            AuxLossScope::MicroBatch | AuxLossScope::Sequence => balance::local_scope_weights(
+                &settings,
+                &routing.experts,
+                routing.topk,
+                self.num_experts,
+                tokens,
+                sequences,
+            ),
+            AuxLossScope::GlobalBatch => {
+                let mut running = self.step_load.0.lock().expect("step load lock");
+                running.tokens_per_expert.resize(self.num_experts, 0);
+                for (sum, &n) in running
+                    .tokens_per_expert
+                    .iter_mut()
+                    .zip(&stats.tokens_per_expert)
+                {
+                    *sum += n as u64;
+                }
+                running.tokens += stats.tokens as u64;
+                balance::global_scope_weights(&settings, &running, tokens)
+            }
+        }
+    }
+
+    /// `y[tokens, hidden]` from the normalised input `x` holding one run of tokens.
     pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Vec<f32>, MoeSaved, MoeStats) {
+        self.forward_batch(params, x, 1)
+    }
+
+    /// `y[tokens, hidden]` from the normalised input `x`, whose tokens are `sequences` equal
+    /// runs (this rank's part of each sequence of the micro-batch, in order).
+    pub fn forward_batch(
+        &self,
+        params: &Buffers,
+        x: &[f32],
+        sequences: usize,
+    ) -> (Vec<f32>, MoeSaved, MoeStats) {
         let tokens = x.len() / self.hidden;
-        let (routing, losses, router_saved) = self.router.forward(params, x);
-        let permutation = self.permutation(&routing, tokens);
-        let expert_input = permute(x, &permutation, self.hidden);
-        let (expert_output, experts_saved) =
-            self.experts
-                .forward(params, &expert_input, &permutation.offsets);
-        let mut y = unpermute(
-            &expert_output,
-            &routing.weights,
-            &permutation,
-            self.hidden,
-            tokens,
+        let (routing, router_saved) = self.router.forward(params, x);
+        let fixed_rows = self.capacity(tokens, routing.topk);
+        let permutation = self.permutation(&routing, fixed_rows);
+        let fixed_rows = fixed_rows.filter(|_| self.pad_to_capacity);
+        let mut stats = self.global_stats(&routing, permutation.dropped(), tokens);
+        let balance = self.balance(&routing, &stats, tokens, sequences);
+        let mut z_tokens = [tokens as u64];
+        comm_ok(
+            self.parallel
+                .sequence
+                .all_reduce_u64(&mut z_tokens, ReduceOp::Sum),
+        );
+        let z_tokens = z_tokens[0] as usize;
+        stats.losses = self.router.losses(&router_saved, &balance, z_tokens);
+        let (mut y, route) = dispatch::forward(
+            self.dispatcher,
+            &self.parallel,
+            &self.experts,
+            params,
+            RouteInput {
+                x,
+                routing: &routing,
+                permutation: &permutation,
+                fixed_rows,
+            },
         );
         let shared = self.shared.as_ref().map(|shared| {
             let (out, saved) = shared.forward(params, x);
             y.iter_mut().zip(out).for_each(|(a, b)| *a += b);
             saved
         });
-        let stats = MoeStats {
-            losses,
-            tokens_per_expert: routing.tokens_per_expert.clone(),
-            dropped: permutation.dropped(),
-        };
         let saved = MoeSaved {
             routing,
             router: router_saved,
+            balance,
+            z_tokens,
             permutation,
-            expert_input,
-            expert_output,
-            experts: experts_saved,
+            fixed_rows,
+            route,
             shared,
         };
         (y, saved, stats)
@@ -164,23 +349,20 @@ impl MoeLayer {
         dy: &[f32],
         loss_scale: f32,
     ) -> Vec<f32> {
-        let (d_rows, d_weights) = unpermute_backward(
-            dy,
-            &saved.expert_output,
-            &saved.routing.weights,
-            &saved.permutation,
-            self.hidden,
-        );
-        let d_expert_input = self.experts.backward(
+        let (mut dx, d_weights) = dispatch::backward(
+            &self.parallel,
+            &self.experts,
             params,
             grads,
-            saved.experts,
-            &saved.expert_input,
-            &d_rows,
-            &saved.permutation.offsets,
+            saved.route,
+            RouteInput {
+                x,
+                routing: &saved.routing,
+                permutation: &saved.permutation,
+                fixed_rows: saved.fixed_rows,
+            },
+            dy,
         );
-        let mut dx = vec![0.0; x.len()];
-        permute_backward(&mut dx, &d_expert_input, &saved.permutation, self.hidden);
         self.router.backward(
             params,
             grads,
@@ -188,7 +370,11 @@ impl MoeLayer {
             &saved.routing,
             x,
             &d_weights,
-            loss_scale,
+            AuxGradient {
+                loss_scale,
+                balance: &saved.balance,
+                z_tokens: saved.z_tokens,
+            },
             &mut dx,
         );
         if let (Some(shared), Some(shared_saved)) = (&self.shared, saved.shared) {

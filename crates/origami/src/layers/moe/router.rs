@@ -8,10 +8,12 @@
 //! - sigmoid: `σ(logits[C]) / Σ_C σ` when k > 1, else `σ(logits[C])`.
 //!
 //! Load-balancing loss `coeff · E/(k·T²) · Σ_i P_i · N_i` with `P_i = Σ_t a[t,i]` where `a` is the
-//! softmax over all experts (sigmoid: `σ / Σ σ` over all), `N_i` tokens routed to expert i.
-//! z-loss `coeff · mean_t(logsumexp(logits_t)²)`. Both are micro-batch scoped.
+//! softmax over all experts (sigmoid: `σ / Σ σ` over all), `N_i` tokens routed to expert i; its
+//! scope (which tokens `N` and `T` count) is set by [`super::balance`] weights.
+//! z-loss `coeff · mean_t(logsumexp(logits_t)²)` over the micro-batch.
 //! With group-limited routing the choice is restricted to each token's best groups of experts.
 
+use super::balance::BalanceWeights;
 use crate::model::config::{MoeConfig, ScoreFunction};
 use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
@@ -37,6 +39,16 @@ pub struct RouterLosses {
     pub load_balancing: f64,
     /// z-loss.
     pub z: f64,
+}
+
+/// How the auxiliary losses enter the router's backward.
+pub struct AuxGradient<'a> {
+    /// Factor of both losses (e.g. `1 / micro_batches`).
+    pub loss_scale: f32,
+    /// The load-balancing weights the forward used.
+    pub balance: &'a BalanceWeights,
+    /// Tokens the z-loss mean is taken over.
+    pub z_tokens: usize,
 }
 
 /// The router's parameters and settings.
@@ -93,7 +105,7 @@ impl Router {
     }
 
     /// Routes the tokens `x[tokens, hidden]`.
-    pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Routing, RouterLosses, RouterSaved) {
+    pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Routing, RouterSaved) {
         let tokens = x.len() / self.hidden;
         let (e, k) = (self.experts, self.settings.topk);
         let mut logits = vec![0.0; tokens * e];
@@ -126,31 +138,51 @@ impl Router {
             }
         }
         let balancing_scores = self.balancing_scores(&logits);
-        let mut losses = RouterLosses::default();
-        if self.settings.aux_loss_coeff != 0.0 && tokens > 0 {
-            let coeff = self.balancing_coefficient(tokens);
-            for i in 0..e {
-                let p_i: f64 = (0..tokens)
-                    .map(|t| balancing_scores[t * e + i] as f64)
-                    .sum();
-                losses.load_balancing += coeff * p_i * routing.tokens_per_expert[i] as f64;
-            }
-        }
-        if self.settings.z_loss_coeff != 0.0 && tokens > 0 {
-            let sum: f64 = logits
-                .chunks(e)
-                .map(|row| (logsumexp(row) as f64).powi(2))
-                .sum();
-            losses.z = self.settings.z_loss_coeff as f64 * sum / tokens as f64;
-        }
         (
             routing,
-            losses,
             RouterSaved {
                 logits,
                 balancing_scores,
             },
         )
+    }
+
+    /// `coeff · E / k`, the factor of the load-balancing loss (see [`super::balance`]).
+    pub fn balancing_factor(&self) -> f64 {
+        self.settings.aux_loss_coeff as f64 * self.experts as f64 / self.settings.topk as f64
+    }
+
+    /// This rank's part of the auxiliary losses: the load-balancing loss with `balance`, and
+    /// the z-loss with its mean taken over `z_tokens` (the tokens of the whole micro-batch).
+    pub fn losses(
+        &self,
+        saved: &RouterSaved,
+        balance: &BalanceWeights,
+        z_tokens: usize,
+    ) -> RouterLosses {
+        let e = self.experts;
+        let mut losses = RouterLosses::default();
+        if self.settings.aux_loss_coeff != 0.0 {
+            for (range, weights) in &balance.segments {
+                for t in range.clone() {
+                    let scores = &saved.balancing_scores[t * e..(t + 1) * e];
+                    losses.load_balancing += scores
+                        .iter()
+                        .zip(weights)
+                        .map(|(&p, w)| p as f64 * w)
+                        .sum::<f64>();
+                }
+            }
+        }
+        if self.settings.z_loss_coeff != 0.0 && z_tokens > 0 {
+            let sum: f64 = saved
+                .logits
+                .chunks(e)
+                .map(|row| (logsumexp(row) as f64).powi(2))
+                .sum();
+            losses.z = self.settings.z_loss_coeff as f64 * sum / z_tokens as f64;
+        }
+        losses
     }
 
     /// Scores that decide the choice of experts: logits (top-k-then-softmax), probabilities
@@ -229,12 +261,6 @@ impl Router {
         }
     }
 
-    /// `coeff · E / (k · T²)`, the factor of `Σ P_i N_i` in the load-balancing loss.
-    fn balancing_coefficient(&self, tokens: usize) -> f64 {
-        self.settings.aux_loss_coeff as f64 * self.experts as f64
-            / (self.settings.topk as f64 * (tokens as f64).powi(2))
-    }
-
     fn chosen_weights(&self, row: &[f32], chosen: &[u32], out: &mut [f32]) {
         match (self.settings.score_function, self.settings.pre_softmax) {
             (ScoreFunction::Softmax, false) => {
@@ -288,9 +314,10 @@ impl Router {
         routing: &Routing,
         x: &[f32],
         d_weights: &[f32],
-        loss_scale: f32,
+        aux: AuxGradient,
         dx: &mut [f32],
     ) {
+        let loss_scale = aux.loss_scale;
         let tokens = x.len() / self.hidden;
         let (e, k) = (self.experts, self.settings.topk);
         let mut dlogits = vec![0.0f32; tokens * e];
@@ -301,10 +328,14 @@ impl Router {
             self.chosen_weights_backward(row, chosen, dw, &mut dlogits[t * e..(t + 1) * e]);
         }
         if self.settings.aux_loss_coeff != 0.0 && tokens > 0 {
-            let coeff = (self.balancing_coefficient(tokens) * loss_scale as f64) as f32;
-            let d_scores: Vec<f32> = (0..tokens * e)
-                .map(|idx| coeff * routing.tokens_per_expert[idx % e] as f32)
-                .collect();
+            let mut d_scores = vec![0.0f32; tokens * e];
+            for (range, weights) in &aux.balance.segments {
+                for t in range.clone() {
+                    for (d, w) in d_scores[t * e..(t + 1) * e].iter_mut().zip(weights) {
+                        *d = (w * loss_scale as f64) as f32;
+                    }
+                }
+            }
             let mut d_logits_balance = vec![0.0; tokens * e];
             match self.settings.score_function {
                 ScoreFunction::Softmax => softmax_rows_backward(
@@ -332,8 +363,8 @@ impl Router {
                 .zip(d_logits_balance)
                 .for_each(|(d, b)| *d += b);
         }
-        if self.settings.z_loss_coeff != 0.0 && tokens > 0 {
-            let coeff = 2.0 * self.settings.z_loss_coeff * loss_scale / tokens as f32;
+        if self.settings.z_loss_coeff != 0.0 && aux.z_tokens > 0 {
+            let coeff = 2.0 * self.settings.z_loss_coeff * loss_scale / aux.z_tokens as f32;
             for (d, row) in dlogits.chunks_mut(e).zip(saved.logits.chunks(e)) {
                 let lse = logsumexp(row);
                 for (d, &l) in d.iter_mut().zip(row) {
