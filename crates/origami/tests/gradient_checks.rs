@@ -5,7 +5,7 @@ use origami::layers::attention::{Attention, AttentionDims, Positions};
 use origami::layers::block::{Block, FeedForward};
 use origami::layers::mlp::Mlp;
 use origami::layers::moe::MoeLayer;
-use origami::model::config::{DropPolicy, ModelConfig, MoeConfig, ScoreFunction};
+use origami::model::config::{AuxLossScope, DropPolicy, ModelConfig, MoeConfig, ScoreFunction};
 use origami::model::gpt::{GptModel, MicroBatch};
 use origami::model::init::initialise;
 use origami::model::params::{Buffers, ParamRegistry};
@@ -176,6 +176,47 @@ fn moe_layer_sigmoid_with_scaling_and_ungated_shared_expert() {
     check_moe(
         "moe sigmoid",
         moe_settings(ScoreFunction::Sigmoid, false, 10, false),
+    );
+}
+
+#[test]
+fn moe_layer_per_sequence_balancing_scope() {
+    let settings = MoeConfig {
+        aux_loss_scope: AuxLossScope::Sequence,
+        ..moe_settings(ScoreFunction::Softmax, false, 0, false)
+    };
+    let mut registry = ParamRegistry::default();
+    let layer = MoeLayer::new(&mut registry, "moe", HIDDEN, &settings, 0.4, 0.4);
+    let params = initialise(&registry, 7);
+    let x = random_vec(BATCH * SEQ * HIDDEN, 8);
+    // The per-sequence loss is the mean over sequences of each one's micro-batch loss.
+    let (_, _, stats) = layer.forward_batch(&params, &x, BATCH);
+    let mean: f64 = x
+        .chunks(SEQ * HIDDEN)
+        .map(|sequence| layer.forward(&params, sequence).2.losses.load_balancing)
+        .sum::<f64>()
+        / BATCH as f64;
+    let whole = layer.forward(&params, &x).2.losses.load_balancing;
+    assert!((stats.losses.load_balancing - mean).abs() < 1e-9 * mean.abs().max(1.0));
+    assert!(
+        (whole - mean).abs() > 1e-6,
+        "the two scopes must differ here"
+    );
+    let probe = random_vec(x.len(), 9);
+    let loss = |p: &Buffers, x: &[f32]| {
+        let (y, _, stats) = layer.forward_batch(p, x, BATCH);
+        probe_loss(&y, &probe) + stats.losses.load_balancing + stats.losses.z
+    };
+    let (_, saved, _) = layer.forward_batch(&params, &x, BATCH);
+    let mut grads = registry.zeros();
+    let dx = layer.backward(&params, &mut grads, saved, &x, &probe, 1.0);
+    check_layer(
+        "moe per-sequence",
+        &registry,
+        &params,
+        &x,
+        &loss,
+        (dx, grads),
     );
 }
 
