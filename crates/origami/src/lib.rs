@@ -2,6 +2,7 @@
 //! MoE Parallel Folding. See `DESIGN.md` for how the layers below fit together.
 
 pub mod bench;
+pub mod bench_moe;
 pub mod equivalence;
 pub mod generate;
 pub mod hf;

@@ -1,5 +1,5 @@
-//! `origami bench`: model training-step benchmark on a preset, or `origami bench comm` for the
-//! communication benchmark.
+//! `origami bench`: model training-step benchmark on a preset, `origami bench comm` for the
+//! communication benchmark, or `origami bench moe` for the MoE dispatch benchmark.
 
 use clap::{Args, Subcommand};
 
@@ -29,12 +29,16 @@ pub struct BenchArgs {
 pub enum BenchTarget {
     /// Bandwidth of all-reduce and all-to-all-v against a plain memcpy of the same bytes.
     Comm(super::bench_comm::CommBenchArgs),
+    /// One MoE layer across expert-parallel ranks: dispatch + combine against expert time.
+    Moe(super::bench_moe::MoeBenchArgs),
 }
 
 /// Runs the chosen benchmark; the model benchmark prints one JSON line.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if let Some(BenchTarget::Comm(comm)) = args.target {
-        return super::bench_comm::run(comm);
+    match args.target {
+        Some(BenchTarget::Comm(comm)) => return super::bench_comm::run(comm),
+        Some(BenchTarget::Moe(moe)) => return super::bench_moe::run(moe),
+        None => {}
     }
     let report = origami::bench::run(&origami::bench::BenchSettings {
         preset: args.preset,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_comm;
+mod bench_moe;
 mod eval;
 mod generate;
 mod prepare;

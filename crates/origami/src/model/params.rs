@@ -59,7 +59,10 @@ impl Shard {
     /// The whole tensor of `shape`.
     pub fn full(shape: &[usize]) -> Self {
         Shard {
-            ranges: shape.iter().map(|&n| std::iter::once(0..n).collect()).collect(),
+            ranges: shape
+                .iter()
+                .map(|&n| std::iter::once(0..n).collect())
+                .collect(),
         }
     }
 

@@ -20,7 +20,7 @@ use origami_comm::ReduceOp;
 use crate::model::config::{AuxLossScope, DispatcherKind, DropPolicy, MoeConfig};
 use crate::model::params::{Buffers, ParamRegistry};
 use balance::{BalanceSettings, BalanceWeights, RunningLoad};
-use dispatch::{RouteInput, RouteSaved};
+use dispatch::{PhaseTimes, RouteInput, RouteSaved};
 use experts::GroupedExperts;
 use parallel::{MoeParallel, ShardingError};
 use permute::Permutation;
@@ -47,6 +47,8 @@ pub struct MoeStats {
     pub dropped: usize,
     /// Tokens routed.
     pub tokens: usize,
+    /// This rank's time in the forward's dispatch and expert computation.
+    pub forward_times: PhaseTimes,
 }
 
 impl MoeStats {
@@ -236,6 +238,7 @@ impl MoeLayer {
             tokens_per_expert: counts[..e].iter().map(|&n| n as usize).collect(),
             dropped: counts[e] as usize,
             tokens: counts[e + 1] as usize,
+            forward_times: PhaseTimes::default(),
         }
     }
 
@@ -308,7 +311,7 @@ impl MoeLayer {
         );
         let z_tokens = z_tokens[0] as usize;
         stats.losses = self.router.losses(&router_saved, &balance, z_tokens);
-        let (mut y, route) = dispatch::forward(
+        let (mut y, route, forward_times) = dispatch::forward(
             self.dispatcher,
             &self.parallel,
             &self.experts,
@@ -320,6 +323,7 @@ impl MoeLayer {
                 fixed_rows,
             },
         );
+        stats.forward_times = forward_times;
         let shared = self.shared.as_ref().map(|shared| {
             let (out, saved) = shared.forward(params, x);
             y.iter_mut().zip(out).for_each(|(a, b)| *a += b);
@@ -349,7 +353,22 @@ impl MoeLayer {
         dy: &[f32],
         loss_scale: f32,
     ) -> Vec<f32> {
-        let (mut dx, d_weights) = dispatch::backward(
+        self.backward_timed(params, grads, saved, x, dy, loss_scale)
+            .0
+    }
+
+    /// [`MoeLayer::backward`], also returning this rank's time in the backward's dispatch and
+    /// expert computation.
+    pub fn backward_timed(
+        &self,
+        params: &Buffers,
+        grads: &mut Buffers,
+        saved: MoeSaved,
+        x: &[f32],
+        dy: &[f32],
+        loss_scale: f32,
+    ) -> (Vec<f32>, PhaseTimes) {
+        let (mut dx, d_weights, times) = dispatch::backward(
             &self.parallel,
             &self.experts,
             params,
@@ -380,6 +399,6 @@ impl MoeLayer {
         if let (Some(shared), Some(shared_saved)) = (&self.shared, saved.shared) {
             shared.backward(params, grads, shared_saved, x, dy, &mut dx);
         }
-        dx
+        (dx, times)
     }
 }

@@ -6,9 +6,13 @@
 pub mod allgather;
 pub mod alltoall;
 
+use std::time::{Duration, Instant};
+
 use super::experts::{ExpertsSaved, GroupedExperts};
 use super::parallel::MoeParallel;
-use super::permute::{permute, permute_backward, unpermute, unpermute_backward, Permutation};
+use super::permute::{
+    permute, permute_backward, unpermute, unpermute_backward, Permutation, DROPPED,
+};
 use super::router::Routing;
 use crate::model::config::DispatcherKind;
 use crate::model::params::Buffers;
@@ -25,6 +29,31 @@ pub struct RouteInput<'a> {
     pub permutation: &'a Permutation,
     /// Rows per expert when every expert is padded to its capacity.
     pub fixed_rows: Option<usize>,
+}
+
+/// Where one pass of the routed part spent its time: moving tokens (plans, permutations,
+/// collectives, sorts) against computing the experts.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Dispatch and combine, including the local permutations.
+    pub dispatch: Duration,
+    /// Grouped expert computation.
+    pub experts: Duration,
+}
+
+impl std::ops::AddAssign for PhaseTimes {
+    fn add_assign(&mut self, other: Self) {
+        self.dispatch += other.dispatch;
+        self.experts += other.experts;
+    }
+}
+
+/// Runs `work`, adding its duration to `total`.
+fn timed<T>(total: &mut Duration, work: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let value = work();
+    *total += started.elapsed();
+    value
 }
 
 /// What the dispatch keeps for the backward.
@@ -46,88 +75,85 @@ pub enum RouteSaved {
     },
 }
 
-impl RouteSaved {
-    /// Rows the local experts computed (the expert-side work of this micro-batch).
-    pub fn expert_rows(&self) -> usize {
-        match self {
-            RouteSaved::AllToAll { plan, .. } => plan.expert_rows(),
-            RouteSaved::AllGather { plan, .. } => plan.permutation.token_of_row.len(),
-        }
-    }
-}
-
-/// The routed part of the MoE output, `[tokens, hidden]`.
+/// The routed part of the MoE output, `[tokens, hidden]`, and where the time went.
 pub fn forward(
     kind: DispatcherKind,
     parallel: &MoeParallel,
     experts: &GroupedExperts,
     params: &Buffers,
     input: RouteInput,
-) -> (Vec<f32>, RouteSaved) {
+) -> (Vec<f32>, RouteSaved, PhaseTimes) {
     let hidden = experts.hidden();
     let tokens = input.x.len() / hidden;
+    let mut times = PhaseTimes::default();
+    let perm = input.permutation;
     match kind {
         DispatcherKind::Alltoall => {
-            let perm = input.permutation;
-            let rows_per_expert: Vec<usize> =
-                perm.offsets.windows(2).map(|w| w[1] - w[0]).collect();
-            let plan = AllToAllPlan::new(
-                parallel,
-                rows_per_expert.len(),
-                &rows_per_expert,
-                input.fixed_rows,
-                hidden,
-            );
-            let rows = permute(input.x, perm, hidden);
-            let expert_input = plan.to_experts(parallel, &rows);
-            drop(rows);
-            let (expert_output, saved) =
-                experts.forward(params, &expert_input, &plan.expert_offsets);
-            let returned = plan.from_experts(parallel, &expert_output);
-            let y = unpermute(&returned, &input.routing.weights, perm, hidden, tokens);
+            let (plan, expert_input) = timed(&mut times.dispatch, || {
+                let rows_per_expert: Vec<usize> =
+                    perm.offsets.windows(2).map(|w| w[1] - w[0]).collect();
+                let plan = AllToAllPlan::new(
+                    parallel,
+                    rows_per_expert.len(),
+                    &rows_per_expert,
+                    input.fixed_rows,
+                    hidden,
+                );
+                let rows = plan.to_experts(parallel, &permute(input.x, perm, hidden));
+                (plan, rows)
+            });
+            let (expert_output, saved) = timed(&mut times.experts, || {
+                experts.forward(params, &expert_input, &plan.expert_offsets)
+            });
+            let (y, returned) = timed(&mut times.dispatch, || {
+                let returned = plan.from_experts(parallel, &expert_output);
+                let y = unpermute(&returned, &input.routing.weights, perm, hidden, tokens);
+                (y, returned)
+            });
             let saved = RouteSaved::AllToAll {
                 plan,
                 expert_input,
                 returned,
                 experts: saved,
             };
-            (y, saved)
+            (y, saved, times)
         }
         DispatcherKind::Allgather => {
-            let kept: Vec<bool> = input
-                .permutation
-                .row_of_slot
-                .iter()
-                .map(|&r| r != super::permute::DROPPED)
-                .collect();
-            let experts_total = input.permutation.offsets.len() - 1;
-            let plan = AllGatherPlan::new(parallel, input.routing, &kept, experts_total, hidden);
-            let gathered = plan.gather(parallel, input.x);
-            let expert_input = permute(&gathered, &plan.permutation, hidden);
-            drop(gathered);
-            let (expert_output, saved) =
-                experts.forward(params, &expert_input, &plan.permutation.offsets);
-            let partial = unpermute(
-                &expert_output,
-                &plan.weights,
-                &plan.permutation,
-                hidden,
-                plan.gathered_tokens(),
-            );
-            let y = plan.reduce_scatter(parallel, &partial);
+            let (plan, expert_input) = timed(&mut times.dispatch, || {
+                let kept: Vec<bool> = perm.row_of_slot.iter().map(|&r| r != DROPPED).collect();
+                let experts_total = perm.offsets.len() - 1;
+                let plan =
+                    AllGatherPlan::new(parallel, input.routing, &kept, experts_total, hidden);
+                let gathered = plan.gather(parallel, input.x);
+                let rows = permute(&gathered, &plan.permutation, hidden);
+                (plan, rows)
+            });
+            let (expert_output, saved) = timed(&mut times.experts, || {
+                experts.forward(params, &expert_input, &plan.permutation.offsets)
+            });
+            let y = timed(&mut times.dispatch, || {
+                let partial = unpermute(
+                    &expert_output,
+                    &plan.weights,
+                    &plan.permutation,
+                    hidden,
+                    plan.gathered_tokens(),
+                );
+                plan.reduce_scatter(parallel, &partial)
+            });
             let saved = RouteSaved::AllGather {
                 plan: Box::new(plan),
                 expert_input,
                 expert_output,
                 experts: saved,
             };
-            (y, saved)
+            (y, saved, times)
         }
     }
 }
 
 /// Backward of [`forward`]: accumulates the expert weight gradients; returns `dx` of the
-/// routed part and the routing-weight gradients `[tokens, k]`.
+/// routed part, the routing-weight gradients `[tokens, k]`, and where the time went.
 pub fn backward(
     parallel: &MoeParallel,
     experts: &GroupedExperts,
@@ -136,8 +162,10 @@ pub fn backward(
     saved: RouteSaved,
     input: RouteInput,
     dy: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, PhaseTimes) {
     let hidden = experts.hidden();
+    let mut times = PhaseTimes::default();
+    let perm = input.permutation;
     match saved {
         RouteSaved::AllToAll {
             plan,
@@ -145,23 +173,28 @@ pub fn backward(
             returned,
             experts: experts_saved,
         } => {
-            let perm = input.permutation;
-            let (d_returned, d_weights) =
-                unpermute_backward(dy, &returned, &input.routing.weights, perm, hidden);
-            drop(returned);
-            let d_output = plan.to_experts(parallel, &d_returned);
-            let d_expert_input = experts.backward(
-                params,
-                grads,
-                experts_saved,
-                &expert_input,
-                &d_output,
-                &plan.expert_offsets,
-            );
-            let d_rows = plan.from_experts(parallel, &d_expert_input);
-            let mut dx = vec![0.0; input.x.len()];
-            permute_backward(&mut dx, &d_rows, perm, hidden);
-            (dx, d_weights)
+            let (d_output, d_weights) = timed(&mut times.dispatch, || {
+                let (d_returned, d_weights) =
+                    unpermute_backward(dy, &returned, &input.routing.weights, perm, hidden);
+                (plan.to_experts(parallel, &d_returned), d_weights)
+            });
+            let d_expert_input = timed(&mut times.experts, || {
+                experts.backward(
+                    params,
+                    grads,
+                    experts_saved,
+                    &expert_input,
+                    &d_output,
+                    &plan.expert_offsets,
+                )
+            });
+            let dx = timed(&mut times.dispatch, || {
+                let d_rows = plan.from_experts(parallel, &d_expert_input);
+                let mut dx = vec![0.0; input.x.len()];
+                permute_backward(&mut dx, &d_rows, perm, hidden);
+                dx
+            });
+            (dx, d_weights, times)
         }
         RouteSaved::AllGather {
             plan,
@@ -169,28 +202,35 @@ pub fn backward(
             expert_output,
             experts: experts_saved,
         } => {
-            let d_gathered = plan.gather(parallel, dy);
-            let (d_output, d_weights_all) = unpermute_backward(
-                &d_gathered,
-                &expert_output,
-                &plan.weights,
-                &plan.permutation,
-                hidden,
-            );
-            drop(d_gathered);
-            let d_expert_input = experts.backward(
-                params,
-                grads,
-                experts_saved,
-                &expert_input,
-                &d_output,
-                &plan.permutation.offsets,
-            );
-            let mut dx_all = vec![0.0; plan.gathered_tokens() * hidden];
-            permute_backward(&mut dx_all, &d_expert_input, &plan.permutation, hidden);
-            let dx = plan.reduce_scatter(parallel, &dx_all);
-            let d_weights = plan.reduce_scatter_weights(parallel, &d_weights_all);
-            (dx, d_weights)
+            let (d_output, d_weights_all) = timed(&mut times.dispatch, || {
+                let d_gathered = plan.gather(parallel, dy);
+                unpermute_backward(
+                    &d_gathered,
+                    &expert_output,
+                    &plan.weights,
+                    &plan.permutation,
+                    hidden,
+                )
+            });
+            let d_expert_input = timed(&mut times.experts, || {
+                experts.backward(
+                    params,
+                    grads,
+                    experts_saved,
+                    &expert_input,
+                    &d_output,
+                    &plan.permutation.offsets,
+                )
+            });
+            let (dx, d_weights) = timed(&mut times.dispatch, || {
+                let mut dx_all = vec![0.0; plan.gathered_tokens() * hidden];
+                permute_backward(&mut dx_all, &d_expert_input, &plan.permutation, hidden);
+                (
+                    plan.reduce_scatter(parallel, &dx_all),
+                    plan.reduce_scatter_weights(parallel, &d_weights_all),
+                )
+            });
+            (dx, d_weights, times)
         }
     }
 }
