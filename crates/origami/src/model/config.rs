@@ -62,9 +62,6 @@ pub struct MoeConfig {
     pub min_capacity: usize,
     /// Over which tokens the load-balancing loss counts expert loads.
     pub aux_loss_scope: AuxLossScope,
-    /// Router input jitter while training: the router sees `x · u`, u uniform in
-    /// `[1 − jitter, 1 + jitter]` per element (the experts see `x`). Absent: none.
-    pub input_jitter: Option<f32>,
     /// How tokens travel to the ranks that own their experts.
     pub dispatcher: DispatcherKind,
 }
@@ -125,7 +122,6 @@ impl Default for MoeConfig {
             pad_to_capacity: false,
             min_capacity: 0,
             aux_loss_scope: AuxLossScope::MicroBatch,
-            input_jitter: None,
             dispatcher: DispatcherKind::Alltoall,
         }
     }
@@ -224,9 +220,6 @@ pub enum ModelConfigError {
     /// A capacity factor that is not a positive number.
     #[error("model.moe.capacity_factor = {0} must be positive")]
     BadCapacityFactor(f32),
-    /// A router input jitter outside (0, 1).
-    #[error("model.moe.input_jitter = {0} must lie in (0, 1)")]
-    BadJitter(f32),
     /// Expert sizes that the expert-parallel sizes do not divide.
     #[error(transparent)]
     Sharding(#[from] crate::layers::moe::parallel::ShardingError),
@@ -391,9 +384,6 @@ impl ModelConfig {
                 .filter(|f| !(*f > 0.0 && f.is_finite()))
             {
                 return Err(ModelConfigError::BadCapacityFactor(factor));
-            }
-            if let Some(jitter) = self.moe.input_jitter.filter(|j| !(*j > 0.0 && *j < 1.0)) {
-                return Err(ModelConfigError::BadJitter(jitter));
             }
             if self.moe.layer_freq == 0 && self.moe.layer_pattern.is_none() {
                 return Err(ModelConfigError::Zero {
