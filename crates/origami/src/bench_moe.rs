@@ -13,9 +13,9 @@ use serde::Serialize;
 use origami_comm::local::LocalWorld;
 use origami_comm::ReduceOp;
 use origami_kernels::testing::random_vec;
-use origami_parallel::{ParallelConfig, ParallelState};
 
 use crate::bench::preset_micro_batch;
+use crate::equivalence::moe_only_state;
 use crate::layers::moe::dispatch::PhaseTimes;
 use crate::layers::moe::parallel::MoeParallel;
 use crate::layers::moe::MoeLayer;
@@ -81,14 +81,7 @@ pub fn run(settings: &MoeBenchSettings) -> anyhow::Result<Vec<MoeBenchReport>> {
             config.dispatcher = dispatcher;
             let times = LocalWorld::new(ranks)
                 .run(|world| {
-                    let layout = ParallelConfig {
-                        tp: ranks,
-                        ep: settings.ep,
-                        etp: Some(settings.etp),
-                        ..ParallelConfig::default()
-                    }
-                    .layout(ranks)?;
-                    let state = ParallelState::new(&layout, world.as_ref())?;
+                    let state = moe_only_state(&world, settings.ep, settings.etp)?;
                     let mut registry = ParamRegistry::default();
                     let std = model.init_std;
                     let layer = MoeLayer::new_parallel(

@@ -137,7 +137,7 @@ impl MoeLayerCase {
 
 /// The parallel state of a layout whose attention side is tensor-parallel over the whole world
 /// (so every rank's tokens belong to one micro-batch) and whose MoE side is `ep × etp`.
-fn moe_only_state(
+pub fn moe_only_state(
     world: &Arc<dyn Communicator>,
     ep: usize,
     etp: usize,

@@ -17,7 +17,7 @@ use origami::model::params::ParamRegistry;
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
 use origami_kernels::testing::random_vec;
-use origami_parallel::{ParallelConfig, ParallelState};
+use origami_parallel::ParallelState;
 
 const TOLERANCE: f64 = 1e-4;
 const DISPATCHERS: [DispatcherKind; 2] = [DispatcherKind::Alltoall, DispatcherKind::Allgather];
@@ -175,13 +175,7 @@ fn dropping_against_separate_ranks(settings: &MoeConfig) -> Vec<f64> {
 }
 
 fn layer_state(world: &Arc<dyn Communicator>, ep: usize, etp: usize) -> ParallelState {
-    let config = ParallelConfig {
-        tp: world.size(),
-        ep,
-        etp: Some(etp),
-        ..ParallelConfig::default()
-    };
-    ParallelState::new(&config.layout(world.size()).unwrap(), world.as_ref()).unwrap()
+    equivalence::moe_only_state(world, ep, etp).unwrap()
 }
 
 #[test]
