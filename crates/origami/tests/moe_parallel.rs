@@ -187,6 +187,7 @@ fn whole_model_matches_one_rank() {
         (2, 2, 4),
         (8, 1, 8),
         (4, 2, 8),
+        (8, 2, 16),
         (2, 1, 4),
     ] {
         for dispatcher in DISPATCHERS {
