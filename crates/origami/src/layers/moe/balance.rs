@@ -99,20 +99,15 @@ pub fn local_scope_weights(
     BalanceWeights { segments }
 }
 
-/// The global-batch weights from the running loads and the micro-batch's tokens over the
-/// sequence group.
+/// The global-batch weights from the running loads and `micro_batch_tokens`, the micro-batch's
+/// tokens over the sequence group.
 pub fn global_scope_weights(
     settings: &BalanceSettings,
     running: &RunningLoad,
     tokens: usize,
+    micro_batch_tokens: usize,
 ) -> BalanceWeights {
-    let mut micro_batch_tokens = [tokens as u64];
-    comm_ok(
-        settings
-            .sequence_group
-            .all_reduce_u64(&mut micro_batch_tokens, ReduceOp::Sum),
-    );
-    let denominator = running.tokens.max(1) as f64 * micro_batch_tokens[0].max(1) as f64;
+    let denominator = running.tokens.max(1) as f64 * micro_batch_tokens.max(1) as f64;
     let weights = running
         .tokens_per_expert
         .iter()

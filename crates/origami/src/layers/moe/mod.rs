@@ -242,12 +242,13 @@ impl MoeLayer {
         }
     }
 
-    /// The load-balancing weights of this micro-batch under the configured scope.
+    /// The load-balancing weights of this micro-batch under the configured scope; `tokens`
+    /// are this rank's and the whole micro-batch's (over the sequence group).
     fn balance(
         &self,
         routing: &Routing,
         stats: &MoeStats,
-        tokens: usize,
+        (tokens, micro_batch_tokens): (usize, usize),
         sequences: usize,
     ) -> BalanceWeights {
         let settings = BalanceSettings {
@@ -278,7 +279,7 @@ impl MoeLayer {
                     *sum += n as u64;
                 }
                 running.tokens += stats.tokens as u64;
-                balance::global_scope_weights(&settings, &running, tokens)
+                balance::global_scope_weights(&settings, &running, tokens, micro_batch_tokens)
             }
         }
     }
@@ -302,14 +303,14 @@ impl MoeLayer {
         let permutation = self.permutation(&routing, fixed_rows);
         let fixed_rows = fixed_rows.filter(|_| self.pad_to_capacity);
         let mut stats = self.global_stats(&routing, permutation.dropped(), tokens);
-        let balance = self.balance(&routing, &stats, tokens, sequences);
-        let mut z_tokens = [tokens as u64];
+        let mut micro_batch_tokens = [tokens as u64];
         comm_ok(
             self.parallel
                 .sequence
-                .all_reduce_u64(&mut z_tokens, ReduceOp::Sum),
+                .all_reduce_u64(&mut micro_batch_tokens, ReduceOp::Sum),
         );
-        let z_tokens = z_tokens[0] as usize;
+        let z_tokens = micro_batch_tokens[0] as usize;
+        let balance = self.balance(&routing, &stats, (tokens, z_tokens), sequences);
         stats.losses = self.router.losses(&router_saved, &balance, z_tokens);
         let (mut y, route, forward_times) = dispatch::forward(
             self.dispatcher,

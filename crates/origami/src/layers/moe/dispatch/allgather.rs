@@ -69,7 +69,8 @@ impl AllGatherPlan {
                     }
                 })
                 .collect(),
-            weights: weights.clone(),
+            // Only the choices shape the permutation; the weights stay in the plan.
+            weights: Vec::new(),
             tokens_per_expert: Vec::new(),
             topk: k,
         };
