@@ -2,3 +2,4 @@
 
 pub mod adamw;
 pub mod lr_schedule;
+pub mod parallel;
