@@ -11,6 +11,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod grad_norm;
 pub mod grouped_matmul;
+pub mod masked_attention;
 pub mod math;
 pub mod matmul;
 pub mod rmsnorm;

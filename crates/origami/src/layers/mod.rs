@@ -3,5 +3,6 @@
 
 pub mod attention;
 pub mod block;
+pub mod context_parallel;
 pub mod mlp;
 pub mod moe;

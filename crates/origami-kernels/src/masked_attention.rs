@@ -1,0 +1,645 @@
+//! Attention of a block of queries against a block of keys, masked by global token positions:
+//! query `i` sees key `j` iff `kv_positions[j] <= q_positions[i]`. Context parallelism runs it
+//! once per key block that a rank holds or receives and merges the partial results.
+//!
+//! Layouts (compact): queries `q[batch·q_len, heads·head_dim]`; keys and values fused in
+//! `kv[batch·kv_len, 2·kv_heads·head_dim]`, key heads first, then value heads. Query head `h`
+//! reads key/value head `h / (heads / kv_heads)`. Positions are the same for every sequence.
+//!
+//! Forward (tiles of `BLOCK × BLOCK`, tiles with no visible pair skipped): online softmax as in
+//! [`crate::attention`]. Saved state: the output and `lse[batch, heads, q_len] = ln Σ e^S` over
+//! the visible keys; a query that sees no key gets output 0 and `lse = −∞`.
+//!
+//! Merge of two partial results of the same queries: `lse = ln(e^lse + e^lse_part)`,
+//! `O = O·e^(lse_old − lse) + O_part·e^(lse_part − lse)`.
+//!
+//! Backward of one block, given the final output and lse over all blocks and
+//! `D = Σ dO∘O` per row: `P = e^(S − lse)`, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − D)`,
+//! `dQ += scale·dS·K`, `dK += scale·dSᵀ·Q`. Gradients are added (each block contributes).
+//! Tasks own one (batch, kv head), so their dq, dk and dv writes never overlap.
+
+use crate::math::fast_exp;
+use crate::matmul::{matmul, matmul_raw, Par, RawMatrix, View, ViewMut};
+use rayon::prelude::*;
+
+/// Tile edge for queries and keys.
+const BLOCK: usize = 64;
+
+/// Sizes of one masked attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskedAttentionShape {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Queries per sequence.
+    pub q_len: usize,
+    /// Keys (and values) per sequence.
+    pub kv_len: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (query groups); divides `heads`.
+    pub kv_heads: usize,
+    /// Dim of one head.
+    pub head_dim: usize,
+}
+
+impl MaskedAttentionShape {
+    fn queries_per_kv_head(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    fn q_stride(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn kv_stride(&self) -> usize {
+        2 * self.kv_heads * self.head_dim
+    }
+
+    fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
+        (b * self.heads + h) * self.q_len + i
+    }
+
+    /// Elements of `q` (and of the output).
+    pub fn q_elements(&self) -> usize {
+        self.batch * self.q_len * self.q_stride()
+    }
+
+    /// Elements of `kv`.
+    pub fn kv_elements(&self) -> usize {
+        self.batch * self.kv_len * self.kv_stride()
+    }
+
+    /// Elements of `lse` (one per batch, head and query).
+    pub fn lse_elements(&self) -> usize {
+        self.batch * self.heads * self.q_len
+    }
+}
+
+/// One tile of positions: where it starts, how many rows, and the range of positions in it.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    start: usize,
+    rows: usize,
+    min: usize,
+    max: usize,
+}
+
+/// Splits `positions` into tiles of `BLOCK` rows with their position ranges.
+fn tiles(positions: &[usize]) -> Vec<Tile> {
+    positions
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(t, chunk)| Tile {
+            start: t * BLOCK,
+            rows: chunk.len(),
+            min: chunk.iter().copied().min().unwrap_or(0),
+            max: chunk.iter().copied().max().unwrap_or(0),
+        })
+        .collect()
+}
+
+impl Tile {
+    /// Whether no query of `self` sees any key of `keys`.
+    fn blind_to(&self, keys: &Tile) -> bool {
+        keys.min > self.max
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks only write elements no other task touches (see each use).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+
+    /// A `rows × cols` matrix starting at `offset` with the given row stride.
+    fn matrix(self, offset: usize, rows: usize, cols: usize, row_stride: usize) -> RawMatrix {
+        RawMatrix {
+            ptr: unsafe { self.0.add(offset) },
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+}
+
+/// The `rows × width` tile starting at element `start` of a row-major buffer with `row_stride`.
+fn view(buffer: &[f32], start: usize, rows: usize, width: usize, row_stride: usize) -> View<'_> {
+    View::strided(&buffer[start..], rows, width, row_stride, 1)
+}
+
+fn check_inputs(
+    q: &[f32],
+    kv: &[f32],
+    q_positions: &[usize],
+    kv_positions: &[usize],
+    shape: MaskedAttentionShape,
+) {
+    assert!(
+        shape.kv_heads > 0 && shape.heads.is_multiple_of(shape.kv_heads),
+        "heads ({}) must be a multiple of kv heads ({})",
+        shape.heads,
+        shape.kv_heads
+    );
+    assert_eq!(q.len(), shape.q_elements(), "q buffer size");
+    assert_eq!(kv.len(), shape.kv_elements(), "kv buffer size");
+    assert_eq!(q_positions.len(), shape.q_len, "q positions length");
+    assert_eq!(kv_positions.len(), shape.kv_len, "kv positions length");
+}
+
+/// Masked attention forward of one block. Writes `out[batch·q_len, heads·head_dim]`, returns
+/// `lse[batch, heads, q_len]` (`−∞`, with output 0, for a query that sees no key).
+pub fn masked_attention_forward(
+    out: &mut [f32],
+    q: &[f32],
+    kv: &[f32],
+    q_positions: &[usize],
+    kv_positions: &[usize],
+    shape: MaskedAttentionShape,
+    scale: f32,
+) -> Vec<f32> {
+    check_inputs(q, kv, q_positions, kv_positions, shape);
+    assert_eq!(out.len(), shape.q_elements(), "attention output size");
+    let (hd, qs, ks) = (shape.head_dim, shape.q_stride(), shape.kv_stride());
+    let v_offset = shape.kv_heads * hd;
+    let (q_tiles, kv_tiles) = (tiles(q_positions), tiles(kv_positions));
+    let mut lse = vec![0.0f32; shape.lse_elements()];
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let lse_ptr = SharedOut(lse.as_mut_ptr());
+    let q_tiles = &q_tiles;
+    let tasks: Vec<(usize, usize, Tile)> = (0..shape.batch)
+        .flat_map(|b| (0..shape.heads).flat_map(move |h| q_tiles.iter().map(move |&t| (b, h, t))))
+        .collect();
+    tasks.into_par_iter().for_each_init(
+        || (vec![0.0f32; BLOCK * BLOCK], vec![0.0f32; BLOCK * hd]),
+        |(scores, acc), (b, h, qt)| {
+            let g = h / shape.queries_per_kv_head();
+            let q_tile = view(
+                q,
+                (b * shape.q_len + qt.start) * qs + h * hd,
+                qt.rows,
+                hd,
+                qs,
+            );
+            let acc = &mut acc[..qt.rows * hd];
+            acc.fill(0.0);
+            let mut max = [f32::NEG_INFINITY; BLOCK];
+            let mut sum = [0.0f32; BLOCK];
+            for kt in kv_tiles.iter().filter(|kt| !qt.blind_to(kt)) {
+                let kv_row = (b * shape.kv_len + kt.start) * ks;
+                let k = view(kv, kv_row + g * hd, kt.rows, hd, ks);
+                let v = view(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                let tile = &mut scores[..qt.rows * kt.rows];
+                let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
+                matmul(
+                    ViewMut::new(tile, qt.rows, kt.rows),
+                    q_tile,
+                    k.t(),
+                    false,
+                    Par::Seq,
+                );
+                for r in 0..qt.rows {
+                    let position = q_positions[qt.start + r];
+                    let p = &mut tile[r * kt.rows..(r + 1) * kt.rows];
+                    let tile_max = p
+                        .iter()
+                        .zip(key_positions)
+                        .filter(|(_, &kp)| kp <= position)
+                        .fold(f32::NEG_INFINITY, |m, (&s, _)| m.max(s * scale));
+                    if tile_max == f32::NEG_INFINITY {
+                        p.fill(0.0);
+                        continue;
+                    }
+                    let new_max = max[r].max(tile_max);
+                    let correction = fast_exp(max[r] - new_max);
+                    let mut tile_sum = 0.0;
+                    for (s, &kp) in p.iter_mut().zip(key_positions) {
+                        *s = if kp <= position {
+                            fast_exp(*s * scale - new_max)
+                        } else {
+                            0.0
+                        };
+                        tile_sum += *s;
+                    }
+                    sum[r] = sum[r] * correction + tile_sum;
+                    max[r] = new_max;
+                    if correction != 1.0 {
+                        acc[r * hd..(r + 1) * hd]
+                            .iter_mut()
+                            .for_each(|a| *a *= correction);
+                    }
+                }
+                matmul(
+                    ViewMut::new(acc, qt.rows, hd),
+                    View::new(tile, qt.rows, kt.rows),
+                    v,
+                    true,
+                    Par::Seq,
+                );
+            }
+            for r in 0..qt.rows {
+                let i = qt.start + r;
+                let seen = sum[r] > 0.0;
+                // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
+                unsafe {
+                    let dst = out_ptr.get().add((b * shape.q_len + i) * qs + h * hd);
+                    for d in 0..hd {
+                        *dst.add(d) = if seen { acc[r * hd + d] / sum[r] } else { 0.0 };
+                    }
+                    *lse_ptr.get().add(shape.lse_index(b, h, i)) = if seen {
+                        max[r] + sum[r].ln()
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+            }
+        },
+    );
+    lse
+}
+
+/// Merges the partial result `(out_part, lse_part)` of the same queries against other keys into
+/// the running `(out, lse)` (online softmax); parts with `lse = −∞` contribute nothing.
+pub fn merge_partial_attention(
+    out: &mut [f32],
+    lse: &mut [f32],
+    out_part: &[f32],
+    lse_part: &[f32],
+    shape: MaskedAttentionShape,
+) {
+    assert_eq!(out.len(), shape.q_elements(), "attention output size");
+    assert_eq!(out_part.len(), shape.q_elements(), "partial output size");
+    assert_eq!(lse.len(), shape.lse_elements(), "lse size");
+    assert_eq!(lse_part.len(), shape.lse_elements(), "partial lse size");
+    let hd = shape.head_dim;
+    let per_sequence = shape.q_len * shape.q_stride();
+    let lse_per_sequence = shape.heads * shape.q_len;
+    out.par_chunks_mut(per_sequence)
+        .zip(lse.par_chunks_mut(lse_per_sequence))
+        .zip(out_part.par_chunks(per_sequence))
+        .zip(lse_part.par_chunks(lse_per_sequence))
+        .for_each(|(((out, lse), out_part), lse_part)| {
+            for h in 0..shape.heads {
+                for i in 0..shape.q_len {
+                    let (old, part) = (lse[h * shape.q_len + i], lse_part[h * shape.q_len + i]);
+                    if part == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let at = i * shape.q_stride() + h * hd;
+                    let (o, p) = (&mut out[at..at + hd], &out_part[at..at + hd]);
+                    if old == f32::NEG_INFINITY {
+                        o.copy_from_slice(p);
+                        lse[h * shape.q_len + i] = part;
+                        continue;
+                    }
+                    let max = old.max(part);
+                    let merged = max + ((old - max).exp() + (part - max).exp()).ln();
+                    let (keep, add) = ((old - merged).exp(), (part - merged).exp());
+                    o.iter_mut()
+                        .zip(p)
+                        .for_each(|(o, p)| *o = *o * keep + p * add);
+                    lse[h * shape.q_len + i] = merged;
+                }
+            }
+        });
+}
+
+/// `D = Σ_d dout∘out` per query and head, layout `[batch, heads, q_len]`, for
+/// [`masked_attention_backward`] (computed once from the final output over all blocks).
+pub fn attention_row_dots(dout: &[f32], out: &[f32], shape: MaskedAttentionShape) -> Vec<f32> {
+    assert_eq!(dout.len(), shape.q_elements(), "output gradient size");
+    assert_eq!(out.len(), shape.q_elements(), "attention output size");
+    let hd = shape.head_dim;
+    (0..shape.lse_elements())
+        .into_par_iter()
+        .map(|idx| {
+            let (bh, i) = (idx / shape.q_len, idx % shape.q_len);
+            let (b, h) = (bh / shape.heads, bh % shape.heads);
+            let at = (b * shape.q_len + i) * shape.q_stride() + h * hd;
+            dout[at..at + hd]
+                .iter()
+                .zip(&out[at..at + hd])
+                .map(|(a, b)| a * b)
+                .sum()
+        })
+        .collect()
+}
+
+/// Masked attention backward of one block. Adds into `dq` (layout of `q`) and `dkv` (layout of
+/// `kv`); `lse` is the final one over all key blocks and `row_dots` its
+/// [`attention_row_dots`].
+#[allow(clippy::too_many_arguments)]
+pub fn masked_attention_backward(
+    dq: &mut [f32],
+    dkv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    kv: &[f32],
+    lse: &[f32],
+    row_dots: &[f32],
+    q_positions: &[usize],
+    kv_positions: &[usize],
+    shape: MaskedAttentionShape,
+    scale: f32,
+) {
+    check_inputs(q, kv, q_positions, kv_positions, shape);
+    assert_eq!(dq.len(), q.len(), "dq buffer size");
+    assert_eq!(dkv.len(), kv.len(), "dkv buffer size");
+    assert_eq!(dout.len(), shape.q_elements(), "output gradient size");
+    assert_eq!(lse.len(), shape.lse_elements(), "lse size");
+    assert_eq!(row_dots.len(), shape.lse_elements(), "row dots size");
+    let (hd, qs, ks) = (shape.head_dim, shape.q_stride(), shape.kv_stride());
+    let v_offset = shape.kv_heads * hd;
+    let (q_tiles, kv_tiles) = (tiles(q_positions), tiles(kv_positions));
+    let dq_ptr = SharedOut(dq.as_mut_ptr());
+    let dkv_ptr = SharedOut(dkv.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..shape.batch)
+        .flat_map(|b| (0..shape.kv_heads).map(move |g| (b, g)))
+        .collect();
+    tasks.into_par_iter().for_each_init(
+        || (vec![0.0f32; BLOCK * BLOCK], vec![0.0f32; BLOCK * BLOCK]),
+        |(probs, dprobs), (b, g)| {
+            let group = shape.queries_per_kv_head();
+            for h in g * group..(g + 1) * group {
+                for kt in &kv_tiles {
+                    let kv_row = (b * shape.kv_len + kt.start) * ks;
+                    let k = view(kv, kv_row + g * hd, kt.rows, hd, ks);
+                    let v = view(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                    let dk = dkv_ptr.matrix(kv_row + g * hd, kt.rows, hd, ks);
+                    let dv = dkv_ptr.matrix(kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                    let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
+                    for qt in q_tiles.iter().filter(|qt| !qt.blind_to(kt)) {
+                        let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
+                        let q_tile = view(q, q_row, qt.rows, hd, qs);
+                        let d_out = view(dout, q_row, qt.rows, hd, qs);
+                        let p = &mut probs[..qt.rows * kt.rows];
+                        let dp = &mut dprobs[..qt.rows * kt.rows];
+                        matmul(
+                            ViewMut::new(p, qt.rows, kt.rows),
+                            q_tile,
+                            k.t(),
+                            false,
+                            Par::Seq,
+                        );
+                        matmul(
+                            ViewMut::new(dp, qt.rows, kt.rows),
+                            d_out,
+                            v.t(),
+                            false,
+                            Par::Seq,
+                        );
+                        for r in 0..qt.rows {
+                            let i = qt.start + r;
+                            let (position, lse_r) = (q_positions[i], lse[shape.lse_index(b, h, i)]);
+                            let d_r = row_dots[shape.lse_index(b, h, i)];
+                            let p_row = &mut p[r * kt.rows..(r + 1) * kt.rows];
+                            let dp_row = &mut dp[r * kt.rows..(r + 1) * kt.rows];
+                            for ((s, ds), &kp) in p_row.iter_mut().zip(dp_row).zip(key_positions) {
+                                if kp <= position && lse_r != f32::NEG_INFINITY {
+                                    *s = fast_exp(*s * scale - lse_r);
+                                    *ds = *s * (*ds - d_r) * scale;
+                                } else {
+                                    *s = 0.0;
+                                    *ds = 0.0;
+                                }
+                            }
+                        }
+                        let dq_tile = dq_ptr.matrix(q_row, qt.rows, hd, qs);
+                        // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of
+                        // the heads of group g and the dk, dv columns of kv head g; the
+                        // gradient buffers do not overlap the inputs.
+                        unsafe {
+                            matmul_raw(dv, View::new(p, qt.rows, kt.rows).t(), d_out, true);
+                            matmul_raw(dq_tile, View::new(dp, qt.rows, kt.rows), k, true);
+                            matmul_raw(dk, View::new(dp, qt.rows, kt.rows).t(), q_tile, true);
+                        }
+                    }
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{attention_backward, attention_forward, AttentionShape, QkvLayout};
+    use crate::testing::{assert_close, check_gradient_with, probe_loss, random_vec};
+
+    const SCALE: f32 = 0.35;
+
+    fn shape(batch: usize, q_len: usize, kv_len: usize) -> MaskedAttentionShape {
+        MaskedAttentionShape {
+            batch,
+            q_len,
+            kv_len,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        }
+    }
+
+    /// Random q and kv for `shape`, scaled so the softmax is far from uniform.
+    fn inputs(shape: MaskedAttentionShape, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        let scaled = |len, seed| random_vec(len, seed).iter().map(|v| v * 2.0).collect();
+        (
+            scaled(shape.q_elements(), seed),
+            scaled(shape.kv_elements(), seed + 1),
+        )
+    }
+
+    /// The fused `[q | k | v]` buffer of the causal kernel and its layout.
+    fn fused(q: &[f32], kv: &[f32], shape: MaskedAttentionShape) -> (Vec<f32>, QkvLayout) {
+        let (qs, ks) = (shape.q_stride(), shape.kv_stride());
+        let rows = shape.batch * shape.q_len;
+        let qkv = (0..rows)
+            .flat_map(|r| {
+                q[r * qs..(r + 1) * qs]
+                    .iter()
+                    .chain(&kv[r * ks..(r + 1) * ks])
+            })
+            .copied()
+            .collect();
+        let layout = QkvLayout {
+            row_stride: qs + ks,
+            q_offset: 0,
+            k_offset: qs,
+            v_offset: qs + ks / 2,
+        };
+        (qkv, layout)
+    }
+
+    fn forward(
+        q: &[f32],
+        kv: &[f32],
+        q_positions: &[usize],
+        kv_positions: &[usize],
+        shape: MaskedAttentionShape,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![f32::NAN; shape.q_elements()];
+        let lse =
+            masked_attention_forward(&mut out, q, kv, q_positions, kv_positions, shape, SCALE);
+        (out, lse)
+    }
+
+    #[test]
+    fn contiguous_positions_match_the_causal_kernel() {
+        for seq in [1, 5, 64, 70, 129] {
+            let shape = shape(2, seq, seq);
+            let (q, kv) = inputs(shape, 3);
+            let positions: Vec<usize> = (0..seq).collect();
+            let (out, lse) = forward(&q, &kv, &positions, &positions, shape);
+            let (qkv, layout) = fused(&q, &kv, shape);
+            let causal = AttentionShape {
+                batch: shape.batch,
+                seq,
+                heads: shape.heads,
+                kv_heads: shape.kv_heads,
+                head_dim: shape.head_dim,
+            };
+            let mut expected = vec![0.0; shape.q_elements()];
+            let expected_lse = attention_forward(&mut expected, &qkv, layout, causal, SCALE);
+            assert_close(&out, &expected, 1e-5, "output");
+            assert_close(&lse, &expected_lse, 1e-5, "lse");
+
+            let dout = random_vec(shape.q_elements(), 5);
+            let mut dq = vec![0.0; q.len()];
+            let mut dkv = vec![0.0; kv.len()];
+            let dots = attention_row_dots(&dout, &out, shape);
+            masked_attention_backward(
+                &mut dq, &mut dkv, &dout, &q, &kv, &lse, &dots, &positions, &positions, shape,
+                SCALE,
+            );
+            let mut dqkv = vec![0.0; qkv.len()];
+            attention_backward(
+                &mut dqkv,
+                &dout,
+                &expected,
+                &qkv,
+                &expected_lse,
+                layout,
+                causal,
+                SCALE,
+            );
+            let (expected_dq, expected_dkv) = split_fused(&dqkv, shape);
+            assert_close(&dq, &expected_dq, 1e-5, "dq");
+            assert_close(&dkv, &expected_dkv, 1e-5, "dkv");
+        }
+    }
+
+    /// Splits a fused `[q | k | v]` gradient into the compact q and kv layouts.
+    fn split_fused(dqkv: &[f32], shape: MaskedAttentionShape) -> (Vec<f32>, Vec<f32>) {
+        let (qs, ks) = (shape.q_stride(), shape.kv_stride());
+        let rows = dqkv.chunks(qs + ks);
+        let dq = rows.clone().flat_map(|r| &r[..qs]).copied().collect();
+        let dkv = rows.flat_map(|r| &r[qs..]).copied().collect();
+        (dq, dkv)
+    }
+
+    /// Shuffled, non-contiguous positions: query 0 (position 1) sees no key.
+    fn scattered_positions(len: usize, seed: usize) -> Vec<usize> {
+        (0..len)
+            .map(|i| 2 + (i * 37 + seed * 11) % (3 * len))
+            .collect()
+    }
+
+    #[test]
+    fn split_keys_merged_equal_one_call() {
+        for (q_len, kv_len, split) in [(7, 9, 4), (70, 130, 64), (70, 130, 100)] {
+            let shape = shape(2, q_len, kv_len);
+            let (q, kv) = inputs(shape, 7);
+            let q_positions = scattered_positions(q_len, 1);
+            let mut kv_positions = scattered_positions(kv_len, 2);
+            kv_positions[0] = 0;
+            let (expected, expected_lse) = forward(&q, &kv, &q_positions, &kv_positions, shape);
+            let part_shape = |kv_len| MaskedAttentionShape { kv_len, ..shape };
+            let rows_of = |lo: usize, hi: usize| -> Vec<f32> {
+                let ks = shape.kv_stride();
+                (0..shape.batch)
+                    .flat_map(|b| &kv[(b * kv_len + lo) * ks..(b * kv_len + hi) * ks])
+                    .copied()
+                    .collect()
+            };
+            let (first, second) = (rows_of(0, split), rows_of(split, kv_len));
+            let (mut out, mut lse) = forward(
+                &q,
+                &first,
+                &q_positions,
+                &kv_positions[..split],
+                part_shape(split),
+            );
+            let (out_part, lse_part) = forward(
+                &q,
+                &second,
+                &q_positions,
+                &kv_positions[split..],
+                part_shape(kv_len - split),
+            );
+            merge_partial_attention(&mut out, &mut lse, &out_part, &lse_part, shape);
+            assert_close(&out, &expected, 1e-5, "merged output");
+            assert_close(&lse, &expected_lse, 1e-5, "merged lse");
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_with_scattered_positions() {
+        let shape = shape(2, 9, 11);
+        let (q, kv) = inputs(shape, 9);
+        let mut q_positions = scattered_positions(shape.q_len, 3);
+        q_positions[2] = 1;
+        let mut kv_positions = scattered_positions(shape.kv_len, 4);
+        kv_positions[5] = 2;
+        let (out, lse) = forward(&q, &kv, &q_positions, &kv_positions, shape);
+        for b in 0..shape.batch {
+            for h in 0..shape.heads {
+                assert_eq!(lse[shape.lse_index(b, h, 2)], f32::NEG_INFINITY);
+            }
+        }
+        assert!(out.iter().all(|v| v.is_finite()));
+        let probe = random_vec(shape.q_elements(), 10);
+        let dots = attention_row_dots(&probe, &out, shape);
+        let mut dq = vec![0.0; q.len()];
+        let mut dkv = vec![0.0; kv.len()];
+        masked_attention_backward(
+            &mut dq,
+            &mut dkv,
+            &probe,
+            &q,
+            &kv,
+            &lse,
+            &dots,
+            &q_positions,
+            &kv_positions,
+            shape,
+            SCALE,
+        );
+        let mut loss_of_q = |x: &[f32]| {
+            probe_loss(
+                &forward(x, &kv, &q_positions, &kv_positions, shape).0,
+                &probe,
+            )
+        };
+        check_gradient_with(&q, &dq, &mut loss_of_q, 3e-3, 1e-2, "masked attention dq");
+        let mut loss_of_kv = |x: &[f32]| {
+            probe_loss(
+                &forward(&q, x, &q_positions, &kv_positions, shape).0,
+                &probe,
+            )
+        };
+        check_gradient_with(
+            &kv,
+            &dkv,
+            &mut loss_of_kv,
+            3e-3,
+            1e-2,
+            "masked attention dkv",
+        );
+    }
+}

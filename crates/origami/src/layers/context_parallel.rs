@@ -1,0 +1,489 @@
+//! Context parallelism (cp): causal attention over sequences split across the ranks of the cp
+//! group.
+//!
+//! Each sequence of `seq` tokens is cut into `2·cp` chunks of `c = seq / (2·cp)` tokens; cp rank
+//! `r` holds chunks `r` and `2·cp − 1 − r`, so every rank does the same causal work. A rank's
+//! local rows of a micro-batch are `[sequence][local index]`, local index `0..c` being chunk `r`
+//! and `c..2c` chunk `2·cp − 1 − r` ([`local_positions`]).
+//!
+//! Two ways to exchange data ([`CpCommType`]):
+//! - `p2p` (ring attention): the key/value blocks travel around the ring with `send_recv`; each
+//!   rank attends its queries to every block and merges the partial results (online softmax).
+//!   Backward: each block travels once more with its gradient accumulator, which ends at its
+//!   owner after `cp` steps; `dq` stays local.
+//! - `a2a` (Ulysses): an all-to-all trades the sequence split for a head split (every rank gets
+//!   all tokens of `heads / cp` query and `kv_heads / cp` kv heads), one attention call, and the
+//!   inverse all-to-all. Backward mirrors it.
+//!
+//! The kernel masks by global token position, so neither needs the tokens in sequence order.
+
+use std::sync::Arc;
+
+use origami_comm::Communicator;
+use origami_kernels::masked_attention::{
+    attention_row_dots, masked_attention_backward, masked_attention_forward,
+    merge_partial_attention, MaskedAttentionShape,
+};
+
+use crate::layers::comm_ok;
+
+/// Tag of the ring steps of the forward.
+const RING_FORWARD_TAG: u32 = 0xC0_0001;
+/// Tag of the ring steps of the backward.
+const RING_BACKWARD_TAG: u32 = 0xC0_0002;
+
+/// How context-parallel attention exchanges data (config value `"p2p"` or `"a2a"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpCommType {
+    /// Ring attention: key/value blocks pass from rank to rank with send/recv.
+    #[default]
+    P2p,
+    /// Ulysses: all-to-all from a sequence split to a head split and back.
+    A2a,
+}
+
+/// Global positions (within a sequence) of the local tokens of cp rank `rank`: chunk `rank`,
+/// then chunk `2·cp − 1 − rank`. Panics unless `seq` is divisible by `2·cp`.
+pub fn local_positions(seq: usize, cp: usize, rank: usize) -> Vec<usize> {
+    assert!(
+        cp > 0 && seq.is_multiple_of(2 * cp),
+        "context parallelism needs the sequence length {seq} divisible by 2·cp = {} (cp = {cp})",
+        2 * cp
+    );
+    assert!(rank < cp, "cp rank {rank} outside a group of {cp}");
+    let chunk = seq / (2 * cp);
+    let first = rank * chunk..(rank + 1) * chunk;
+    let mirrored = (2 * cp - 1 - rank) * chunk..(2 * cp - rank) * chunk;
+    first.chain(mirrored).collect()
+}
+
+/// What the backward needs from the forward.
+pub struct ContextAttentionSaved {
+    /// Final attention output, in the layout the kernel ran on.
+    out: Vec<f32>,
+    /// Final log-sum-exp of the scores, same layout.
+    lse: Vec<f32>,
+    /// a2a only: the head-split queries and keys/values the kernel ran on.
+    gathered: Option<GatheredInputs>,
+}
+
+/// The head-split inputs of the a2a exchange.
+struct GatheredInputs {
+    q: Vec<f32>,
+    kv: Vec<f32>,
+}
+
+/// Context-parallel attention over the cp group.
+#[derive(Clone)]
+pub struct ContextAttention {
+    cp: Arc<dyn Communicator>,
+    comm_type: CpCommType,
+}
+
+impl std::fmt::Debug for ContextAttention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextAttention")
+            .field("cp", &self.cp.size())
+            .field("cp_rank", &self.cp.rank())
+            .field("comm_type", &self.comm_type)
+            .finish()
+    }
+}
+
+impl ContextAttention {
+    /// Attention over the ranks of `cp`, exchanging data as `comm_type` says.
+    pub fn new(cp: Arc<dyn Communicator>, comm_type: CpCommType) -> Self {
+        ContextAttention { cp, comm_type }
+    }
+
+    /// Attention of this rank's queries to all keys of their sequences. `q` is
+    /// `[batch·local_len, heads·head_dim]`, `kv` `[batch·local_len, 2·kv_heads·head_dim]` (key
+    /// heads, then value heads); `positions` are this rank's [`local_positions`] and
+    /// `shape.q_len = shape.kv_len = local_len`. Returns the output in the layout of `q` and
+    /// what the backward needs.
+    pub fn forward(
+        &self,
+        q: &[f32],
+        kv: &[f32],
+        positions: &[usize],
+        shape: MaskedAttentionShape,
+        scale: f32,
+    ) -> (Vec<f32>, ContextAttentionSaved) {
+        self.check_positions(positions, shape);
+        if self.uses_all_to_all() {
+            self.all_to_all_forward(q, kv, shape, scale)
+        } else {
+            self.ring_forward(q, kv, positions, shape, scale)
+        }
+    }
+
+    /// Gradients of the forward's inputs from the output gradient `dout` (layout of `q`);
+    /// returns `(dq, dkv)` in the layouts of `q` and `kv`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        saved: ContextAttentionSaved,
+        q: &[f32],
+        kv: &[f32],
+        dout: &[f32],
+        positions: &[usize],
+        shape: MaskedAttentionShape,
+        scale: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        self.check_positions(positions, shape);
+        match saved.gathered {
+            Some(ref gathered) => self.all_to_all_backward(&saved, gathered, dout, shape, scale),
+            None => self.ring_backward(&saved, q, kv, dout, positions, shape, scale),
+        }
+    }
+
+    fn uses_all_to_all(&self) -> bool {
+        self.comm_type == CpCommType::A2a && self.cp.size() > 1
+    }
+
+    /// The other ranks' positions are derived from their ranks, so this rank's must match.
+    fn check_positions(&self, positions: &[usize], shape: MaskedAttentionShape) {
+        assert_eq!(
+            shape.q_len, shape.kv_len,
+            "cp attention: q_len differs from kv_len"
+        );
+        assert!(
+            positions == self.positions(shape, self.cp.rank()),
+            "cp attention: positions are not local_positions(seq = {}, cp = {}, rank = {})",
+            shape.q_len * self.cp.size(),
+            self.cp.size(),
+            self.cp.rank()
+        );
+    }
+
+    /// Positions of the tokens that cp rank `rank` holds.
+    fn positions(&self, shape: MaskedAttentionShape, rank: usize) -> Vec<usize> {
+        let cp = self.cp.size();
+        local_positions(shape.q_len * cp, cp, rank)
+    }
+
+    /// The rank that sends to this one on the ring, and the one it sends to.
+    fn ring_neighbours(&self) -> (usize, usize) {
+        let (rank, cp) = (self.cp.rank(), self.cp.size());
+        ((rank + cp - 1) % cp, (rank + 1) % cp)
+    }
+
+    /// The rank whose key/value block this rank holds after `step` ring steps.
+    fn ring_owner(&self, step: usize) -> usize {
+        let (rank, cp) = (self.cp.rank(), self.cp.size());
+        (rank + cp - step % cp) % cp
+    }
+
+    fn ring_forward(
+        &self,
+        q: &[f32],
+        kv: &[f32],
+        positions: &[usize],
+        shape: MaskedAttentionShape,
+        scale: f32,
+    ) -> (Vec<f32>, ContextAttentionSaved) {
+        let (previous, next) = self.ring_neighbours();
+        let mut out = vec![0.0; shape.q_elements()];
+        let mut lse = masked_attention_forward(&mut out, q, kv, positions, positions, shape, scale);
+        let mut current = kv.to_vec();
+        let mut incoming = vec![0.0; kv.len()];
+        let mut part = vec![0.0; out.len()];
+        for step in 1..self.cp.size() {
+            comm_ok(
+                self.cp
+                    .send_recv(&current, next, &mut incoming, previous, RING_FORWARD_TAG),
+            );
+            std::mem::swap(&mut current, &mut incoming);
+            let kv_positions = self.positions(shape, self.ring_owner(step));
+            if !sees_any(positions, &kv_positions) {
+                continue;
+            }
+            let part_lse = masked_attention_forward(
+                &mut part,
+                q,
+                &current,
+                positions,
+                &kv_positions,
+                shape,
+                scale,
+            );
+            merge_partial_attention(&mut out, &mut lse, &part, &part_lse, shape);
+        }
+        let saved = ContextAttentionSaved {
+            out: out.clone(),
+            lse,
+            gathered: None,
+        };
+        (out, saved)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ring_backward(
+        &self,
+        saved: &ContextAttentionSaved,
+        q: &[f32],
+        kv: &[f32],
+        dout: &[f32],
+        positions: &[usize],
+        shape: MaskedAttentionShape,
+        scale: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (previous, next) = self.ring_neighbours();
+        let row_dots = attention_row_dots(dout, &saved.out, shape);
+        let mut dq = vec![0.0; q.len()];
+        // The travelling block: keys/values followed by their gradient accumulator.
+        let mut travelling = [kv, &vec![0.0; kv.len()]].concat();
+        let mut incoming = vec![0.0; travelling.len()];
+        for step in 0..self.cp.size() {
+            if step > 0 {
+                comm_ok(self.cp.send_recv(
+                    &travelling,
+                    next,
+                    &mut incoming,
+                    previous,
+                    RING_BACKWARD_TAG,
+                ));
+                std::mem::swap(&mut travelling, &mut incoming);
+            }
+            let kv_positions = self.positions(shape, self.ring_owner(step));
+            if !sees_any(positions, &kv_positions) {
+                continue;
+            }
+            let (block_kv, block_dkv) = travelling.split_at_mut(kv.len());
+            masked_attention_backward(
+                &mut dq,
+                block_dkv,
+                dout,
+                q,
+                block_kv,
+                &saved.lse,
+                &row_dots,
+                positions,
+                &kv_positions,
+                shape,
+                scale,
+            );
+        }
+        // The last block came from the next rank: one more step returns its gradient.
+        let accumulated = travelling.split_off(kv.len());
+        if self.cp.size() == 1 {
+            return (dq, accumulated);
+        }
+        let mut dkv = vec![0.0; kv.len()];
+        comm_ok(
+            self.cp
+                .send_recv(&accumulated, next, &mut dkv, previous, RING_BACKWARD_TAG),
+        );
+        (dq, dkv)
+    }
+
+    /// How q and kv split into head slices over cp; panics unless the heads divide.
+    fn head_splits(&self, shape: MaskedAttentionShape) -> (HeadSplit, HeadSplit) {
+        let cp = self.cp.size();
+        assert!(
+            shape.heads.is_multiple_of(cp) && shape.kv_heads.is_multiple_of(cp),
+            "cp_comm_type a2a needs heads ({}) and kv heads ({}) divisible by cp = {cp}",
+            shape.heads,
+            shape.kv_heads
+        );
+        let split = |segments, heads: usize| HeadSplit {
+            batch: shape.batch,
+            local_len: shape.q_len,
+            segments,
+            width: heads / cp * shape.head_dim,
+            cp,
+        };
+        (split(1, shape.heads), split(2, shape.kv_heads))
+    }
+
+    /// The kernel shape after the a2a exchange: every token, this rank's head slice.
+    fn head_split_shape(&self, shape: MaskedAttentionShape) -> MaskedAttentionShape {
+        let cp = self.cp.size();
+        MaskedAttentionShape {
+            q_len: shape.q_len * cp,
+            kv_len: shape.kv_len * cp,
+            heads: shape.heads / cp,
+            kv_heads: shape.kv_heads / cp,
+            ..shape
+        }
+    }
+
+    /// Positions of every token after the a2a exchange: the ranks' local tokens in rank order.
+    fn all_positions(&self, shape: MaskedAttentionShape) -> Vec<usize> {
+        (0..self.cp.size())
+            .flat_map(|rank| self.positions(shape, rank))
+            .collect()
+    }
+
+    fn all_to_all_forward(
+        &self,
+        q: &[f32],
+        kv: &[f32],
+        shape: MaskedAttentionShape,
+        scale: f32,
+    ) -> (Vec<f32>, ContextAttentionSaved) {
+        let (q_split, kv_split) = self.head_splits(shape);
+        let full = self.head_split_shape(shape);
+        let positions = self.all_positions(shape);
+        let q_full = sequence_to_heads(&*self.cp, q, q_split);
+        let kv_full = sequence_to_heads(&*self.cp, kv, kv_split);
+        let mut out_full = vec![0.0; full.q_elements()];
+        let lse = masked_attention_forward(
+            &mut out_full,
+            &q_full,
+            &kv_full,
+            &positions,
+            &positions,
+            full,
+            scale,
+        );
+        let out = heads_to_sequence(&*self.cp, &out_full, q_split);
+        let saved = ContextAttentionSaved {
+            out: out_full,
+            lse,
+            gathered: Some(GatheredInputs {
+                q: q_full,
+                kv: kv_full,
+            }),
+        };
+        (out, saved)
+    }
+
+    fn all_to_all_backward(
+        &self,
+        saved: &ContextAttentionSaved,
+        gathered: &GatheredInputs,
+        dout: &[f32],
+        shape: MaskedAttentionShape,
+        scale: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (q_split, kv_split) = self.head_splits(shape);
+        let full = self.head_split_shape(shape);
+        let positions = self.all_positions(shape);
+        let dout_full = sequence_to_heads(&*self.cp, dout, q_split);
+        let row_dots = attention_row_dots(&dout_full, &saved.out, full);
+        let mut dq_full = vec![0.0; gathered.q.len()];
+        let mut dkv_full = vec![0.0; gathered.kv.len()];
+        masked_attention_backward(
+            &mut dq_full,
+            &mut dkv_full,
+            &dout_full,
+            &gathered.q,
+            &gathered.kv,
+            &saved.lse,
+            &row_dots,
+            &positions,
+            &positions,
+            full,
+            scale,
+        );
+        (
+            heads_to_sequence(&*self.cp, &dq_full, q_split),
+            heads_to_sequence(&*self.cp, &dkv_full, kv_split),
+        )
+    }
+}
+
+/// Whether any query at `q_positions` sees any key at `kv_positions`.
+fn sees_any(q_positions: &[usize], kv_positions: &[usize]) -> bool {
+    let last_query = q_positions.iter().max();
+    kv_positions
+        .iter()
+        .min()
+        .zip(last_query)
+        .is_some_and(|(k, q)| k <= q)
+}
+
+/// How the rows of a sequence-split tensor cut into per-rank head slices: each row is
+/// `segments` parts (q: 1; kv: keys, values), each part `cp` slices of `width` columns.
+#[derive(Clone, Copy, Debug)]
+struct HeadSplit {
+    batch: usize,
+    local_len: usize,
+    segments: usize,
+    width: usize,
+    cp: usize,
+}
+
+impl HeadSplit {
+    /// Columns of a row after the exchange (one head slice of every segment).
+    fn sliced_row(&self) -> usize {
+        self.segments * self.width
+    }
+
+    /// Columns of a row before the exchange (every head slice).
+    fn full_row(&self) -> usize {
+        self.sliced_row() * self.cp
+    }
+
+    /// Where slice `rank` of `segment` starts in a full row.
+    fn slice_offset(&self, segment: usize, rank: usize) -> usize {
+        (segment * self.cp + rank) * self.width
+    }
+}
+
+/// a2a forward: from `x[batch·local_len, full row]` (this rank's tokens, all heads) to
+/// `[batch][source rank][local index][sliced row]` (every token, this rank's head slice).
+fn sequence_to_heads(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Vec<f32> {
+    let rows = split.batch * split.local_len;
+    assert_eq!(
+        x.len(),
+        rows * split.full_row(),
+        "context-parallel input size"
+    );
+    let mut send = Vec::with_capacity(x.len());
+    for rank in 0..split.cp {
+        for row in x.chunks(split.full_row()) {
+            for segment in 0..split.segments {
+                let at = split.slice_offset(segment, rank);
+                send.extend_from_slice(&row[at..at + split.width]);
+            }
+        }
+    }
+    let counts = vec![rows * split.sliced_row(); split.cp];
+    let mut received = vec![0.0; x.len()];
+    comm_ok(comm.all_to_all_v(&send, &counts, &mut received, &counts));
+    // Received as [source rank][batch][local index]; sequences first.
+    let sequence_part = split.local_len * split.sliced_row();
+    let mut gathered = Vec::with_capacity(x.len());
+    for b in 0..split.batch {
+        for source in 0..split.cp {
+            let at = (source * split.batch + b) * sequence_part;
+            gathered.extend_from_slice(&received[at..at + sequence_part]);
+        }
+    }
+    gathered
+}
+
+/// a2a backward (and the output's way back): the inverse of [`sequence_to_heads`].
+fn heads_to_sequence(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Vec<f32> {
+    let rows = split.batch * split.local_len;
+    assert_eq!(
+        x.len(),
+        rows * split.full_row(),
+        "context-parallel output size"
+    );
+    let sequence_part = split.local_len * split.sliced_row();
+    let mut send = Vec::with_capacity(x.len());
+    for rank in 0..split.cp {
+        for b in 0..split.batch {
+            let at = (b * split.cp + rank) * sequence_part;
+            send.extend_from_slice(&x[at..at + sequence_part]);
+        }
+    }
+    let counts = vec![rows * split.sliced_row(); split.cp];
+    let mut received = vec![0.0; x.len()];
+    comm_ok(comm.all_to_all_v(&send, &counts, &mut received, &counts));
+    // Received as [source rank = head slice][row][segment]; put each slice in its columns.
+    let mut local = vec![0.0; x.len()];
+    let slices = received.chunks(split.width);
+    for (index, slice) in slices.enumerate() {
+        let segment = index % split.segments;
+        let row = index / split.segments % rows;
+        let rank = index / split.segments / rows;
+        let at = row * split.full_row() + split.slice_offset(segment, rank);
+        local[at..at + split.width].copy_from_slice(slice);
+    }
+    local
+}
