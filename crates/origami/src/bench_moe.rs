@@ -15,9 +15,8 @@ use origami_comm::ReduceOp;
 use origami_kernels::testing::random_vec;
 
 use crate::bench::preset_micro_batch;
-use crate::equivalence::moe_only_state;
+use crate::equivalence::{self, moe_only_state};
 use crate::layers::moe::dispatch::PhaseTimes;
-use crate::layers::moe::parallel::MoeParallel;
 use crate::layers::moe::MoeLayer;
 use crate::model::config::{DispatcherKind, ModelConfig};
 use crate::model::init::initialise;
@@ -90,7 +89,7 @@ pub fn run(settings: &MoeBenchSettings) -> anyhow::Result<Vec<MoeBenchReport>> {
                         model.hidden_size,
                         &config,
                         (std, std),
-                        MoeParallel::from_state(&state),
+                        equivalence::moe_only_parallel(&state),
                     )?;
                     let params = initialise(&registry, 1);
                     let h = model.hidden_size;

@@ -65,7 +65,7 @@ fn short_run_writes_outputs_and_its_checkpoint_generates_and_evaluates() {
     let tmp = tempfile::tempdir().unwrap();
     let stdout = run_ok(origami().arg("train").args(short_run(tmp.path(), 4)));
     assert!(
-        stdout.contains("layout: world 1 | attention TP1 CP1 DP1 PP1 | MoE ETP1 EP1 EDP1 PP1"),
+        stdout.contains("layout: world 4 | attention TP2 CP1 DP2 | MoE ETP1 EP4 EDP1"),
         "{stdout}"
     );
     assert_eq!(

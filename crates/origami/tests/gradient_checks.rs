@@ -5,6 +5,7 @@ use origami::layers::attention::{Attention, AttentionDims, Positions};
 use origami::layers::block::{Block, FeedForward};
 use origami::layers::mlp::Mlp;
 use origami::layers::moe::MoeLayer;
+use origami::layers::tensor_parallel::TensorParallel;
 use origami::model::config::{AuxLossScope, DropPolicy, ModelConfig, MoeConfig, ScoreFunction};
 use origami::model::gpt::{GptModel, MicroBatch};
 use origami::model::init::initialise;
@@ -96,12 +97,21 @@ fn positions() -> Vec<usize> {
 #[test]
 fn attention_layer_with_qkv_bias() {
     let mut registry = ParamRegistry::default();
-    let layer = Attention::new(&mut registry, "attention", attention_dims(), true, 0.3, 0.3);
+    let layer = Attention::new(
+        &mut registry,
+        "attention",
+        attention_dims(),
+        true,
+        (0.3, 0.3),
+        &TensorParallel::single(),
+        None,
+    );
     let params = initialise(&registry, 1);
     let rope = RopeTable::new(6, SEQ, 10000.0);
     let rows = positions();
     let pos = Positions {
         of_row: &rows,
+        in_sequence: &rows[..SEQ],
         rope: &rope,
     };
     let x = random_vec(BATCH * SEQ * HIDDEN, 2);
@@ -117,7 +127,13 @@ fn attention_layer_with_qkv_bias() {
 #[test]
 fn dense_mlp() {
     let mut registry = ParamRegistry::default();
-    let layer = Mlp::new(&mut registry, "mlp", HIDDEN, 20, 0.3, 0.3);
+    let layer = Mlp::new(
+        &mut registry,
+        "mlp",
+        (HIDDEN, 20),
+        (0.3, 0.3),
+        &TensorParallel::single(),
+    );
     let params = initialise(&registry, 4);
     let x = random_vec(BATCH * SEQ * HIDDEN, 5);
     let probe = random_vec(x.len(), 6);
@@ -261,8 +277,9 @@ fn transformer_block_with_moe() {
         "block.attention",
         attention_dims(),
         false,
-        0.3,
-        0.3,
+        (0.3, 0.3),
+        &TensorParallel::single(),
+        None,
     );
     let moe = MoeLayer::new(
         &mut registry,
@@ -275,16 +292,17 @@ fn transformer_block_with_moe() {
     let block = Block::new(
         &mut registry,
         "block",
-        HIDDEN,
-        1e-5,
+        (HIDDEN, 1e-5),
         attention,
         FeedForward::Moe(Box::new(moe)),
+        TensorParallel::single(),
     );
     let params = initialise(&registry, 10);
     let rope = RopeTable::new(6, SEQ, 10000.0);
     let rows = positions();
     let pos = Positions {
         of_row: &rows,
+        in_sequence: &rows[..SEQ],
         rope: &rope,
     };
     let x = random_vec(BATCH * SEQ * HIDDEN, 11);

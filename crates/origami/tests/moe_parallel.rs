@@ -13,6 +13,7 @@ use origami::layers::moe::router::Routing;
 use origami::layers::moe::MoeLayer;
 use origami::model::config::{AuxLossScope, DispatcherKind, ModelConfigError, MoeConfig};
 use origami::model::gpt::GptModel;
+use origami::model::parallel::ModelParallel;
 use origami::model::params::ParamRegistry;
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
@@ -161,7 +162,7 @@ fn dropping_against_separate_ranks(settings: &MoeConfig) -> Vec<f64> {
                 h,
                 settings,
                 (0.4, 0.4),
-                MoeParallel::from_state(&state),
+                equivalence::moe_only_parallel(&state),
             )?;
             let params = registry.shard_of(&full_registry, &full_params);
             let (y, saved, _) = layer.forward(&params, &x);
@@ -247,7 +248,7 @@ fn dispatch_then_combine_returns_the_input_and_its_gradient() {
     let results = LocalWorld::new(4)
         .run(|world| {
             let state = layer_state(&world, 2, 2);
-            let parallel = MoeParallel::from_state(&state);
+            let parallel = equivalence::moe_only_parallel(&state);
             let tokens = 3 + 2 * world.rank();
             let x = random_vec(tokens * h, 40 + world.rank() as u64);
             let chosen: Vec<u32> = (0..tokens * k)
@@ -311,12 +312,19 @@ fn sizes_that_do_not_split_are_clear_errors() {
             let state = layer_state(&world, 4, 1);
             let mut model = ModelCase::new(4, 1, DispatcherKind::Alltoall).model;
             model.moe.num_experts = 6;
-            let experts =
-                GptModel::new_parallel(model.clone(), MoeParallel::from_state(&state)).unwrap_err();
+            let experts = GptModel::new_parallel(
+                model.clone(),
+                ModelParallel::moe_only(MoeParallel::from_state(&state)),
+            )
+            .unwrap_err();
             model.moe.num_experts = 8;
             model.moe.ffn_hidden_size = 7;
             let state = layer_state(&world, 2, 2);
-            let ffn = GptModel::new_parallel(model, MoeParallel::from_state(&state)).unwrap_err();
+            let ffn = GptModel::new_parallel(
+                model,
+                ModelParallel::moe_only(MoeParallel::from_state(&state)),
+            )
+            .unwrap_err();
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((experts, ffn))
         })
         .unwrap();

@@ -3,11 +3,18 @@
 //!
 //! The fused weight is `[(heads + 2·kv_heads)·head_dim, hidden]`, rows ordered q heads, k heads,
 //! v heads. Saved state: the rotated qkv, the attention context and its log-sum-exp.
+//!
+//! Under tensor parallelism a rank holds its slice of the q heads and of the query groups (the
+//! matching rows of the q, k and v blocks: column-parallel) and the matching columns of the
+//! output projection (row-parallel), so its output is a partial sum over the tp group.
 
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use crate::layers::context_parallel::{ContextAttention, ContextAttentionSaved};
+use crate::layers::tensor_parallel::TensorParallel;
+use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::attention::{
     attention_backward, attention_forward, AttentionShape, QkvLayout,
 };
+use origami_kernels::masked_attention::MaskedAttentionShape;
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::rope::{rope_apply, HeadLayout, RopeTable};
 
@@ -27,23 +34,37 @@ pub struct AttentionDims {
 /// The attention sub-layer's parameters and dimensions.
 #[derive(Clone, Debug)]
 pub struct Attention {
+    /// This rank's dimensions: its heads and query groups.
     dims: AttentionDims,
     qkv_weight: ParamId,
     qkv_bias: Option<ParamId>,
     out_weight: ParamId,
+    /// Attention across the context-parallel group (`None`: every token of each sequence is
+    /// on this rank).
+    context: Option<ContextAttention>,
 }
 
 /// What the forward keeps for the backward.
 pub struct AttentionSaved {
     qkv: Vec<f32>,
     context: Vec<f32>,
-    lse: Vec<f32>,
+    core: CoreSaved,
+}
+
+/// The attention core's saved state: the log-sum-exp of the local kernel, or what the
+/// context-parallel exchange keeps.
+enum CoreSaved {
+    Local(Vec<f32>),
+    Context(ContextAttentionSaved),
 }
 
 /// Token positions and the rotary table shared by every attention layer of a step.
 pub struct Positions<'a> {
     /// Position of each token row (`row % seq` without context parallelism).
     pub of_row: &'a [usize],
+    /// Global positions of one sequence's tokens on this rank (context parallelism holds two
+    /// chunks of each sequence): `of_row` is this, repeated per sequence.
+    pub in_sequence: &'a [usize],
     /// Rotary angles.
     pub rope: &'a RopeTable,
 }
@@ -56,41 +77,61 @@ pub struct KvCache {
 }
 
 impl Attention {
-    /// Registers the parameters under `prefix` (e.g. `layers.0.attention`).
+    /// Registers the parameters under `prefix` (e.g. `layers.0.attention`): this rank's slice
+    /// over `tp` of the heads and query groups of `dims` (the model's; the caller checks that
+    /// tp divides both).
     pub fn new(
         registry: &mut ParamRegistry,
         prefix: &str,
         dims: AttentionDims,
         bias: bool,
-        std: f32,
-        out_std: f32,
+        (std, out_std): (f32, f32),
+        tp: &TensorParallel,
+        context: Option<ContextAttention>,
     ) -> Self {
-        let qkv_rows = (dims.heads + 2 * dims.kv_heads) * dims.head_dim;
-        let qkv_weight = registry.register(
+        let hd = dims.head_dim;
+        let qkv_rows = (dims.heads + 2 * dims.kv_heads) * hd;
+        let kv_width = dims.kv_heads * hd;
+        let local_rows = vec![
+            tp.part(dims.heads * hd),
+            tp.part_at(dims.heads * hd, kv_width),
+            tp.part_at(dims.heads * hd + kv_width, kv_width),
+        ];
+        let qkv_shape = [qkv_rows, dims.hidden];
+        let qkv_weight = registry.register_sharded(
             format!("{prefix}.qkv.weight"),
-            &[qkv_rows, dims.hidden],
+            &qkv_shape,
+            Shard::along(&qkv_shape, 0, local_rows.clone()),
             ParamGroup::Dense,
             Init::Normal(std),
         );
         let qkv_bias = bias.then(|| {
-            registry.register(
+            registry.register_sharded(
                 format!("{prefix}.qkv.bias"),
                 &[qkv_rows],
+                Shard::along(&[qkv_rows], 0, local_rows),
                 ParamGroup::Dense,
                 Init::Constant(0.0),
             )
         });
-        let out_weight = registry.register(
+        let out_shape = [dims.hidden, dims.heads * hd];
+        let out_weight = registry.register_sharded(
             format!("{prefix}.out.weight"),
-            &[dims.hidden, dims.heads * dims.head_dim],
+            &out_shape,
+            Shard::along(&out_shape, 1, vec![tp.part(dims.heads * hd)]),
             ParamGroup::Dense,
             Init::Normal(out_std),
         );
         Attention {
-            dims,
+            dims: AttentionDims {
+                heads: dims.heads / tp.size(),
+                kv_heads: dims.kv_heads / tp.size(),
+                ..dims
+            },
             qkv_weight,
             qkv_bias,
             out_weight,
+            context,
         }
     }
 
@@ -128,6 +169,45 @@ impl Attention {
         }
     }
 
+    /// The shape of one context-parallel attention call over this rank's tokens.
+    fn context_shape(&self, batch: usize, seq: usize) -> MaskedAttentionShape {
+        MaskedAttentionShape {
+            batch,
+            q_len: seq,
+            kv_len: seq,
+            heads: self.dims.heads,
+            kv_heads: self.dims.kv_heads,
+            head_dim: self.dims.head_dim,
+        }
+    }
+
+    /// Splits fused rows into compact queries `[rows, heads·hd]` and keys/values
+    /// `[rows, 2·kv_heads·hd]` (k then v: the tail of each fused row).
+    fn split_qkv(&self, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let q_width = self.dims.heads * self.dims.head_dim;
+        let mut q = Vec::with_capacity(qkv.len() / self.qkv_width() * q_width);
+        let mut kv = Vec::with_capacity(qkv.len() - q.capacity());
+        for row in qkv.chunks(self.qkv_width()) {
+            q.extend_from_slice(&row[..q_width]);
+            kv.extend_from_slice(&row[q_width..]);
+        }
+        (q, kv)
+    }
+
+    /// The inverse of [`Attention::split_qkv`], writing into fused rows.
+    fn join_qkv(&self, qkv: &mut [f32], q: &[f32], kv: &[f32]) {
+        let q_width = self.dims.heads * self.dims.head_dim;
+        let kv_width = self.qkv_width() - q_width;
+        for ((row, q), kv) in qkv
+            .chunks_mut(self.qkv_width())
+            .zip(q.chunks(q_width))
+            .zip(kv.chunks(kv_width))
+        {
+            row[..q_width].copy_from_slice(q);
+            row[q_width..].copy_from_slice(kv);
+        }
+    }
+
     fn scale(&self) -> f32 {
         1.0 / (self.dims.head_dim as f32).sqrt()
     }
@@ -162,14 +242,30 @@ impl Attention {
             positions.rope,
             false,
         );
-        let mut context = vec![0.0; rows * d.heads * d.head_dim];
-        let lse = attention_forward(
-            &mut context,
-            &qkv,
-            self.layout(),
-            self.shape(batch, seq),
-            self.scale(),
-        );
+        let (context, core) = match &self.context {
+            None => {
+                let mut context = vec![0.0; rows * d.heads * d.head_dim];
+                let lse = attention_forward(
+                    &mut context,
+                    &qkv,
+                    self.layout(),
+                    self.shape(batch, seq),
+                    self.scale(),
+                );
+                (context, CoreSaved::Local(lse))
+            }
+            Some(cp) => {
+                let (q, kv) = self.split_qkv(&qkv);
+                let (context, saved) = cp.forward(
+                    &q,
+                    &kv,
+                    positions.in_sequence,
+                    self.context_shape(batch, seq),
+                    self.scale(),
+                );
+                (context, CoreSaved::Context(saved))
+            }
+        };
         let mut y = vec![0.0; rows * d.hidden];
         linear_forward(
             &mut y,
@@ -181,7 +277,7 @@ impl Attention {
             d.hidden,
             Par::All,
         );
-        (y, AttentionSaved { qkv, context, lse })
+        (y, AttentionSaved { qkv, context, core })
     }
 
     /// Accumulates parameter gradients and returns `dx` for the normalised input `x`.
@@ -217,16 +313,32 @@ impl Attention {
             Par::All,
         );
         let mut dqkv = vec![0.0; saved.qkv.len()];
-        attention_backward(
-            &mut dqkv,
-            &dcontext,
-            &saved.context,
-            &saved.qkv,
-            &saved.lse,
-            self.layout(),
-            self.shape(batch, seq),
-            self.scale(),
-        );
+        match (&self.context, saved.core) {
+            (None, CoreSaved::Local(lse)) => attention_backward(
+                &mut dqkv,
+                &dcontext,
+                &saved.context,
+                &saved.qkv,
+                &lse,
+                self.layout(),
+                self.shape(batch, seq),
+                self.scale(),
+            ),
+            (Some(cp), CoreSaved::Context(core)) => {
+                let (q, kv) = self.split_qkv(&saved.qkv);
+                let (dq, dkv) = cp.backward(
+                    core,
+                    &q,
+                    &kv,
+                    &dcontext,
+                    positions.in_sequence,
+                    self.context_shape(batch, seq),
+                    self.scale(),
+                );
+                self.join_qkv(&mut dqkv, &dq, &dkv);
+            }
+            _ => unreachable!("saved state matches the attention core"),
+        }
         drop(dcontext);
         rope_apply(
             &mut dqkv,

@@ -3,10 +3,15 @@
 //!
 //! Backward follows the residual stream: `dh = dy + norm2ᵀ(ffnᵀ(dy))`,
 //! `dx = dh + norm1ᵀ(attentionᵀ(dh))`.
+//!
+//! The residual stream, norms and the MoE layer work on this rank's sequence-parallel slice of
+//! the tokens; attention and a dense MLP are tensor-parallel regions entered by an all-gather
+//! and left by a reduce-scatter over tp (both no-ops on one rank).
 
 use crate::layers::attention::{Attention, AttentionSaved, KvCache, Positions};
 use crate::layers::mlp::{Mlp, MlpSaved};
 use crate::layers::moe::{MoeLayer, MoeSaved, MoeStats};
+use crate::layers::tensor_parallel::TensorParallel;
 use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use origami_kernels::rope::RopeTable;
@@ -34,29 +39,33 @@ pub struct Block {
     attention: Attention,
     ffn_norm: ParamId,
     ffn: FeedForward,
+    tp: TensorParallel,
 }
 
 /// What the forward keeps for the backward.
 pub struct BlockSaved {
     input: Vec<f32>,
+    /// The normalised input gathered over tp (attention's input).
     attention_norm_out: Vec<f32>,
     attention_rstd: Vec<f32>,
     attention: AttentionSaved,
     residual: Vec<f32>,
+    /// The normalised residual: gathered over tp for a dense MLP, this rank's slice for MoE.
     ffn_norm_out: Vec<f32>,
     ffn_rstd: Vec<f32>,
     ffn: FeedForwardSaved,
 }
 
 impl Block {
-    /// Assembles a block from its parts, registering its two norm weights under `prefix`.
+    /// Assembles a block from its parts, registering its two norm weights under `prefix`;
+    /// `tp` is the group its attention and dense MLP are split over.
     pub fn new(
         registry: &mut ParamRegistry,
         prefix: &str,
-        hidden: usize,
-        norm_eps: f32,
+        (hidden, norm_eps): (usize, f32),
         attention: Attention,
         ffn: FeedForward,
+        tp: TensorParallel,
     ) -> Self {
         let attention_norm = registry.register(
             format!("{prefix}.attention_norm.weight"),
@@ -77,6 +86,7 @@ impl Block {
             attention,
             ffn_norm,
             ffn,
+            tp,
         }
     }
 
@@ -88,7 +98,8 @@ impl Block {
         }
     }
 
-    /// Runs the block on `x[batch·seq, hidden]`; returns the output, saved state, and MoE stats for MoE blocks.
+    /// Runs the block on this rank's slice `x` of `batch` sequences (whose context-parallel part
+    /// has `seq` tokens each); returns the output, saved state, and MoE stats for MoE blocks.
     pub fn forward(
         &self,
         params: &Buffers,
@@ -105,9 +116,13 @@ impl Block {
             self.hidden,
             self.norm_eps,
         );
-        let (mut residual, attention) =
+        let attention_norm_out = self
+            .tp
+            .gather_sequence(attention_norm_out, batch, self.hidden);
+        let (partial, attention) =
             self.attention
                 .forward(params, &attention_norm_out, batch, seq, positions);
+        let mut residual = self.tp.scatter_sequence(partial, batch, self.hidden);
         residual.iter_mut().zip(&x).for_each(|(r, v)| *r += v);
         let mut ffn_norm_out = vec![0.0; x.len()];
         let ffn_rstd = rmsnorm_forward(
@@ -117,14 +132,21 @@ impl Block {
             self.hidden,
             self.norm_eps,
         );
-        let (mut y, ffn, stats) = match &self.ffn {
+        let (mut y, ffn, stats, ffn_norm_out) = match &self.ffn {
             FeedForward::Dense(mlp) => {
-                let (y, saved) = mlp.forward(params, &ffn_norm_out);
-                (y, FeedForwardSaved::Dense(saved), None)
+                let gathered = self.tp.gather_sequence(ffn_norm_out, batch, self.hidden);
+                let (partial, saved) = mlp.forward(params, &gathered);
+                let y = self.tp.scatter_sequence(partial, batch, self.hidden);
+                (y, FeedForwardSaved::Dense(saved), None, gathered)
             }
             FeedForward::Moe(moe) => {
                 let (y, saved, stats) = moe.forward_batch(params, &ffn_norm_out, batch);
-                (y, FeedForwardSaved::Moe(Box::new(saved)), Some(stats))
+                (
+                    y,
+                    FeedForwardSaved::Moe(Box::new(saved)),
+                    Some(stats),
+                    ffn_norm_out,
+                )
             }
         };
         y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r);
@@ -156,9 +178,18 @@ impl Block {
     ) -> Vec<f32> {
         let d_ffn_norm_out = match (&self.ffn, saved.ffn) {
             (FeedForward::Dense(mlp), FeedForwardSaved::Dense(s)) => {
-                let mut d = vec![0.0; dy.len()];
-                mlp.backward(params, grads, s, &saved.ffn_norm_out, &dy, &mut d, false);
-                d
+                let dy_gathered = self.tp.gather_sequence(dy.clone(), batch, self.hidden);
+                let mut d = vec![0.0; dy_gathered.len()];
+                mlp.backward(
+                    params,
+                    grads,
+                    s,
+                    &saved.ffn_norm_out,
+                    &dy_gathered,
+                    &mut d,
+                    false,
+                );
+                self.tp.scatter_sequence(d, batch, self.hidden)
             }
             (FeedForward::Moe(moe), FeedForwardSaved::Moe(s)) => {
                 moe.backward(params, grads, *s, &saved.ffn_norm_out, &dy, loss_scale)
@@ -177,16 +208,21 @@ impl Block {
         );
         d_residual.iter_mut().zip(&dy).for_each(|(d, g)| *d += g);
         drop(dy);
-        let d_attention_norm_out = self.attention.backward(
+        let d_residual_gathered = self
+            .tp
+            .gather_sequence(d_residual.clone(), batch, self.hidden);
+        let partial = self.attention.backward(
             params,
             grads,
             saved.attention,
             &saved.attention_norm_out,
-            &d_residual,
+            &d_residual_gathered,
             batch,
             seq,
             positions,
         );
+        drop(d_residual_gathered);
+        let d_attention_norm_out = self.tp.scatter_sequence(partial, batch, self.hidden);
         let mut dx = vec![0.0; d_residual.len()];
         rmsnorm_backward(
             &mut dx,

@@ -1,8 +1,12 @@
 //! SwiGLU MLP: `y = W_down · (silu(W_gate·x) ∘ W_up·x)`, with gate and up fused into one weight
 //! `[2·ffn, hidden]` (gate rows first). Used for dense layers and shared experts.
 //! Saved state: the fused gate/up activations and the SwiGLU output.
+//!
+//! Under tensor parallelism a rank holds a slice of the hidden units and its output is a
+//! partial sum (the caller reduce-scatters it, see [`crate::layers::tensor_parallel`]).
 
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use crate::layers::tensor_parallel::TensorParallel;
+use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
 
@@ -22,36 +26,41 @@ pub struct MlpSaved {
 }
 
 impl Mlp {
-    /// Registers `{prefix}.gate_up.weight` and `{prefix}.down.weight`.
+    /// Registers `{prefix}.gate_up.weight` and `{prefix}.down.weight`, of which this rank of
+    /// `tp` holds its slice of the hidden units: gate/up column-parallel (the same rows of the
+    /// gate and of the up block), down row-parallel. The caller checks that `tp` divides `ffn`.
     pub fn new(
         registry: &mut ParamRegistry,
         prefix: &str,
-        hidden: usize,
-        ffn: usize,
-        std: f32,
-        out_std: f32,
+        (hidden, ffn): (usize, usize),
+        (std, out_std): (f32, f32),
+        tp: &TensorParallel,
     ) -> Self {
-        let gate_up = registry.register(
+        let gate_up_shape = [2 * ffn, hidden];
+        let gate_up = registry.register_sharded(
             format!("{prefix}.gate_up.weight"),
-            &[2 * ffn, hidden],
+            &gate_up_shape,
+            Shard::along(&gate_up_shape, 0, vec![tp.part(ffn), tp.part_at(ffn, ffn)]),
             ParamGroup::Dense,
             Init::Normal(std),
         );
-        let down = registry.register(
+        let down_shape = [hidden, ffn];
+        let down = registry.register_sharded(
             format!("{prefix}.down.weight"),
-            &[hidden, ffn],
+            &down_shape,
+            Shard::along(&down_shape, 1, vec![tp.part(ffn)]),
             ParamGroup::Dense,
             Init::Normal(out_std),
         );
         Mlp {
             hidden,
-            ffn,
+            ffn: ffn / tp.size(),
             gate_up,
             down,
         }
     }
 
-    /// `y[rows, hidden]` from `x[rows, hidden]`.
+    /// `y[rows, hidden]` (this rank's partial sum under tensor parallelism) from `x[rows, hidden]`.
     pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Vec<f32>, MlpSaved) {
         let rows = x.len() / self.hidden;
         let mut gate_up = vec![0.0; rows * 2 * self.ffn];

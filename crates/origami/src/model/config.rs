@@ -170,6 +170,17 @@ impl Default for ModelConfig {
 /// A model dimension that cannot work, naming the field and the value.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelConfigError {
+    /// The all-to-all context-parallel attention splits each tensor-parallel rank's heads and
+    /// query groups over cp.
+    #[error("cp_comm_type = \"a2a\" splits heads over parallel.cp = {cp}: each tensor-parallel rank's {heads} query heads and {kv_heads} query groups must be divisible by it (or use cp_comm_type = \"p2p\")")]
+    ContextHeads {
+        /// Query heads per tensor-parallel rank.
+        heads: usize,
+        /// Query groups per tensor-parallel rank.
+        kv_heads: usize,
+        /// Context-parallel size.
+        cp: usize,
+    },
     /// A size that must be positive is zero.
     #[error("model.{field} must be positive, got 0")]
     Zero {

@@ -4,19 +4,29 @@
 //!
 //! The training loss of a micro-batch is `CE_mean + Σ_layers (aux + z)`; `loss_scale` multiplies
 //! it for the backward (e.g. `1 / micro_batches` under gradient accumulation).
+//!
+//! Across ranks ([`ModelParallel`]) every rank of a tensor- and context-parallel group is given
+//! the same micro-batch and keeps its context-parallel chunks of each sequence; embedding and
+//! output layer are vocabulary-parallel, the residual stream sequence-parallel. A rank's
+//! gradients are its contribution: summed over tp-cp (and data-parallel ranks) they are the
+//! micro-batch's gradient, and the reported losses are the micro-batch's on every rank.
 
 use super::config::{ModelConfig, ModelConfigError};
 use super::init::initialise;
-use super::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use super::parallel::{check_split, ModelParallel};
+use super::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use crate::layers::attention::{Attention, AttentionDims, KvCache, Positions};
 use crate::layers::block::{Block, BlockSaved, FeedForward};
+use crate::layers::comm_ok;
+use crate::layers::context_parallel::{local_positions, ContextAttention};
 use crate::layers::mlp::Mlp;
-use crate::layers::moe::parallel::MoeParallel;
 use crate::layers::moe::{MoeLayer, MoeStats};
+use crate::layers::vocab_parallel::VocabParallel;
+use origami_comm::ReduceOp;
 use origami_kernels::cross_entropy::{
     cross_entropy_forward_backward, cross_entropy_rows, CrossEntropySums, IGNORE_TARGET,
 };
-use origami_kernels::embedding::{embedding_backward, embedding_forward};
+use origami_kernels::embedding::embedding_forward;
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use origami_kernels::rope::RopeTable;
@@ -69,10 +79,25 @@ pub struct GptModel {
     final_norm: ParamId,
     output: Option<ParamId>,
     rope: RopeTable,
+    parallel: ModelParallel,
+    vocab: VocabParallel,
+}
+
+/// This rank's part of a micro-batch: the context-parallel chunks of every sequence, in the
+/// order the tensor-parallel regions see them.
+struct LocalBatch {
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+    /// Global positions of one sequence's local tokens.
+    in_sequence: Vec<usize>,
+    /// Global position of every local token.
+    of_row: Vec<usize>,
+    batch: usize,
+    /// Local tokens per sequence.
+    seq: usize,
 }
 
 struct HiddenStates {
-    embedded_tokens: Vec<u32>,
     blocks: Vec<BlockSaved>,
     final_input: Vec<f32>,
     final_rstd: Vec<f32>,
@@ -83,24 +108,31 @@ struct HiddenStates {
 impl GptModel {
     /// Builds the model's layers and registers every parameter; validates the configuration.
     pub fn new(config: ModelConfig) -> Result<Self, ModelConfigError> {
-        Self::new_parallel(config, MoeParallel::single())
+        Self::new_parallel(config, ModelParallel::single())
     }
 
-    /// The model on one rank of `moe_parallel`: every dense parameter whole, the MoE layers'
-    /// experts split over its ep and etp groups. Errors when the expert sizes do not split.
+    /// The model on one rank of `parallel`: attention heads, MLP hidden units and vocabulary
+    /// split over its tp group, sequences over its cp group, the MoE layers' experts over its
+    /// ep and etp groups. Errors when a size does not split.
     pub fn new_parallel(
         config: ModelConfig,
-        moe_parallel: MoeParallel,
+        parallel: ModelParallel,
     ) -> Result<Self, ModelConfigError> {
         config.validate()?;
         let c = &config;
+        let tp = &parallel.tensor;
+        let cp = parallel.cp();
+        check_split(c, &parallel.sizes(), parallel.cp_comm_type)?;
         let mut registry = ParamRegistry::default();
         let std = c.init_std;
         let out_std = std / (2.0 * c.num_layers as f32).sqrt();
         let h = c.hidden_size;
-        let embedding = registry.register(
+        let vocab = VocabParallel::new(tp.clone(), c.vocab_size);
+        let vocab_shape = [c.vocab_size, h];
+        let embedding = registry.register_sharded(
             "embedding.weight".into(),
-            &[c.vocab_size, h],
+            &vocab_shape,
+            Shard::along(&vocab_shape, 0, vec![vocab.range()]),
             ParamGroup::Dense,
             Init::Normal(std),
         );
@@ -113,13 +145,17 @@ impl GptModel {
         let blocks = (0..c.num_layers)
             .map(|l| -> Result<Block, ModelConfigError> {
                 let prefix = format!("layers.{l}");
+                let context = (cp > 1).then(|| {
+                    ContextAttention::new(parallel.context.clone(), parallel.cp_comm_type)
+                });
                 let attention = Attention::new(
                     &mut registry,
                     &format!("{prefix}.attention"),
                     dims,
                     c.qkv_bias,
-                    std,
-                    out_std,
+                    (std, out_std),
+                    tp,
+                    context,
                 );
                 let ffn = if c.is_moe_layer(l) {
                     FeedForward::Moe(Box::new(MoeLayer::new_parallel(
@@ -128,25 +164,24 @@ impl GptModel {
                         h,
                         &c.moe,
                         (std, out_std),
-                        moe_parallel.clone(),
+                        parallel.moe.clone(),
                     )?))
                 } else {
                     FeedForward::Dense(Mlp::new(
                         &mut registry,
                         &format!("{prefix}.mlp"),
-                        h,
-                        c.ffn_hidden_size,
-                        std,
-                        out_std,
+                        (h, c.ffn_hidden_size),
+                        (std, out_std),
+                        tp,
                     ))
                 };
                 Ok(Block::new(
                     &mut registry,
                     &prefix,
-                    h,
-                    c.norm_eps,
+                    (h, c.norm_eps),
                     attention,
                     ffn,
+                    tp.clone(),
                 ))
             })
             .collect::<Result<_, _>>()?;
@@ -157,9 +192,10 @@ impl GptModel {
             Init::Constant(1.0),
         );
         let output = (!c.tie_embeddings).then(|| {
-            registry.register(
+            registry.register_sharded(
                 "output.weight".into(),
-                &[c.vocab_size, h],
+                &vocab_shape,
+                Shard::along(&vocab_shape, 0, vec![vocab.range()]),
                 ParamGroup::Dense,
                 Init::Normal(std),
             )
@@ -173,7 +209,20 @@ impl GptModel {
             final_norm,
             output,
             rope,
+            parallel,
+            vocab,
         })
+    }
+
+    /// The groups this rank's model uses.
+    pub fn parallel(&self) -> &ModelParallel {
+        &self.parallel
+    }
+
+    /// Whether every token of a sequence and every weight of attention and the output layer is
+    /// on this rank (no tensor or context parallelism): what generation and full logits need.
+    fn attention_is_local(&self) -> bool {
+        self.parallel.tensor.size() == 1 && self.parallel.cp() == 1
     }
 
     /// The configuration the model was built from.
@@ -212,22 +261,55 @@ impl GptModel {
             batch.tokens.iter().all(|&t| t < vocab),
             "token id outside the vocabulary of {vocab}"
         );
+        if let Err(message) =
+            sequence_split(batch.seq, self.parallel.tensor.size(), self.parallel.cp())
+        {
+            panic!("{message}");
+        }
     }
 
-    fn forward_hidden(
-        &self,
-        params: &Buffers,
-        batch: &MicroBatch,
-        positions: &Positions,
-    ) -> HiddenStates {
+    /// This rank's context-parallel part of `batch`.
+    fn local_batch(&self, batch: &MicroBatch) -> LocalBatch {
         self.check_batch(batch);
+        let cp = self.parallel.cp();
+        let in_sequence = if cp == 1 {
+            (0..batch.seq).collect()
+        } else {
+            local_positions(batch.seq, cp, self.parallel.context.rank())
+        };
+        let pick = |all: &[u32]| -> Vec<u32> {
+            (0..batch.batch)
+                .flat_map(|b| in_sequence.iter().map(move |&p| all[b * batch.seq + p]))
+                .collect()
+        };
+        LocalBatch {
+            tokens: pick(&batch.tokens),
+            targets: pick(&batch.targets),
+            of_row: (0..batch.batch)
+                .flat_map(|_| in_sequence.iter().copied())
+                .collect(),
+            batch: batch.batch,
+            seq: in_sequence.len(),
+            in_sequence,
+        }
+    }
+
+    fn forward_hidden(&self, params: &Buffers, local: &LocalBatch) -> HiddenStates {
         let h = self.config.hidden_size;
-        let mut x = vec![0.0; batch.tokens.len() * h];
-        embedding_forward(&mut x, params.get(self.embedding), &batch.tokens, h);
+        let tp = &self.parallel.tensor;
+        let positions = Positions {
+            of_row: &local.of_row,
+            in_sequence: &local.in_sequence,
+            rope: &self.rope,
+        };
+        let embedded = self
+            .vocab
+            .embed(params.get(self.embedding), &local.tokens, h);
+        let mut x = tp.scatter_sequence(embedded, local.batch, h);
         let mut saved = Vec::with_capacity(self.blocks.len());
         let mut moe = Vec::new();
         for block in &self.blocks {
-            let (y, s, stats) = block.forward(params, x, batch.batch, batch.seq, positions);
+            let (y, s, stats) = block.forward(params, x, local.batch, local.seq, &positions);
             saved.push(s);
             moe.extend(stats);
             x = y;
@@ -241,19 +323,12 @@ impl GptModel {
             self.config.norm_eps,
         );
         HiddenStates {
-            embedded_tokens: batch.tokens.clone(),
             blocks: saved,
             final_input: x,
             final_rstd,
-            normed,
+            normed: tp.gather_sequence(normed, local.batch, h),
             moe,
         }
-    }
-
-    fn positions(&self, batch: &MicroBatch) -> Vec<usize> {
-        (0..batch.batch * batch.seq)
-            .map(|r| r % batch.seq)
-            .collect()
     }
 
     /// Starts a new global batch (the global-batch load-balancing loss counts loads from here).
@@ -271,17 +346,15 @@ impl GptModel {
         }
     }
 
-    /// Logits `[batch·seq, vocab]` (evaluation, generation).
+    /// Logits `[batch·seq, vocab]` (evaluation, generation). Needs attention and the output
+    /// layer whole on this rank (no tensor or context parallelism).
     pub fn logits(&self, params: &Buffers, batch: &MicroBatch) -> Vec<f32> {
-        let rows = self.positions(batch);
-        let states = self.forward_hidden(
-            params,
-            batch,
-            &Positions {
-                of_row: &rows,
-                rope: &self.rope,
-            },
+        assert!(
+            self.attention_is_local(),
+            "full logits need tensor- and context-parallel size 1"
         );
+        let local = self.local_batch(batch);
+        let states = self.forward_hidden(params, &local);
         let (h, v) = (self.config.hidden_size, self.config.vocab_size);
         let mut logits = vec![0.0; batch.tokens.len() * v];
         linear_forward(
@@ -299,21 +372,14 @@ impl GptModel {
 
     /// Forward only: the losses of a micro-batch.
     pub fn loss(&self, params: &Buffers, batch: &MicroBatch) -> LossReport {
-        let rows = self.positions(batch);
-        let states = self.forward_hidden(
-            params,
-            batch,
-            &Positions {
-                of_row: &rows,
-                rope: &self.rope,
-            },
-        );
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        let local = self.local_batch(batch);
+        let states = self.forward_hidden(params, &local);
+        let (h, v) = (self.config.hidden_size, self.vocab.local_vocab());
         let mut sums = CrossEntropySums::default();
         for (x, targets) in states
             .normed
             .chunks(OUTPUT_CHUNK_ROWS * h)
-            .zip(batch.targets.chunks(OUTPUT_CHUNK_ROWS))
+            .zip(local.targets.chunks(OUTPUT_CHUNK_ROWS))
         {
             let mut logits = vec![0.0; targets.len() * v];
             linear_forward(
@@ -326,15 +392,36 @@ impl GptModel {
                 v,
                 Par::All,
             );
-            let per_row = cross_entropy_rows(&logits, targets, v);
+            let per_row = if self.parallel.tensor.size() == 1 {
+                cross_entropy_rows(&logits, targets, v)
+            } else {
+                self.vocab.cross_entropy_rows(&logits, targets)
+            };
             sums.cross_entropy += per_row.iter().map(|&l| l as f64).sum::<f64>();
             sums.rows += targets.iter().filter(|&&t| t != IGNORE_TARGET).count();
         }
-        report(sums, states.moe)
+        self.report(sums, states.moe)
+    }
+
+    /// Targets counted in the whole micro-batch (over the context-parallel group).
+    fn counted_targets(&self, local: &LocalBatch) -> usize {
+        let mut counted = [local
+            .targets
+            .iter()
+            .filter(|&&t| t != IGNORE_TARGET)
+            .count() as u64];
+        if self.parallel.cp() > 1 {
+            comm_ok(
+                self.parallel
+                    .context
+                    .all_reduce_u64(&mut counted, ReduceOp::Sum),
+            );
+        }
+        counted[0] as usize
     }
 
     /// Forward and backward of one micro-batch: accumulates `loss_scale · ∇(CE + aux + z)` into
-    /// `grads` and returns the losses.
+    /// `grads` (this rank's contribution) and returns the micro-batch's losses.
     pub fn forward_backward(
         &self,
         params: &Buffers,
@@ -342,33 +429,35 @@ impl GptModel {
         batch: &MicroBatch,
         loss_scale: f32,
     ) -> LossReport {
-        let rows = self.positions(batch);
+        let local = self.local_batch(batch);
+        let states = self.forward_hidden(params, &local);
         let positions = Positions {
-            of_row: &rows,
+            of_row: &local.of_row,
+            in_sequence: &local.in_sequence,
             rope: &self.rope,
         };
-        let states = self.forward_hidden(params, batch, &positions);
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
-        let counted = batch
-            .targets
-            .iter()
-            .filter(|&&t| t != IGNORE_TARGET)
-            .count();
-        let ce_scale = loss_scale / counted.max(1) as f32;
+        let (h, v) = (self.config.hidden_size, self.vocab.local_vocab());
+        let tp = &self.parallel.tensor;
+        let ce_scale = loss_scale / self.counted_targets(&local).max(1) as f32;
         let out_w = self.output_weight();
         let mut d_normed = vec![0.0; states.normed.len()];
         let mut sums = CrossEntropySums::default();
-        let mut logits = vec![0.0; OUTPUT_CHUNK_ROWS.min(batch.targets.len()) * v];
+        let mut logits = vec![0.0; OUTPUT_CHUNK_ROWS.min(local.targets.len()) * v];
         for ((x, targets), dx) in states
             .normed
             .chunks(OUTPUT_CHUNK_ROWS * h)
-            .zip(batch.targets.chunks(OUTPUT_CHUNK_ROWS))
+            .zip(local.targets.chunks(OUTPUT_CHUNK_ROWS))
             .zip(d_normed.chunks_mut(OUTPUT_CHUNK_ROWS * h))
         {
             let n = targets.len();
             let logits = &mut logits[..n * v];
             linear_forward(logits, x, params.get(out_w), None, n, h, v, Par::All);
-            sums += cross_entropy_forward_backward(logits, targets, v, 0.0, ce_scale);
+            sums += if tp.size() == 1 {
+                cross_entropy_forward_backward(logits, targets, v, 0.0, ce_scale)
+            } else {
+                self.vocab
+                    .cross_entropy_forward_backward(logits, targets, ce_scale)
+            };
             linear_backward(
                 LinearGrads {
                     input: Some(dx),
@@ -386,6 +475,7 @@ impl GptModel {
             );
         }
         drop(logits);
+        let d_normed = tp.scatter_sequence(d_normed, local.batch, h);
         let mut dx = vec![0.0; d_normed.len()];
         rmsnorm_backward(
             &mut dx,
@@ -404,19 +494,73 @@ impl GptModel {
                 saved,
                 dx,
                 loss_scale,
-                batch.batch,
-                batch.seq,
+                local.batch,
+                local.seq,
                 &positions,
             );
         }
-        embedding_backward(
-            grads.get_mut(self.embedding),
-            &dx,
-            &states.embedded_tokens,
-            h,
-        );
-        report(sums, states.moe)
+        let dx = tp.gather_sequence(dx, local.batch, h);
+        self.vocab
+            .embed_backward(grads.get_mut(self.embedding), &dx, &local.tokens, h);
+        self.report(sums, states.moe)
     }
+
+    /// The micro-batch's losses from this rank's parts: cross-entropy summed over the
+    /// context-parallel chunks (every tp rank holds the same sums), auxiliary losses over the
+    /// tp-cp ranks that share the micro-batch.
+    fn report(&self, sums: CrossEntropySums, moe: Vec<MoeStats>) -> LossReport {
+        let mut report = LossReport {
+            cross_entropy: sums.cross_entropy,
+            load_balancing: moe.iter().map(|s| s.losses.load_balancing).sum(),
+            z: moe.iter().map(|s| s.losses.z).sum(),
+            tokens: sums.rows,
+            moe,
+        };
+        let group = &self.parallel.moe.sequence;
+        if group.size() > 1 {
+            let own_cross_entropy = self.parallel.tensor.rank() == 0;
+            let mut parts = [
+                if own_cross_entropy {
+                    report.cross_entropy as f32
+                } else {
+                    0.0
+                },
+                report.load_balancing as f32,
+                report.z as f32,
+            ];
+            comm_ok(group.all_reduce(&mut parts, ReduceOp::Sum));
+            let mut rows = [report.tokens as u64];
+            comm_ok(
+                self.parallel
+                    .context
+                    .all_reduce_u64(&mut rows, ReduceOp::Sum),
+            );
+            report.cross_entropy = parts[0] as f64;
+            report.load_balancing = parts[1] as f64;
+            report.z = parts[2] as f64;
+            report.tokens = rows[0] as usize;
+        }
+        report.cross_entropy /= report.tokens.max(1) as f64;
+        report
+    }
+}
+
+/// Checks that a sequence of `seq` tokens splits over context parallelism (into 2·cp equal
+/// chunks) and then over tensor (sequence) parallelism.
+pub fn sequence_split(seq: usize, tp: usize, cp: usize) -> Result<(), String> {
+    if cp > 1 && !seq.is_multiple_of(2 * cp) {
+        return Err(format!(
+            "a sequence of {seq} tokens must be divisible by 2 × parallel.cp = {} (context parallelism splits it into 2·cp chunks)",
+            2 * cp
+        ));
+    }
+    if !(seq / cp).is_multiple_of(tp) {
+        return Err(format!(
+            "the {} tokens of a sequence on each context-parallel rank must be divisible by parallel.tp = {tp} (sequence parallelism)",
+            seq / cp
+        ));
+    }
+    Ok(())
 }
 
 /// Per-layer key/value caches of one sequence being generated.
@@ -446,6 +590,10 @@ impl GptModel {
             state.position < self.config.max_seq_len,
             "generation reached model.max_seq_len = {}",
             self.config.max_seq_len
+        );
+        assert!(
+            self.attention_is_local(),
+            "generation needs tensor- and context-parallel size 1"
         );
         let h = self.config.hidden_size;
         if state.caches.is_empty() {
@@ -477,15 +625,5 @@ impl GptModel {
             Par::Seq,
         );
         logits
-    }
-}
-
-fn report(sums: CrossEntropySums, moe: Vec<MoeStats>) -> LossReport {
-    LossReport {
-        cross_entropy: sums.cross_entropy / sums.rows.max(1) as f64,
-        load_balancing: moe.iter().map(|s| s.losses.load_balancing).sum(),
-        z: moe.iter().map(|s| s.losses.z).sum(),
-        tokens: sums.rows,
-        moe,
     }
 }

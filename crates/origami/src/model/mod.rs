@@ -5,4 +5,5 @@ pub mod config;
 pub mod flops;
 pub mod gpt;
 pub mod init;
+pub mod parallel;
 pub mod params;

@@ -27,6 +27,11 @@ pub struct ParamId {
 }
 
 impl ParamId {
+    /// The buffer (and reduction group) the parameter lives in.
+    pub fn group(&self) -> ParamGroup {
+        self.group
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.len

@@ -5,15 +5,19 @@
 //! The embedded `configs/shakespeare.toml` is the one source of defaults: a user's file is
 //! merged over it key by key, then the overrides are applied.
 
+use crate::layers::context_parallel::CpCommType;
 use crate::model::config::ModelConfig;
+use crate::model::gpt::sequence_split;
+use crate::model::parallel::{check_split, SplitSizes};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::lr_schedule::LrSchedule;
 use anyhow::{bail, Context};
+use origami_parallel::ParallelConfig;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// Parallel layout of the run. This build trains on one rank; the sizes are validated so that
-/// configs written for later multi-rank runs fail clearly rather than silently.
+/// Parallel layout of the run: the attention side's tp × cp × dp and the MoE side's
+/// etp × ep × edp over the same `world` ranks (dp and edp follow from the world).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSection {
@@ -29,6 +33,55 @@ pub struct ParallelSection {
     pub ep: usize,
     /// Expert-tensor-parallel size (defaults to `tp`).
     pub etp: Option<usize>,
+    /// How context-parallel attention exchanges keys and values: `p2p` (ring) or `a2a`.
+    #[serde(default)]
+    pub cp_comm_type: CpCommType,
+    /// Shard the AdamW state over the data-parallel ranks (reduce-scatter gradients,
+    /// all-gather parameters).
+    #[serde(default)]
+    pub distributed_optimizer: bool,
+    /// Gradient reductions are issued in buckets of at most this many elements.
+    #[serde(default = "default_bucket_elements")]
+    pub bucket_elements: usize,
+}
+
+fn default_bucket_elements() -> usize {
+    1 << 22
+}
+
+impl ParallelSection {
+    /// The sizes as the layout code takes them.
+    pub fn config(&self) -> ParallelConfig {
+        ParallelConfig {
+            tp: self.tp,
+            cp: self.cp,
+            pp: self.pp,
+            ep: self.ep,
+            etp: self.etp,
+            ..ParallelConfig::default()
+        }
+    }
+
+    /// The two mappings in one line, e.g.
+    /// `world 4 | attention TP2 CP1 DP2 | MoE ETP1 EP4 EDP1`.
+    pub fn describe(&self) -> String {
+        let etp = self.etp.unwrap_or(self.tp);
+        format!(
+            "world {} | attention TP{} CP{} DP{} | MoE ETP{} EP{} EDP{}{}",
+            self.world,
+            self.tp,
+            self.cp,
+            self.world / (self.tp * self.cp * self.pp).max(1),
+            etp,
+            self.ep,
+            self.world / (etp * self.ep * self.pp).max(1),
+            if self.cp > 1 {
+                format!(" | cp_comm_type {:?}", self.cp_comm_type).to_lowercase()
+            } else {
+                String::new()
+            }
+        )
+    }
 }
 
 /// Training loop settings.
@@ -149,12 +202,34 @@ impl RunConfig {
             );
         }
         let p = &self.parallel;
-        let sizes = [p.tp, p.cp, p.pp, p.ep, p.etp.unwrap_or(p.tp)];
-        if p.world != 1 || sizes.iter().any(|&s| s != 1) {
+        if p.pp != 1 {
             bail!(
-                "parallel.world = {} (tp {} cp {} pp {} ep {}): this build trains on one rank; multi-rank training is not available yet",
-                p.world, p.tp, p.cp, p.pp, p.ep
+                "parallel.pp = {}: pipeline parallelism is not available yet (set parallel.pp = 1)",
+                p.pp
             );
+        }
+        let layout = p
+            .config()
+            .layout(p.world)
+            .with_context(|| format!("parallel: {}", p.describe()))?;
+        let sizes = SplitSizes {
+            tp: p.tp,
+            cp: p.cp,
+            ep: p.ep,
+            etp: layout.etp(),
+        };
+        check_split(&self.model, &sizes, p.cp_comm_type)?;
+        let dp = layout.dp();
+        if !t.global_batch.is_multiple_of(t.micro_batch * dp) {
+            bail!(
+                "train.global_batch = {} must be a multiple of train.micro_batch × data-parallel size = {} × {dp} (each data-parallel rank runs the same number of micro-batches)",
+                t.global_batch,
+                t.micro_batch
+            );
+        }
+        sequence_split(t.seq_len, p.tp, p.cp).map_err(|e| anyhow::anyhow!("train.seq_len: {e}"))?;
+        if p.bucket_elements == 0 {
+            bail!("parallel.bucket_elements must be positive");
         }
         Ok(())
     }

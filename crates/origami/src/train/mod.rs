@@ -2,8 +2,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod consolidate;
 pub mod data;
 pub mod metrics;
 pub mod plot;
 pub mod run;
+pub mod step;
 pub mod trainer;

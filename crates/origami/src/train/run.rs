@@ -23,6 +23,9 @@ const SAMPLE_PROMPT: &str = "ROMEO:\n";
 
 /// Runs a whole training job as configured, printing progress when `options.verbose`.
 pub fn run(config: &RunConfig, options: &TrainOptions) -> anyhow::Result<RunSummary> {
+    if options.verbose {
+        println!("layout: {}", config.parallel.describe());
+    }
     let data = open_run_data(config, options.verbose)?;
     let model = crate::model::gpt::GptModel::new(config.model.clone())?;
     if options.verbose {
@@ -36,19 +39,6 @@ pub fn run(config: &RunConfig, options: &TrainOptions) -> anyhow::Result<RunSumm
             data.train.len(),
             config.train.seq_len + 1,
             data.valid.as_ref().map_or(String::new(), |v| format!(", {} validation samples", v.len()))
-        );
-        let p = &config.parallel;
-        println!(
-            "layout: world {} | attention TP{} CP{} DP{} PP{} | MoE ETP{} EP{} EDP{} PP{}",
-            p.world,
-            p.tp,
-            p.cp,
-            p.world / (p.tp * p.cp * p.pp),
-            p.pp,
-            p.etp.unwrap_or(p.tp),
-            p.ep,
-            p.world / (p.etp.unwrap_or(p.tp) * p.ep * p.pp),
-            p.pp
         );
     }
     let outcome = train(

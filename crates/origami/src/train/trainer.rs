@@ -5,21 +5,31 @@
 //!
 //! Sample `i` of step `s` is global sample `s·global_batch + i`, so the data order depends only
 //! on (seed, global sample index) and a resumed run sees exactly the batches it would have seen.
+//! Across ranks, data-parallel rank `d` of `D` takes the `d`-th contiguous `1/D` of the step's
+//! micro-batches; the tensor- and context-parallel ranks of a replica read the same ones.
+//! Checkpoints hold whole tensors (gathered from the shards), so any layout resumes any other.
 
 use super::checkpoint::{self, TrainingState};
 use super::config::RunConfig;
-use super::metrics::{accumulate_expert_counts, load_imbalance, MetricsWriter, StepRecord};
+use super::consolidate::consolidate;
+use super::metrics::{load_imbalance, MetricsWriter, StepRecord};
+use super::step::train_step;
 use crate::bench::peak_gemm_gflops;
 use crate::model::flops::training_flops_per_token;
 use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::parallel::ModelParallel;
 use crate::model::params::Buffers;
 use crate::optim::adamw::AdamW;
+use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
 use anyhow::Context;
+use origami_comm::local::LocalWorld;
+use origami_comm::{Communicator, ReduceOp, SoloComm};
 use origami_data::gpt_dataset::GptDataset;
+use origami_parallel::ParallelState;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Samples of `seq_len + 1` tokens addressed by a global index (wrapping around the data).
 /// Implemented for [`origami_data::gpt_dataset::GptDataset`]; tests use synthetic sources.
@@ -125,8 +135,33 @@ pub fn metrics_path(config: &RunConfig, options: &TrainOptions) -> PathBuf {
         .unwrap_or_else(|| config.checkpoint.dir.join("metrics.jsonl"))
 }
 
-/// Trains `config`'s model on `train`, validating on `valid`.
+/// Trains `config`'s model on `train`, validating on `valid`: on one rank, or on
+/// `parallel.world` ranks as threads of this process (the local backend).
 pub fn train(
+    config: &RunConfig,
+    train: &dyn SampleSource,
+    valid: Option<&dyn SampleSource>,
+    options: &TrainOptions,
+) -> anyhow::Result<TrainOutcome> {
+    let world = config.parallel.world;
+    if world == 1 {
+        return train_on(SoloComm::shared(0), config, train, valid, options);
+    }
+    let mut outcomes = LocalWorld::new(world)
+        .with_timeout(RANK_TIMEOUT)
+        .run(|comm| train_on(comm, config, train, valid, options))
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    Ok(outcomes.swap_remove(0))
+}
+
+/// How long a rank waits in one collective before the job fails: long enough for a slow step or
+/// a checkpoint written by rank 0, short enough that a hung peer is reported.
+const RANK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Trains as one rank of `world` (the local backend's threads or MPI processes all call this).
+/// Every rank returns the whole model and its parameters; rank 0 logs and writes files.
+pub fn train_on(
+    world: Arc<dyn Communicator>,
     config: &RunConfig,
     train: &dyn SampleSource,
     valid: Option<&dyn SampleSource>,
@@ -137,19 +172,42 @@ pub fn train(
         "the training split has no samples of {} tokens",
         config.train.seq_len + 1
     );
+    let p = &config.parallel;
+    anyhow::ensure!(
+        world.size() == p.world,
+        "parallel.world = {} but the job has {} ranks (run `mpirun -np {}`, or set parallel.world)",
+        p.world,
+        world.size(),
+        p.world
+    );
     let t = &config.train;
-    let model = GptModel::new(config.model.clone())?;
-    let mut optimizer = AdamW::new(model.registry(), t.adamw);
+    let state = ParallelState::new(&p.config().layout(p.world)?, world.as_ref())?;
+    let model = GptModel::new_parallel(
+        config.model.clone(),
+        ModelParallel::from_state(&state, p.cp_comm_type),
+    )?;
+    let full_model = if p.world == 1 {
+        model.clone()
+    } else {
+        GptModel::new(config.model.clone())?
+    };
+    let leader = world.rank() == 0;
+    let mut optimizer = ParallelOptimizer::new(
+        model.registry(),
+        t.adamw,
+        OptimizerGroups::from_state(&state, world.clone()),
+        p.distributed_optimizer,
+        p.bucket_elements,
+    );
     let (mut params, mut step) = match &options.resume {
         Some(path) => {
             let dir = checkpoint::resolve(path)?;
-            let loaded = checkpoint::load(&dir, &model, true)
+            let loaded = checkpoint::load(&dir, &full_model, true)
                 .with_context(|| format!("resuming from {}", dir.display()))?;
             let (m, v) = loaded.moments.expect("moments were requested");
-            optimizer.m = m;
-            optimizer.v = v;
-            optimizer.step = loaded.state.step;
-            (loaded.params, loaded.state.step)
+            let shard = |full: &Buffers| model.registry().shard_of(full_model.registry(), full);
+            optimizer.restore(shard(&m), shard(&v), loaded.state.step);
+            (shard(&loaded.params), loaded.state.step)
         }
         None => {
             anyhow::ensure!(
@@ -160,15 +218,22 @@ pub fn train(
             (model.init_params(t.seed), 0)
         }
     };
+    world.barrier()?;
     let run_dir = config.checkpoint.dir.clone();
-    let mut metrics = MetricsWriter::open(&metrics_path(config, options))?;
+    let mut metrics = if leader {
+        Some(MetricsWriter::open(&metrics_path(config, options))?)
+    } else {
+        None
+    };
     let micro_batches = t.global_batch / t.micro_batch;
+    let dp = state.dp();
+    let per_rank = micro_batches / dp.size();
     let tokens_per_step = t.global_batch * t.seq_len;
     let flops_per_token = training_flops_per_token(&config.model, t.seq_len);
     // The best GEMM rate seen so far: re-measured at each evaluation, so a start-up measurement
     // taken while the machine was busy does not inflate the MFU of later steps.
-    let mut peak_gflops = peak_gemm_gflops();
-    let progress = options.verbose.then(|| progress_bar(t.steps, step));
+    let mut peak_gflops = if leader { peak_gemm_gflops() } else { 1.0 };
+    let progress = (leader && options.verbose).then(|| progress_bar(t.steps, step));
     let mut grads = model.registry().zeros();
     let mut records = Vec::new();
     let mut val_loss = None;
@@ -177,37 +242,35 @@ pub fn train(
     while step < t.steps {
         let started = Instant::now();
         let lr = t.lr.at(step);
-        grads.fill_zero();
-        model.begin_global_batch();
-        let (mut loss, mut ce, mut aux, mut z) = (0.0, 0.0, 0.0, 0.0);
-        let mut counts = Vec::new();
-        let mut dropped = 0usize;
-        for m in 0..micro_batches {
-            let first = step * t.global_batch as u64 + (m * t.micro_batch) as u64;
-            let batch = micro_batch(
-                train,
-                first,
-                t.micro_batch,
-                t.seq_len,
-                config.model.vocab_size,
-            )?;
-            let report =
-                model.forward_backward(&params, &mut grads, &batch, 1.0 / micro_batches as f32);
-            loss += report.total() / micro_batches as f64;
-            ce += report.cross_entropy / micro_batches as f64;
-            aux += report.load_balancing / micro_batches as f64;
-            z += report.z / micro_batches as f64;
-            accumulate_expert_counts(&mut counts, &report.moe);
-            dropped += report.moe.iter().map(|s| s.dropped).sum::<usize>();
-        }
-        let grad_norm = optimizer.step(model.registry(), &mut params, &mut grads, lr);
-        model.update_expert_bias(&mut params, &counts);
+        let batches = (0..per_rank)
+            .map(|j| {
+                let index = dp.rank() * per_rank + j;
+                let first = step * t.global_batch as u64 + (index * t.micro_batch) as u64;
+                micro_batch(
+                    train,
+                    first,
+                    t.micro_batch,
+                    t.seq_len,
+                    config.model.vocab_size,
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let outcome = train_step(
+            &model,
+            &mut params,
+            &mut grads,
+            &mut optimizer,
+            &batches,
+            micro_batches,
+            dp.comm(),
+            lr,
+        )?;
         step += 1;
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_s = tokens_per_step as f64 / seconds;
         let evaluate_now =
             step == t.steps || (t.eval_interval > 0 && step.is_multiple_of(t.eval_interval));
-        if evaluate_now {
+        if evaluate_now && leader {
             peak_gflops = peak_gflops.max(peak_gemm_gflops());
         }
         let step_val = match valid {
@@ -222,22 +285,26 @@ pub fn train(
             _ => None,
         };
         val_loss = step_val.or(val_loss);
+        let counts = outcome.tokens_per_expert;
         let record = StepRecord {
             step,
-            loss,
-            cross_entropy: ce,
-            aux_loss: aux,
-            z_loss: z,
+            loss: outcome.loss,
+            cross_entropy: outcome.cross_entropy,
+            aux_loss: outcome.aux_loss,
+            z_loss: outcome.z_loss,
             lr,
-            grad_norm,
+            grad_norm: outcome.grad_norm,
             tokens_per_s,
             mfu: tokens_per_s * flops_per_token / (peak_gflops * 1e9),
             expert_load_imbalance: load_imbalance(&counts),
-            dropped_fraction: dropped as f64 / counts.iter().flatten().sum::<usize>().max(1) as f64,
+            dropped_fraction: outcome.dropped as f64
+                / counts.iter().flatten().sum::<usize>().max(1) as f64,
             tokens_per_expert: counts,
             val_loss: step_val,
         };
-        metrics.write(&record)?;
+        if let Some(metrics) = &mut metrics {
+            metrics.write(&record)?;
+        }
         if let Some(bar) = &progress {
             // A hidden bar (output not a terminal) swallows `println`: print directly then.
             if bar.is_hidden() {
@@ -248,27 +315,51 @@ pub fn train(
             bar.set_position(step);
         }
         records.push(record);
-        let stop_requested = options
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::SeqCst))
-            || options.stop_after.is_some_and(|k| step >= k);
+        let stop_requested = agree(
+            &world,
+            options
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::SeqCst))
+                || options.stop_after.is_some_and(|k| step >= k),
+        )?;
         let periodic =
             config.checkpoint.interval > 0 && step.is_multiple_of(config.checkpoint.interval);
         if periodic || step == t.steps || stop_requested {
-            let state = TrainingState {
+            let full_params = consolidate(
+                &world,
+                &state,
+                model.registry(),
+                &params,
+                full_model.registry(),
+            )?;
+            let (m, v) = optimizer.moments()?;
+            let m = consolidate(&world, &state, model.registry(), &m, full_model.registry())?;
+            let v = consolidate(&world, &state, model.registry(), &v, full_model.registry())?;
+            let training_state = TrainingState {
                 step,
                 consumed_samples: step * t.global_batch as u64,
                 config_toml: config.to_toml(),
             };
-            last_checkpoint = Some(checkpoint::save(
-                &run_dir,
-                &model,
-                &params,
-                &optimizer,
-                &state,
-                config.checkpoint.keep,
-            )?);
+            if leader {
+                let moments = AdamW {
+                    config: t.adamw,
+                    m,
+                    v,
+                    step: optimizer.steps(),
+                };
+                last_checkpoint = Some(checkpoint::save(
+                    &run_dir,
+                    &full_model,
+                    &full_params,
+                    &moments,
+                    &training_state,
+                    config.checkpoint.keep,
+                )?);
+            } else {
+                last_checkpoint = Some(run_dir.join(checkpoint::step_dir_name(step)));
+            }
+            world.barrier()?;
         }
         if stop_requested && step < t.steps {
             interrupted = true;
@@ -282,14 +373,30 @@ pub fn train(
         Some(dir) => dir,
         None => checkpoint::resolve(&run_dir)?,
     };
+    let params = consolidate(
+        &world,
+        &state,
+        model.registry(),
+        &params,
+        full_model.registry(),
+    )?;
     Ok(TrainOutcome {
-        model,
+        model: full_model,
         params,
         records,
         val_loss,
         checkpoint,
         interrupted,
     })
+}
+
+/// Whether any rank says yes (so every rank stops at the same step).
+fn agree(world: &Arc<dyn Communicator>, mine: bool) -> origami_comm::Result<bool> {
+    let mut flag = [mine as u64];
+    if world.size() > 1 {
+        world.all_reduce_u64(&mut flag, ReduceOp::Max)?;
+    }
+    Ok(flag[0] > 0)
 }
 
 impl SampleSource for origami_data::gpt_dataset::GptDataset {

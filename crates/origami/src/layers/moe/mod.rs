@@ -17,6 +17,7 @@ use std::sync::Mutex;
 
 use origami_comm::ReduceOp;
 
+use crate::layers::tensor_parallel::TensorParallel;
 use crate::model::config::{AuxLossScope, DispatcherKind, DropPolicy, MoeConfig};
 use crate::model::params::{Buffers, ParamRegistry};
 use balance::{BalanceSettings, BalanceWeights, RunningLoad};
@@ -27,12 +28,7 @@ use permute::Permutation;
 use router::{AuxGradient, Router, RouterLosses, RouterSaved, Routing};
 use shared_expert::{SharedExpert, SharedExpertSaved};
 
-/// Unwraps a communicator call of the MoE layer. A failure means another rank crashed or the
-/// job timed out; this rank then stops with the communicator's error, and the job runner (local
-/// backend) or MPI reports it on every rank.
-pub(crate) fn comm_ok<T>(result: origami_comm::Result<T>) -> T {
-    result.unwrap_or_else(|error| panic!("MoE layer communication failed: {error}"))
-}
+pub(crate) use crate::layers::comm_ok;
 
 /// Per-layer statistics of one micro-batch, for logging and the expert-load plot. Counts are
 /// global: summed over the ranks that hold the rest of the batch (tp-dp-cp).
@@ -149,15 +145,20 @@ impl MoeLayer {
             out_std,
             sharding,
         );
-        let shared = (settings.shared_expert_ffn_hidden_size > 0).then(|| {
+        let shared_ffn = settings.shared_expert_ffn_hidden_size;
+        parallel::check_tensor_split(
+            "model.moe.shared_expert_ffn_hidden_size",
+            shared_ffn,
+            parallel.tensor.size(),
+        )?;
+        let shared = (shared_ffn > 0).then(|| {
             SharedExpert::new(
                 registry,
                 &format!("{prefix}.shared_expert"),
-                hidden,
-                settings.shared_expert_ffn_hidden_size,
+                (hidden, shared_ffn),
                 settings.shared_expert_gate,
-                std,
-                out_std,
+                (std, out_std),
+                TensorParallel::new(parallel.tensor.clone()),
             )
         });
         // On one rank both dispatchers are the local permutation; skip the copies.
@@ -326,7 +327,7 @@ impl MoeLayer {
         );
         stats.forward_times = forward_times;
         let shared = self.shared.as_ref().map(|shared| {
-            let (out, saved) = shared.forward(params, x);
+            let (out, saved) = shared.forward(params, x, sequences);
             y.iter_mut().zip(out).for_each(|(a, b)| *a += b);
             saved
         });

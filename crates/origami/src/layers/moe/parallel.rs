@@ -23,6 +23,9 @@ pub struct MoeParallel {
     /// The ranks holding the rest of the global batch (tp-dp-cp): expert loads for the expert
     /// bias, the global-batch load-balancing loss and the statistics.
     pub batch: Arc<dyn Communicator>,
+    /// The attention side's tensor-parallel group, over which the shared expert is split like a
+    /// dense MLP (a one-rank group keeps it whole).
+    pub tensor: Arc<dyn Communicator>,
 }
 
 impl MoeParallel {
@@ -34,6 +37,7 @@ impl MoeParallel {
             tp_ep: SoloComm::shared(0),
             sequence: SoloComm::shared(0),
             batch: SoloComm::shared(0),
+            tensor: SoloComm::shared(0),
         }
     }
 
@@ -45,6 +49,7 @@ impl MoeParallel {
             tp_ep: state.tp_ep().comm().clone(),
             sequence: state.tp_cp().comm().clone(),
             batch: state.tp_dp_cp().comm().clone(),
+            tensor: state.tp().comm().clone(),
         }
     }
 
@@ -68,14 +73,15 @@ impl fmt::Debug for MoeParallel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "MoeParallel {{ ep: {}/{}, etp: {}/{}, tp_ep: {}, sequence: {}, batch: {} }}",
+            "MoeParallel {{ ep: {}/{}, etp: {}/{}, tp_ep: {}, sequence: {}, batch: {}, tensor: {} }}",
             self.ep.rank(),
             self.ep.size(),
             self.etp.rank(),
             self.etp.size(),
             self.tp_ep.size(),
             self.sequence.size(),
-            self.batch.size()
+            self.batch.size(),
+            self.tensor.size()
         )
     }
 }
@@ -113,6 +119,29 @@ pub enum ShardingError {
         /// Expert tensor-parallel size.
         etp: usize,
     },
+    /// A size that tensor parallelism splits is not divisible by tp.
+    #[error("{what} = {value} must be divisible by parallel.tp = {tp}")]
+    TensorParallel {
+        /// The configuration key.
+        what: &'static str,
+        /// Its value.
+        value: usize,
+        /// Tensor-parallel size.
+        tp: usize,
+    },
+}
+
+/// Checks that tensor parallelism over `tp` ranks splits `value` (the config key `what`).
+pub fn check_tensor_split(
+    what: &'static str,
+    value: usize,
+    tp: usize,
+) -> Result<(), ShardingError> {
+    if value.is_multiple_of(tp) {
+        Ok(())
+    } else {
+        Err(ShardingError::TensorParallel { what, value, tp })
+    }
 }
 
 impl ExpertSharding {

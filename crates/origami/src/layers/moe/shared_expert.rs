@@ -1,8 +1,13 @@
 //! The shared expert: a SwiGLU MLP every token passes through, optionally scaled per token by
 //! `g = σ(x·w_gate)` (Qwen2-MoE). Backward of the gate: `dz = ⟨mlp(x), dy⟩ · g(1 − g)`,
 //! `dx += dz·w_gate`, `dw_gate += Σ dz·x`.
+//!
+//! Under tensor parallelism the MLP is split over tp like a dense MLP: the layer's
+//! sequence-parallel tokens are all-gathered, each rank computes its slice of the hidden units
+//! and the partial outputs are reduce-scattered back. The gate (one row) stays whole.
 
 use crate::layers::mlp::{Mlp, MlpSaved};
+use crate::layers::tensor_parallel::TensorParallel;
 use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 
 /// Parameters of the shared expert.
@@ -11,27 +16,31 @@ pub struct SharedExpert {
     mlp: Mlp,
     gate: Option<ParamId>,
     hidden: usize,
+    tp: TensorParallel,
 }
 
 /// What the forward keeps for the backward.
 pub struct SharedExpertSaved {
     mlp: MlpSaved,
+    gathered_input: Vec<f32>,
+    sequences: usize,
     mlp_out: Vec<f32>,
     gates: Vec<f32>,
 }
 
 impl SharedExpert {
-    /// Registers the MLP under `{prefix}` and, if `gated`, `{prefix}.gate.weight` `[1, hidden]`.
+    /// Registers the MLP under `{prefix}` (this rank's slice over `tp`) and, if `gated`,
+    /// `{prefix}.gate.weight` `[1, hidden]`.
     pub fn new(
         registry: &mut ParamRegistry,
         prefix: &str,
-        hidden: usize,
-        ffn: usize,
+        (hidden, ffn): (usize, usize),
         gated: bool,
-        std: f32,
-        out_std: f32,
+        stds: (f32, f32),
+        tp: TensorParallel,
     ) -> Self {
-        let mlp = Mlp::new(registry, prefix, hidden, ffn, std, out_std);
+        let mlp = Mlp::new(registry, prefix, (hidden, ffn), stds, &tp);
+        let std = stds.0;
         let gate = gated.then(|| {
             registry.register(
                 format!("{prefix}.gate.weight"),
@@ -40,12 +49,24 @@ impl SharedExpert {
                 Init::Normal(std),
             )
         });
-        SharedExpert { mlp, gate, hidden }
+        SharedExpert {
+            mlp,
+            gate,
+            hidden,
+            tp,
+        }
     }
 
-    /// Output `[tokens, hidden]`.
-    pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Vec<f32>, SharedExpertSaved) {
-        let (mlp_out, mlp) = self.mlp.forward(params, x);
+    /// Output `[tokens, hidden]` for this rank's tokens `x`, which are `sequences` equal runs.
+    pub fn forward(
+        &self,
+        params: &Buffers,
+        x: &[f32],
+        sequences: usize,
+    ) -> (Vec<f32>, SharedExpertSaved) {
+        let gathered_input = self.tp.gather_sequence(x.to_vec(), sequences, self.hidden);
+        let (partial, mlp) = self.mlp.forward(params, &gathered_input);
+        let mlp_out = self.tp.scatter_sequence(partial, sequences, self.hidden);
         let gates: Vec<f32> = match self.gate {
             Some(id) => {
                 let w = params.get(id);
@@ -65,6 +86,8 @@ impl SharedExpert {
             y,
             SharedExpertSaved {
                 mlp,
+                gathered_input,
+                sequences,
                 mlp_out,
                 gates,
             },
@@ -82,7 +105,15 @@ impl SharedExpert {
         dx: &mut [f32],
     ) {
         let Some(gate_id) = self.gate else {
-            self.mlp.backward(params, grads, saved.mlp, x, dy, dx, true);
+            self.mlp_backward(
+                params,
+                grads,
+                saved.mlp,
+                &saved.gathered_input,
+                dy,
+                saved.sequences,
+                dx,
+            );
             return;
         };
         let h = self.hidden;
@@ -94,8 +125,15 @@ impl SharedExpert {
             dz[t] = out.iter().zip(d.iter()).map(|(a, b)| a * b).sum::<f32>() * g * (1.0 - g);
             d.iter_mut().for_each(|v| *v *= g);
         }
-        self.mlp
-            .backward(params, grads, saved.mlp, x, &d_mlp_out, dx, true);
+        self.mlp_backward(
+            params,
+            grads,
+            saved.mlp,
+            &saved.gathered_input,
+            &d_mlp_out,
+            saved.sequences,
+            dx,
+        );
         let w = params.get(gate_id).to_vec();
         let dw = grads.get_mut(gate_id);
         for (t, &z) in dz.iter().enumerate() {
@@ -106,6 +144,35 @@ impl SharedExpert {
                 .for_each(|(d, wi)| *d += z * wi);
             dw.iter_mut().zip(row).for_each(|(d, xi)| *d += z * xi);
         }
+    }
+}
+
+impl SharedExpert {
+    /// The MLP's backward from this rank's output gradient `dy`; adds into `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_backward(
+        &self,
+        params: &Buffers,
+        grads: &mut Buffers,
+        saved: MlpSaved,
+        gathered_input: &[f32],
+        dy: &[f32],
+        sequences: usize,
+        dx: &mut [f32],
+    ) {
+        let dy_gathered = self.tp.gather_sequence(dy.to_vec(), sequences, self.hidden);
+        let mut dx_partial = vec![0.0; gathered_input.len()];
+        self.mlp.backward(
+            params,
+            grads,
+            saved,
+            gathered_input,
+            &dy_gathered,
+            &mut dx_partial,
+            false,
+        );
+        let local = self.tp.scatter_sequence(dx_partial, sequences, self.hidden);
+        dx.iter_mut().zip(local).for_each(|(d, v)| *d += v);
     }
 }
 

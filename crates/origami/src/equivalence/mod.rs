@@ -5,19 +5,24 @@
 //! part of the parallel run, and reports the largest discrepancy of each quantity relative to
 //! the largest magnitude of the reference, so a test can demand ≤ 1e-4 on every rank. The same
 //! functions run on the local backend (tests) and under `mpirun` (the MPI check binary).
+//! [`training`] compares whole training runs of folded layouts.
+
+pub mod training;
 
 use std::error::Error;
 use std::sync::Arc;
 
-use origami_comm::{Communicator, ReduceOp};
+use origami_comm::{Communicator, ReduceOp, SoloComm};
 use origami_kernels::testing::random_vec;
 use origami_parallel::{ParallelConfig, ParallelState};
 
+use crate::layers::context_parallel::CpCommType;
 use crate::layers::moe::parallel::MoeParallel;
 use crate::layers::moe::MoeLayer;
 use crate::model::config::{AuxLossScope, DispatcherKind, ModelConfig, MoeConfig};
 use crate::model::gpt::{GptModel, MicroBatch};
 use crate::model::init::initialise;
+use crate::model::parallel::ModelParallel;
 use crate::model::params::{Buffers, ParamRegistry};
 
 /// Result type of the harness: a communicator, layout or model error, rendered.
@@ -152,6 +157,15 @@ pub fn moe_only_state(
     Ok(ParallelState::new(&layout, world.as_ref())?)
 }
 
+/// The MoE groups of a [`moe_only_state`] rank. The shared expert stays whole: each rank's
+/// tokens are its own, not a slice of a tensor-parallel region's sequences.
+pub fn moe_only_parallel(state: &ParallelState) -> MoeParallel {
+    MoeParallel {
+        tensor: SoloComm::shared(0),
+        ..MoeParallel::from_state(state)
+    }
+}
+
 /// Runs `case` on this rank of `world` (which must have `ep · etp` ranks) and on one rank, and
 /// returns the discrepancies.
 pub fn moe_layer(world: &Arc<dyn Communicator>, case: &MoeLayerCase) -> HarnessResult<Discrepancy> {
@@ -200,7 +214,7 @@ pub fn moe_layer(world: &Arc<dyn Communicator>, case: &MoeLayerCase) -> HarnessR
         h,
         &case.settings,
         stds,
-        MoeParallel::from_state(&state),
+        moe_only_parallel(&state),
     )?;
     let params = registry.shard_of(&full_registry, &full_params);
     let mine = case.tokens_of_rank(world.rank());
@@ -370,7 +384,10 @@ pub fn model(world: &Arc<dyn Communicator>, case: &ModelCase) -> HarnessResult<D
         ..ParallelConfig::default()
     };
     let state = ParallelState::new(&config.layout(ranks)?, world.as_ref())?;
-    let model = GptModel::new_parallel(case.model.clone(), MoeParallel::from_state(&state))?;
+    let model = GptModel::new_parallel(
+        case.model.clone(),
+        ModelParallel::from_state(&state, CpCommType::P2p),
+    )?;
     let params = model.registry().shard_of(full.registry(), &full_params);
     let mut grads = model.registry().zeros();
     model.begin_global_batch();

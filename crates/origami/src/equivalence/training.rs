@@ -1,0 +1,303 @@
+//! Whole-training equivalence: K optimizer steps of a folded layout — attention TP × CP × DP,
+//! MoE ETP × EP × EDP over the same ranks — against the same K steps on one rank. Both runs go
+//! through [`train_step`], the trainer's step; every rank compares the loss and the gradient
+//! norm of every step, the reduced gradients of the first step (AdamW's first update is nearly
+//! `lr · sign(g)`, so the weights alone would hide a wrongly scaled gradient) and, at the end,
+//! each of its parameters with its slice of the single-rank parameters.
+
+use std::sync::Arc;
+
+use origami_comm::{Communicator, SoloComm};
+use origami_kernels::testing::random_vec;
+use origami_parallel::{ParallelConfig, ParallelState};
+
+use super::{relative_error, HarnessResult};
+use crate::layers::context_parallel::CpCommType;
+use crate::model::config::{DispatcherKind, ModelConfig, MoeConfig};
+use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::parallel::ModelParallel;
+use crate::model::params::Buffers;
+use crate::optim::adamw::AdamWConfig;
+use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
+use crate::train::step::train_step;
+
+/// One layout's training run to compare with one rank.
+#[derive(Clone, Debug)]
+pub struct TrainingCase {
+    /// Tensor, context and expert sizes (dp and edp follow from the world).
+    pub parallel: ParallelConfig,
+    /// Context-parallel attention's exchange.
+    pub cp_comm_type: CpCommType,
+    /// Shard the optimizer state over the data-parallel ranks.
+    pub distributed_optimizer: bool,
+    /// The model (the dispatcher among its MoE settings).
+    pub model: ModelConfig,
+    /// Optimizer settings.
+    pub adamw: AdamWConfig,
+    /// Learning rate of every step.
+    pub lr: f32,
+    /// Sequences per step.
+    pub global_batch: usize,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Steps compared (K).
+    pub steps: usize,
+    /// Gradient reduction bucket size.
+    pub bucket_elements: usize,
+    /// Seed of parameters and data.
+    pub seed: u64,
+}
+
+/// Largest discrepancies of one rank's run against the single-rank run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainingDiscrepancy {
+    /// Step losses and gradient norms (each relative to the largest of its kind).
+    pub losses: f64,
+    /// Reduced gradients of the first step, the largest over parameters of each one's
+    /// relative error (with the replicated optimizer; the distributed one keeps only its part).
+    pub grads: f64,
+    /// Final parameters, the largest over parameters of each one's relative error.
+    pub params: f64,
+    /// The parameter with the largest error of the two above.
+    pub worst_param: String,
+}
+
+impl TrainingDiscrepancy {
+    /// The largest of the three.
+    pub fn max(&self) -> f64 {
+        self.losses.max(self.grads).max(self.params)
+    }
+}
+
+impl TrainingCase {
+    /// A two-layer model (dense, then MoE with a gated shared expert; 8 experts top-2,
+    /// dropless, aux and z losses on; 8 query heads in 4 groups so that tp and cp up to 4
+    /// split them), trained 3 steps on 8 sequences of 16 tokens in micro-batches of 2.
+    pub fn new(tp: usize, cp: usize, ep: usize, etp: usize) -> Self {
+        let mut model = ModelConfig::preset("tiny").expect("tiny preset");
+        model.vocab_size = 64;
+        model.hidden_size = 32;
+        model.num_layers = 2;
+        model.num_heads = 8;
+        model.num_kv_heads = 4;
+        model.head_dim = None;
+        model.ffn_hidden_size = 32;
+        model.max_seq_len = 16;
+        model.init_std = 0.2;
+        model.moe = MoeConfig {
+            num_experts: 8,
+            ffn_hidden_size: 8,
+            topk: 2,
+            layer_pattern: Some(vec![0, 1]),
+            aux_loss_coeff: 0.1,
+            z_loss_coeff: 0.01,
+            shared_expert_ffn_hidden_size: 8,
+            shared_expert_gate: true,
+            ..MoeConfig::default()
+        };
+        TrainingCase {
+            parallel: ParallelConfig {
+                tp,
+                cp,
+                ep,
+                etp: Some(etp),
+                ..ParallelConfig::default()
+            },
+            cp_comm_type: CpCommType::P2p,
+            distributed_optimizer: false,
+            model,
+            adamw: AdamWConfig::default(),
+            lr: 1e-2,
+            global_batch: 8,
+            micro_batch: 2,
+            seq: 16,
+            steps: 3,
+            bucket_elements: 1000,
+            seed: 5,
+        }
+    }
+
+    /// With the given dispatcher.
+    pub fn dispatcher(mut self, dispatcher: DispatcherKind) -> Self {
+        self.model.moe.dispatcher = dispatcher;
+        self
+    }
+
+    /// With the given context-parallel exchange.
+    pub fn cp_comm_type(mut self, comm_type: CpCommType) -> Self {
+        self.cp_comm_type = comm_type;
+        self
+    }
+
+    /// With or without the distributed optimizer.
+    pub fn distributed_optimizer(mut self, on: bool) -> Self {
+        self.distributed_optimizer = on;
+        self
+    }
+
+    /// The case in one line, e.g. `TP2·CP1·DP2 | EP4·ETP1·EDP1, alltoall, p2p, dist-opt`.
+    pub fn describe(&self, world: usize) -> String {
+        let p = &self.parallel;
+        let etp = p.etp();
+        format!(
+            "TP{}·CP{}·DP{} | EP{}·ETP{}·EDP{}, {:?}, {:?}, {}",
+            p.tp,
+            p.cp,
+            world / (p.tp * p.cp),
+            p.ep,
+            etp,
+            world / (p.ep * etp),
+            self.model.moe.dispatcher,
+            self.cp_comm_type,
+            if self.distributed_optimizer {
+                "distributed optimizer"
+            } else {
+                "replicated optimizer"
+            }
+        )
+    }
+
+    /// Global micro-batch `index` of step `step` (random tokens, deterministic).
+    fn micro_batch(&self, step: usize, index: usize) -> MicroBatch {
+        let n = self.micro_batch * self.seq;
+        let vocab = self.model.vocab_size as f32;
+        let salt = self.seed * 100_000 + (step * 1000 + index) as u64 * 10;
+        let draw = |offset: u64| -> Vec<u32> {
+            random_vec(n, salt + offset)
+                .iter()
+                .map(|v| (((v + 1.0) / 2.0 * vocab) as u32).min(vocab as u32 - 1))
+                .collect()
+        };
+        MicroBatch {
+            tokens: draw(1),
+            targets: draw(2),
+            batch: self.micro_batch,
+            seq: self.seq,
+        }
+    }
+
+    fn micro_batches(&self) -> usize {
+        self.global_batch / self.micro_batch
+    }
+}
+
+/// Runs `case` on this rank of `world` and on one rank, and returns the discrepancies.
+pub fn training(
+    world: &Arc<dyn Communicator>,
+    case: &TrainingCase,
+) -> HarnessResult<TrainingDiscrepancy> {
+    let total = case.micro_batches();
+    let full = GptModel::new(case.model.clone())?;
+    let initial = full.init_params(case.seed);
+    let mut full_params = initial.clone();
+    let mut first_grads_ref = None;
+    let mut full_grads = full.registry().zeros();
+    let mut full_optimizer = ParallelOptimizer::new(
+        full.registry(),
+        case.adamw,
+        OptimizerGroups::single(),
+        false,
+        case.bucket_elements,
+    );
+    let solo: Arc<dyn Communicator> = SoloComm::shared(0);
+    let (mut losses_ref, mut norms_ref) = (Vec::new(), Vec::new());
+    for step in 0..case.steps {
+        let batches: Vec<MicroBatch> = (0..total).map(|m| case.micro_batch(step, m)).collect();
+        let outcome = train_step(
+            &full,
+            &mut full_params,
+            &mut full_grads,
+            &mut full_optimizer,
+            &batches,
+            total,
+            &solo,
+            case.lr,
+        )?;
+        losses_ref.push(outcome.loss as f32);
+        norms_ref.push(outcome.grad_norm as f32);
+        first_grads_ref.get_or_insert_with(|| full_grads.clone());
+    }
+
+    let layout = case.parallel.layout(world.size())?;
+    let state = ParallelState::new(&layout, world.as_ref())?;
+    let dp = state.dp();
+    if !total.is_multiple_of(dp.size()) {
+        return Err(format!(
+            "{total} micro-batches do not split over {} data-parallel ranks",
+            dp.size()
+        )
+        .into());
+    }
+    let model = GptModel::new_parallel(
+        case.model.clone(),
+        ModelParallel::from_state(&state, case.cp_comm_type),
+    )?;
+    let mut params = model.registry().shard_of(full.registry(), &initial);
+    let mut first_grads = None;
+    let mut grads = model.registry().zeros();
+    let mut optimizer = ParallelOptimizer::new(
+        model.registry(),
+        case.adamw,
+        OptimizerGroups::from_state(&state, world.clone()),
+        case.distributed_optimizer,
+        case.bucket_elements,
+    );
+    let per_rank = total / dp.size();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
+    for step in 0..case.steps {
+        let batches: Vec<MicroBatch> = (0..per_rank)
+            .map(|j| case.micro_batch(step, dp.rank() * per_rank + j))
+            .collect();
+        let outcome = train_step(
+            &model,
+            &mut params,
+            &mut grads,
+            &mut optimizer,
+            &batches,
+            total,
+            dp.comm(),
+            case.lr,
+        )?;
+        losses.push(outcome.loss as f32);
+        norms.push(outcome.grad_norm as f32);
+        first_grads.get_or_insert_with(|| grads.clone());
+    }
+    let registry = model.registry();
+    let worst = |actual: &Buffers, reference: &Buffers| -> (f64, String) {
+        let expected = registry.shard_of(full.registry(), reference);
+        registry
+            .params()
+            .iter()
+            .map(|p| {
+                (
+                    relative_error(actual.get(p.id), expected.get(p.id)),
+                    p.name.clone(),
+                )
+            })
+            .fold((0.0, String::new()), |worst, next| {
+                if next.0 > worst.0 {
+                    next
+                } else {
+                    worst
+                }
+            })
+    };
+    let (params_error, params_worst) = worst(&params, &full_params);
+    let (grads_error, grads_worst) = match (&first_grads, &first_grads_ref) {
+        (Some(grads), Some(reference)) if !case.distributed_optimizer => worst(grads, reference),
+        _ => (0.0, String::new()),
+    };
+    let worst_param = if grads_error > params_error {
+        grads_worst
+    } else {
+        params_worst
+    };
+    Ok(TrainingDiscrepancy {
+        losses: relative_error(&losses, &losses_ref).max(relative_error(&norms, &norms_ref)),
+        grads: grads_error,
+        params: params_error,
+        worst_param,
+    })
+}
