@@ -2,6 +2,7 @@
 //! corrupt or truncated checkpoint files are reported; a process killed while saving leaves
 //! the previous checkpoint loadable.
 
+use origami::equivalence::relative_error;
 use origami::model::config::{ModelConfig, MoeConfig};
 use origami::model::gpt::GptModel;
 use origami::optim::adamw::{AdamW, AdamWConfig};
@@ -115,6 +116,64 @@ fn stopped_and_resumed_run_is_bit_identical() {
         straight.params == second.params,
         "weights differ after resuming"
     );
+}
+
+#[test]
+fn a_folded_run_resumes_on_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Synthetic { seq: 16 };
+    let folded = small_run(&tmp.path().join("a"), 6);
+    assert_eq!(
+        (
+            folded.parallel.world,
+            folded.parallel.tp,
+            folded.parallel.ep
+        ),
+        (4, 2, 4),
+        "the default layout is folded"
+    );
+    let straight = train(&folded, &data, None, &TrainOptions::default()).unwrap();
+
+    let dir = tmp.path().join("b");
+    let config = small_run(&dir, 6);
+    let first = train(
+        &config,
+        &data,
+        None,
+        &TrainOptions {
+            stop_after: Some(3),
+            ..TrainOptions::default()
+        },
+    )
+    .unwrap();
+    let mut single = config.clone();
+    single.parallel.world = 1;
+    single.parallel.tp = 1;
+    single.parallel.ep = 1;
+    single.parallel.etp = Some(1);
+    let second = train(
+        &single,
+        &data,
+        None,
+        &TrainOptions {
+            resume: Some(dir),
+            ..TrainOptions::default()
+        },
+    )
+    .unwrap();
+    let losses: Vec<f32> = first
+        .records
+        .iter()
+        .chain(&second.records)
+        .map(|r| r.loss as f32)
+        .collect();
+    let expected: Vec<f32> = straight.records.iter().map(|r| r.loss as f32).collect();
+    let loss_error = relative_error(&losses, &expected);
+    assert!(loss_error <= 1e-4, "losses differ by {loss_error}");
+    for info in straight.model.registry().params() {
+        let error = relative_error(second.params.get(info.id), straight.params.get(info.id));
+        assert!(error <= 1e-4, "{} differs by {error}", info.name);
+    }
 }
 
 fn saved_checkpoint(dir: &Path) -> std::path::PathBuf {

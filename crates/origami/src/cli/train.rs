@@ -51,6 +51,35 @@ fn with_model(text: &str, args: &TrainArgs) -> anyhow::Result<String> {
     Ok(config.to_toml())
 }
 
+/// Whether this process was started by `mpirun` (Open MPI or a PMI launcher such as MPICH's).
+fn launched_by_mpirun() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// Trains with one process per rank when started by `mpirun` (MPI builds), otherwise with the
+/// ranks as threads of this process.
+fn run_job(
+    config: &RunConfig,
+    options: &TrainOptions,
+) -> anyhow::Result<origami::train::run::RunSummary> {
+    if launched_by_mpirun() {
+        #[cfg(feature = "mpi")]
+        {
+            return origami_comm::mpi::run(|world| {
+                origami::train::run::run_on(world, config, options).map_err(|e| format!("{e:#}"))
+            })
+            .map_err(anyhow::Error::from);
+        }
+        #[cfg(not(feature = "mpi"))]
+        anyhow::bail!(
+            "started by mpirun, but this origami was built without MPI: rebuild with `--features mpi` (or run without mpirun: the ranks then run as threads)"
+        );
+    }
+    origami::train::run::run(config, options)
+}
+
 /// Runs the training job.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let text = match (&args.config, &args.resume) {
@@ -85,7 +114,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         stop: Some(stop),
         ..TrainOptions::default()
     };
-    let summary = pool.install(|| origami::train::run::run(&config, &options))?;
+    let summary = pool.install(|| run_job(&config, &options))?;
     if summary.outcome.interrupted {
         println!(
             "stopped early; continue with: origami train --resume {}",

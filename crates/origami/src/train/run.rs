@@ -4,9 +4,11 @@
 use super::config::RunConfig;
 use super::data::open_run_data;
 use super::plot::plot_run;
-use super::trainer::{train, TrainOptions, TrainOutcome};
+use super::trainer::{train, train_on, TrainOptions, TrainOutcome};
 use crate::generate::{generate, SamplingSettings};
+use origami_comm::Communicator;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What a finished quick-start run reports.
 pub struct RunSummary {
@@ -21,12 +23,43 @@ pub struct RunSummary {
 /// Prompt of the closing sample.
 const SAMPLE_PROMPT: &str = "ROMEO:\n";
 
-/// Runs a whole training job as configured, printing progress when `options.verbose`.
+/// Runs a whole training job as configured (its ranks as threads of this process), printing
+/// progress when `options.verbose`.
 pub fn run(config: &RunConfig, options: &TrainOptions) -> anyhow::Result<RunSummary> {
+    run_with(None, config, options)
+}
+
+/// Runs the job as one process of `world` (one process per rank, e.g. under `mpirun`): rank 0
+/// prepares the data, logs, plots and samples; every rank trains.
+pub fn run_on(
+    world: Arc<dyn Communicator>,
+    config: &RunConfig,
+    options: &TrainOptions,
+) -> anyhow::Result<RunSummary> {
+    run_with(Some(world), config, options)
+}
+
+fn run_with(
+    world: Option<Arc<dyn Communicator>>,
+    config: &RunConfig,
+    options: &TrainOptions,
+) -> anyhow::Result<RunSummary> {
+    let leader = world.as_ref().is_none_or(|w| w.rank() == 0);
+    let options = &TrainOptions {
+        verbose: options.verbose && leader,
+        ..options.clone()
+    };
     if options.verbose {
         println!("layout: {}", config.parallel.describe());
     }
+    // One process prepares the data; the others open it once it exists.
+    if let (Some(world), false) = (&world, leader) {
+        world.barrier()?;
+    }
     let data = open_run_data(config, options.verbose)?;
+    if let (Some(world), true) = (&world, leader) {
+        world.barrier()?;
+    }
     let model = crate::model::gpt::GptModel::new(config.model.clone())?;
     if options.verbose {
         println!(
@@ -41,13 +74,19 @@ pub fn run(config: &RunConfig, options: &TrainOptions) -> anyhow::Result<RunSumm
             data.valid.as_ref().map_or(String::new(), |v| format!(", {} validation samples", v.len()))
         );
     }
-    let outcome = train(
-        config,
-        &data.train,
-        data.valid.as_ref().map(|v| v as _),
-        options,
-    )?;
+    let valid = data.valid.as_ref().map(|v| v as _);
+    let outcome = match world {
+        Some(world) => train_on(world, config, &data.train, valid, options)?,
+        None => train(config, &data.train, valid, options)?,
+    };
     let plot = config.checkpoint.dir.join("plot.svg");
+    if !leader {
+        return Ok(RunSummary {
+            outcome,
+            plot,
+            sample: String::new(),
+        });
+    }
     if !outcome.records.is_empty() {
         plot_run(&plot, &read_all_records(config, options, &outcome)?)?;
     }
