@@ -16,6 +16,7 @@
 
 mod communicator;
 pub mod conformance;
+mod counted;
 
 mod error;
 pub mod local;
@@ -26,6 +27,7 @@ mod solo;
 mod stream;
 
 pub use communicator::{Communicator, ReduceOp};
+pub use counted::CountedComm;
 pub use error::{CommError, Failure, Op, Result};
 pub use solo::SoloComm;
 pub use stream::{CommStream, Pending};

@@ -2,6 +2,8 @@
 //! communication benchmark, or `origami bench moe` for the MoE dispatch benchmark.
 
 use clap::{Args, Subcommand};
+use origami::bench::BenchLayout;
+use origami::layers::context_parallel::CpCommType;
 
 /// Arguments of `origami bench`.
 #[derive(Args, Debug)]
@@ -22,6 +24,35 @@ pub struct BenchArgs {
     /// Tokens per sequence (default: the preset's sequence length).
     #[arg(long)]
     pub seq: Option<usize>,
+    /// Local ranks (threads sharing the cores) training the same global batch.
+    #[arg(long, default_value_t = 1)]
+    pub world: usize,
+    /// Tensor-parallel size of attention.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Context-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub cp: usize,
+    /// Expert-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
+    /// Expert tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub etp: usize,
+    /// Context-parallel exchange: p2p or a2a.
+    #[arg(long, default_value = "p2p", value_parser = parse_cp_comm_type)]
+    pub cp_comm_type: CpCommType,
+    /// Shard the optimizer state over data-parallel ranks.
+    #[arg(long)]
+    pub distributed_optimizer: bool,
+}
+
+fn parse_cp_comm_type(value: &str) -> Result<CpCommType, String> {
+    match value {
+        "p2p" => Ok(CpCommType::P2p),
+        "a2a" => Ok(CpCommType::A2a),
+        other => Err(format!("unknown cp_comm_type {other:?} (p2p or a2a)")),
+    }
 }
 
 /// Benchmarks other than the model's training step.
@@ -45,6 +76,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         steps: args.steps,
         micro_batch: args.micro_batch,
         seq: args.seq,
+        layout: BenchLayout {
+            world: args.world,
+            tp: args.tp,
+            cp: args.cp,
+            ep: args.ep,
+            etp: args.etp,
+            cp_comm_type: args.cp_comm_type,
+            distributed_optimizer: args.distributed_optimizer,
+        },
     })?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

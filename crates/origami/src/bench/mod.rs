@@ -1,0 +1,363 @@
+//! `origami bench`: times full training steps (forward, backward, AdamW) of a preset on random
+//! tokens, and reports tokens/s, model TFLOP/s (DESIGN.md §5), the peak GEMM rate measured in
+//! the same run, MFU against it, and peak resident memory.
+//!
+//! With a parallel layout the same global batch is trained by `world` local ranks (threads of
+//! this process sharing the cores), so the tokens/s against the one-rank run measure the
+//! layout's overhead; the report adds the bytes each rank sent per step against the layout's
+//! theoretical traffic ([`traffic`]).
+
+pub mod traffic;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::layers::context_parallel::CpCommType;
+use crate::model::config::ModelConfig;
+use crate::model::flops::training_flops_per_token;
+use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::parallel::ModelParallel;
+use crate::model::params::{ParamGroup, Shard};
+use crate::optim::adamw::AdamWConfig;
+use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
+use crate::train::step::train_step;
+use origami_comm::local::LocalWorld;
+use origami_comm::{Communicator, CountedComm, ReduceOp, SoloComm};
+use origami_kernels::matmul::{matmul, Par, View, ViewMut};
+use origami_parallel::{ParallelConfig, ParallelState};
+use serde::Serialize;
+use std::time::Instant;
+use traffic::{theoretical_traffic, Traffic, TrafficLayout};
+
+/// What to benchmark.
+#[derive(Clone, Debug)]
+pub struct BenchSettings {
+    /// Model preset name.
+    pub preset: String,
+    /// Timed steps (one more runs first as warm-up).
+    pub steps: usize,
+    /// Sequences per step (default: the preset's micro-batch).
+    pub micro_batch: Option<usize>,
+    /// Tokens per sequence (default: the preset's).
+    pub seq: Option<usize>,
+    /// The layout the step is trained on.
+    pub layout: BenchLayout,
+}
+
+/// A parallel layout for the benchmark (pipeline parallelism 1; dp and edp follow).
+#[derive(Clone, Debug)]
+pub struct BenchLayout {
+    /// Local ranks.
+    pub world: usize,
+    /// Tensor-parallel size.
+    pub tp: usize,
+    /// Context-parallel size.
+    pub cp: usize,
+    /// Expert-parallel size.
+    pub ep: usize,
+    /// Expert tensor-parallel size.
+    pub etp: usize,
+    /// Context-parallel exchange.
+    pub cp_comm_type: CpCommType,
+    /// Shard the optimizer state over data-parallel ranks.
+    pub distributed_optimizer: bool,
+}
+
+impl Default for BenchLayout {
+    /// One rank.
+    fn default() -> Self {
+        BenchLayout {
+            world: 1,
+            tp: 1,
+            cp: 1,
+            ep: 1,
+            etp: 1,
+            cp_comm_type: CpCommType::P2p,
+            distributed_optimizer: false,
+        }
+    }
+}
+
+/// One benchmark result, printed as a JSON line.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Always `"model"`.
+    pub bench: &'static str,
+    /// Preset name.
+    pub preset: String,
+    /// The layout, e.g. `TP2·CP1·DP2 | EP4·ETP1·EDP1`.
+    pub layout: String,
+    /// Kernel threads.
+    pub threads: usize,
+    /// Parameters of the model.
+    pub params: usize,
+    /// Tokens per step.
+    pub tokens_per_step: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Median step time in seconds.
+    pub median_step_s: f64,
+    /// Trained tokens per second at the median step time.
+    pub tokens_per_s: f64,
+    /// Achieved model TFLOP/s (DESIGN.md §5 FLOPs).
+    pub model_tflops: f64,
+    /// Best f32 GEMM rate measured in this run, GFLOP/s (the CPU peak for MFU).
+    pub peak_gemm_gflops: f64,
+    /// Model FLOPs utilisation against that peak.
+    pub mfu: f64,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
+    /// Loss of the last step (random tokens: about ln(vocab)).
+    pub loss: f64,
+    /// Bytes sent per step by the busiest rank (median step).
+    pub bytes_sent_per_rank_max: u64,
+    /// Bytes sent per step, mean over ranks (median step).
+    pub bytes_sent_per_rank_mean: f64,
+    /// What the layout needs in theory per rank and step (rank 0's shard sizes).
+    pub theory_bytes_per_rank: Traffic,
+    /// The theory's total.
+    pub theory_bytes_per_rank_total: f64,
+}
+
+/// The micro-batch size of each preset, as in `shared/peers/README.md`.
+pub fn preset_micro_batch(preset: &str) -> usize {
+    match preset {
+        "tiny" => 8,
+        _ => 4,
+    }
+}
+
+/// Runs the benchmark: on one rank, or on the layout's local ranks (rank 0 reports).
+pub fn run(settings: &BenchSettings) -> anyhow::Result<BenchReport> {
+    let world = settings.layout.world;
+    if world == 1 {
+        return run_rank(SoloComm::shared(0), settings);
+    }
+    let mut reports = LocalWorld::new(world)
+        .run(|comm| run_rank(comm, settings).map_err(|e| format!("{e:#}")))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(reports.swap_remove(0))
+}
+
+/// One rank's part of the benchmark; every rank returns the same timings.
+fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::Result<BenchReport> {
+    let config = ModelConfig::preset(&settings.preset)?;
+    let seq = settings.seq.unwrap_or(config.max_seq_len);
+    let micro_batch = settings
+        .micro_batch
+        .unwrap_or(preset_micro_batch(&settings.preset));
+    anyhow::ensure!(
+        seq <= config.max_seq_len,
+        "--seq {seq} exceeds the preset's max_seq_len {}",
+        config.max_seq_len
+    );
+    anyhow::ensure!(
+        settings.steps > 0 && micro_batch > 0,
+        "--steps and --micro-batch must be positive"
+    );
+    let l = &settings.layout;
+    let (world, sent) = CountedComm::wrap(world);
+    let layout = ParallelConfig {
+        tp: l.tp,
+        cp: l.cp,
+        ep: l.ep,
+        etp: Some(l.etp),
+        ..ParallelConfig::default()
+    }
+    .layout(l.world)?;
+    let state = ParallelState::new(&layout, world.as_ref())?;
+    let dp = state.dp();
+    anyhow::ensure!(
+        micro_batch.is_multiple_of(dp.size()),
+        "--micro-batch {micro_batch} must split over the {} data-parallel ranks",
+        dp.size()
+    );
+    let model = GptModel::new_parallel(
+        config.clone(),
+        ModelParallel::from_state(&state, l.cp_comm_type),
+    )?;
+    let mut params = model.init_params(0);
+    let mut grads = model.registry().zeros();
+    let mut optimizer = ParallelOptimizer::new(
+        model.registry(),
+        AdamWConfig::default(),
+        OptimizerGroups::from_state(&state, world.clone()),
+        l.distributed_optimizer,
+        1 << 22,
+    );
+    let whole = random_batch(micro_batch, seq, config.vocab_size);
+    let per_rank = micro_batch / dp.size();
+    let rows = dp.rank() * per_rank * seq..(dp.rank() + 1) * per_rank * seq;
+    let batch = MicroBatch {
+        tokens: whole.tokens[rows.clone()].to_vec(),
+        targets: whole.targets[rows].to_vec(),
+        batch: per_rank,
+        seq,
+    };
+    let mut steps = Vec::with_capacity(settings.steps);
+    let mut loss = 0.0;
+    for step in 0..=settings.steps {
+        world.barrier()?;
+        let before = sent.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let outcome = train_step(
+            &model,
+            &mut params,
+            &mut grads,
+            &mut optimizer,
+            std::slice::from_ref(&batch),
+            dp.size(),
+            dp.comm(),
+            1e-4,
+        )?;
+        world.barrier()?;
+        let mut seconds = [start.elapsed().as_secs_f32()];
+        world.all_reduce(&mut seconds, ReduceOp::Max)?;
+        loss = outcome.loss;
+        if step > 0 {
+            steps.push((seconds[0] as f64, sent.load(Ordering::Relaxed) - before));
+        }
+    }
+    steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (median, bytes) = steps[steps.len() / 2];
+    let mut traffic = [bytes, bytes];
+    world.all_reduce_u64(&mut traffic[..1], ReduceOp::Max)?;
+    world.all_reduce_u64(&mut traffic[1..], ReduceOp::Sum)?;
+    let tokens = micro_batch * seq;
+    let tokens_per_s = tokens as f64 / median;
+    let model_tflops = tokens_per_s * training_flops_per_token(&config, seq) / 1e12;
+    let peak_gemm_gflops = if world.rank() == 0 {
+        peak_gemm_gflops()
+    } else {
+        1.0
+    };
+    let theory = theoretical_traffic(
+        &config,
+        &TrafficLayout {
+            tp: l.tp,
+            cp: l.cp,
+            dp: dp.size(),
+            ep: l.ep,
+            etp: l.etp,
+            edp: state.edp().size(),
+            cp_comm_type: l.cp_comm_type,
+        },
+        (per_rank, seq),
+        shard_sizes(&model),
+    );
+    Ok(BenchReport {
+        bench: "model",
+        preset: settings.preset.clone(),
+        layout: describe(l, dp.size(), state.edp().size()),
+        threads: rayon::current_num_threads(),
+        params: model.registry().total_len(),
+        tokens_per_step: tokens,
+        steps: settings.steps,
+        median_step_s: median,
+        tokens_per_s,
+        model_tflops,
+        peak_gemm_gflops,
+        mfu: model_tflops * 1e3 / peak_gemm_gflops,
+        peak_rss_mib: peak_rss_mib(),
+        loss,
+        bytes_sent_per_rank_max: traffic[0],
+        bytes_sent_per_rank_mean: traffic[1] as f64 / l.world as f64,
+        theory_bytes_per_rank_total: theory.total(),
+        theory_bytes_per_rank: theory,
+    })
+}
+
+/// This rank's (dense, expert, dense held whole by every tp rank) parameter elements.
+fn shard_sizes(model: &GptModel) -> (usize, usize, usize) {
+    model
+        .registry()
+        .params()
+        .iter()
+        .fold((0, 0, 0), |(dense, expert, whole), p| match p.id.group() {
+            ParamGroup::Expert => (dense, expert + p.id.len(), whole),
+            ParamGroup::Dense if p.shard == Shard::full(&p.shape) => {
+                (dense + p.id.len(), expert, whole + p.id.len())
+            }
+            ParamGroup::Dense => (dense + p.id.len(), expert, whole),
+        })
+}
+
+/// `TP2·CP1·DP2 | EP4·ETP1·EDP1`.
+fn describe(l: &BenchLayout, dp: usize, edp: usize) -> String {
+    format!(
+        "TP{}·CP{}·DP{dp} | EP{}·ETP{}·EDP{edp}{}",
+        l.tp,
+        l.cp,
+        l.ep,
+        l.etp,
+        if l.cp > 1 {
+            format!(" ({:?})", l.cp_comm_type).to_lowercase()
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Deterministic pseudo-random tokens and next-token targets.
+fn random_batch(batch: usize, seq: usize, vocab: usize) -> MicroBatch {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % vocab as u64) as u32
+    };
+    let stream: Vec<u32> = (0..batch * (seq + 1)).map(|_| next()).collect();
+    let mut tokens = Vec::with_capacity(batch * seq);
+    let mut targets = Vec::with_capacity(batch * seq);
+    for row in stream.chunks(seq + 1) {
+        tokens.extend_from_slice(&row[..seq]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    MicroBatch {
+        tokens,
+        targets,
+        batch,
+        seq,
+    }
+}
+
+/// Best f32 GEMM rate over a few large square products, in GFLOP/s.
+pub fn peak_gemm_gflops() -> f64 {
+    let mut best = 0.0f64;
+    for n in [1024usize, 2048] {
+        let a = vec![0.5f32; n * n];
+        let b = vec![0.25f32; n * n];
+        let mut c = vec![0.0f32; n * n];
+        for _ in 0..4 {
+            let start = Instant::now();
+            matmul(
+                ViewMut::new(&mut c, n, n),
+                View::new(&a, n, n),
+                View::new(&b, n, n),
+                false,
+                Par::All,
+            );
+            let rate = 2.0 * (n * n * n) as f64 / start.elapsed().as_secs_f64() / 1e9;
+            best = best.max(rate);
+        }
+    }
+    best
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), MiB; 0 where unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -1,0 +1,125 @@
+//! The bytes one rank must send per training step for a layout, in theory: what the benchmark's
+//! measured traffic is compared with. Counted like [`origami_comm::CountedComm`] counts
+//! (ring all-reduce `2·(n−1)/n`, all-gather / reduce-scatter `(n−1)/n`, all-to-all what leaves
+//! the rank), for one micro-batch per data-parallel rank, expert routing assumed uniform.
+
+use serde::Serialize;
+
+use crate::layers::context_parallel::CpCommType;
+use crate::model::config::{DispatcherKind, ModelConfig};
+
+/// The per-rank bytes of one step, by cause.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Traffic {
+    /// Sequence parallelism: all-gathers and reduce-scatters of activations around attention,
+    /// dense and shared-expert MLPs, embedding and output layer, forward and backward, and the
+    /// vocabulary-parallel cross-entropy's row statistics.
+    pub sequence_parallel: f64,
+    /// Context-parallel attention: key/value blocks around the ring (and their gradients back),
+    /// or the all-to-alls of the head split.
+    pub context_parallel: f64,
+    /// MoE dispatch and combine, forward and backward (all-to-all dispatcher with etp = 1 only;
+    /// `None` otherwise).
+    pub expert_dispatch: Option<f64>,
+    /// Gradient reduction: dense over dp-cp, expert over edp, sequence-parallel weights over tp.
+    pub gradients: f64,
+}
+
+impl Traffic {
+    /// All causes together (the dispatch counted as 0 where unknown).
+    pub fn total(&self) -> f64 {
+        self.sequence_parallel
+            + self.context_parallel
+            + self.expert_dispatch.unwrap_or(0.0)
+            + self.gradients
+    }
+}
+
+/// The sizes of a layout that set its traffic.
+#[derive(Clone, Copy, Debug)]
+pub struct TrafficLayout {
+    /// Tensor-parallel size.
+    pub tp: usize,
+    /// Context-parallel size.
+    pub cp: usize,
+    /// Data-parallel size.
+    pub dp: usize,
+    /// Expert-parallel size.
+    pub ep: usize,
+    /// Expert tensor-parallel size.
+    pub etp: usize,
+    /// Expert-data-parallel size.
+    pub edp: usize,
+    /// Context-parallel exchange.
+    pub cp_comm_type: CpCommType,
+}
+
+/// Elements of a group of `n` that a rank sends in an all-gather or reduce-scatter of `len`.
+fn gather(n: usize, len: f64) -> f64 {
+    (n - 1) as f64 / n as f64 * len
+}
+
+/// Elements a rank sends in a ring all-reduce of `len` over `n` ranks.
+fn all_reduce(n: usize, len: f64) -> f64 {
+    2.0 * gather(n, len)
+}
+
+/// Theory for `config` trained on `layout` with `sequences` of `seq` tokens per data-parallel
+/// rank per step; `params` are this rank's (dense, expert, whole-over-tp dense) element counts.
+pub fn theoretical_traffic(
+    config: &ModelConfig,
+    layout: &TrafficLayout,
+    (sequences, seq): (usize, usize),
+    (dense, expert, whole_over_tp): (usize, usize, usize),
+) -> Traffic {
+    let h = config.hidden_size as f64;
+    let layers = config.num_layers;
+    let moe_layers = (0..layers).filter(|&l| config.is_moe_layer(l)).count();
+    let dense_layers = layers - moe_layers;
+    let shared_layers = if config.moe.shared_expert_ffn_hidden_size > 0 {
+        moe_layers
+    } else {
+        0
+    };
+    let region_tokens = (sequences * seq / layout.cp) as f64;
+    let rank_tokens = region_tokens / layout.tp as f64;
+    let bytes = |elements: f64| 4.0 * elements;
+
+    let collectives = 4 * (layers + dense_layers + shared_layers + 1);
+    let sequence_parallel = bytes(
+        collectives as f64 * gather(layout.tp, region_tokens * h)
+            + all_reduce(layout.tp, 3.0 * region_tokens),
+    );
+
+    let head_dim = config.head_dim() as f64;
+    let q = region_tokens * (config.num_heads / layout.tp) as f64 * head_dim;
+    let kv = region_tokens * 2.0 * (config.num_kv_heads / layout.tp) as f64 * head_dim;
+    let cp = layout.cp;
+    let per_layer = match (cp, layout.cp_comm_type) {
+        (1, _) => 0.0,
+        // Forward: cp − 1 key/value blocks on; backward: cp − 1 blocks with their gradient
+        // accumulators, then the last accumulator home.
+        (_, CpCommType::P2p) => (cp - 1) as f64 * 3.0 * kv + kv,
+        // Forward: q, kv out and the output back; backward: dout out, dq and dkv back.
+        (_, CpCommType::A2a) => gather(cp, 2.0 * q + kv) + gather(cp, 2.0 * q + kv),
+    };
+    let context_parallel = bytes(layers as f64 * per_layer);
+
+    let expert_dispatch = (config.moe.dispatcher == DispatcherKind::Alltoall && layout.etp == 1)
+        .then(|| {
+            let routed = rank_tokens * config.moe.topk as f64 * h;
+            bytes(moe_layers as f64 * 4.0 * gather(layout.ep, routed))
+        });
+
+    let gradients = bytes(
+        all_reduce(layout.dp * layout.cp, dense as f64)
+            + all_reduce(layout.edp, expert as f64)
+            + all_reduce(layout.tp, whole_over_tp as f64),
+    );
+    Traffic {
+        sequence_parallel,
+        context_parallel,
+        expert_dispatch,
+        gradients,
+    }
+}

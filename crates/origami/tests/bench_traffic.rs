@@ -1,0 +1,48 @@
+//! The benchmark's traffic theory against the bytes the ranks actually send: a folded layout's
+//! measured per-rank traffic must be what the layout requires, not more (e.g. no gathered
+//! logits, no duplicated reductions).
+
+use origami::bench::{run, BenchLayout, BenchSettings};
+use origami::layers::context_parallel::CpCommType;
+
+fn measured_over_theory(layout: BenchLayout) -> f64 {
+    let report = run(&BenchSettings {
+        preset: "tiny".into(),
+        steps: 1,
+        micro_batch: Some(4),
+        seq: Some(32),
+        layout,
+    })
+    .unwrap();
+    assert!(report.theory_bytes_per_rank_total > 0.0);
+    report.bytes_sent_per_rank_mean / report.theory_bytes_per_rank_total
+}
+
+#[test]
+fn folded_layouts_send_what_the_theory_says() {
+    let tensor = BenchLayout {
+        world: 4,
+        tp: 2,
+        ep: 4,
+        ..BenchLayout::default()
+    };
+    let context = BenchLayout {
+        world: 4,
+        cp: 2,
+        ep: 4,
+        ..BenchLayout::default()
+    };
+    let all_to_all = BenchLayout {
+        cp_comm_type: CpCommType::A2a,
+        distributed_optimizer: true,
+        ..context.clone()
+    };
+    for layout in [tensor, context, all_to_all] {
+        let ratio = measured_over_theory(layout.clone());
+        // Routing is not exactly uniform and small statistics all-reduces are not in the theory.
+        assert!(
+            (0.97..1.05).contains(&ratio),
+            "{layout:?}: measured / theory = {ratio}"
+        );
+    }
+}
