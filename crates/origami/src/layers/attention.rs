@@ -212,7 +212,8 @@ impl Attention {
         1.0 / (self.dims.head_dim as f32).sqrt()
     }
 
-    /// `y[batch·seq, hidden]` from the normalised input `x`.
+    /// `y[batch·seq, hidden]` (this rank's partial sum under tensor parallelism) from the
+    /// normalised input `x` (every token of the sequences' context-parallel part).
     pub fn forward(
         &self,
         params: &Buffers,
