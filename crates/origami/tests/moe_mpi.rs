@@ -2,37 +2,11 @@
 //! layer and the whole model against one rank, one process per rank.
 #![cfg(feature = "mpi")]
 
-use std::process::Command;
+mod mpirun;
 
 /// Runs one case under `mpirun -np ranks` and checks that every rank matched.
 fn mpirun_case(ranks: usize, args: &[&str]) {
-    let output = Command::new("timeout")
-        .args(["-k", "5", "300", "mpirun"])
-        .args([
-            "--oversubscribe",
-            "--allow-run-as-root",
-            "-np",
-            &ranks.to_string(),
-        ])
-        .arg(env!("CARGO_BIN_EXE_moe_mpi_check"))
-        .args(args)
-        // Containers often run as root; Open MPI refuses that unless told twice.
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .expect("mpirun (Open MPI's openmpi-bin) must be installed");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{args:?} on {ranks} processes: {}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        stdout.matches("matches one rank").count(),
-        ranks,
-        "{stdout}"
-    );
+    mpirun::mpirun_check(env!("CARGO_BIN_EXE_moe_mpi_check"), ranks, args);
 }
 
 #[test]
