@@ -15,7 +15,8 @@
 //! `dQ` and accumulate `dK`, `dV` without races. All three gradients are written (not added).
 
 use crate::math::fast_exp;
-use crate::matmul::{matmul, matmul_raw, Par, RawMatrix, View, ViewMut};
+use crate::matmul::{matmul, matmul_raw, Par, View, ViewMut};
+use crate::tiles::{tile, SharedOut};
 use rayon::prelude::*;
 
 /// Tile edge for queries and keys.
@@ -66,36 +67,6 @@ pub struct QkvLayout {
     pub k_offset: usize,
     /// Column of value head 0.
     pub v_offset: usize,
-}
-
-/// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks only write elements no other task touches (see each use).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-
-    /// A `rows × cols` matrix starting at `offset` with the given row stride.
-    fn matrix(self, offset: usize, rows: usize, cols: usize, row_stride: usize) -> RawMatrix {
-        RawMatrix {
-            ptr: unsafe { self.0.add(offset) },
-            rows,
-            cols,
-            row_stride,
-            col_stride: 1,
-        }
-    }
-}
-
-/// The `rows × width` tile starting at element `start` of a row-major buffer with `row_stride`.
-fn tile(buffer: &[f32], start: usize, rows: usize, width: usize, row_stride: usize) -> View<'_> {
-    View::strided(&buffer[start..], rows, width, row_stride, 1)
 }
 
 fn check_shapes(qkv: &[f32], layout: QkvLayout, shape: AttentionShape) {

@@ -19,3 +19,4 @@ pub mod rope;
 pub mod softmax;
 pub mod swiglu;
 pub mod testing;
+mod tiles;

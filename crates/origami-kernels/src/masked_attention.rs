@@ -19,7 +19,8 @@
 //! Tasks own one (batch, kv head), so their dq, dk and dv writes never overlap.
 
 use crate::math::fast_exp;
-use crate::matmul::{matmul, matmul_raw, Par, RawMatrix, View, ViewMut};
+use crate::matmul::{matmul, matmul_raw, Par, View, ViewMut};
+use crate::tiles::{tile, SharedOut};
 use rayon::prelude::*;
 
 /// Tile edge for queries and keys.
@@ -105,36 +106,6 @@ impl Tile {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks only write elements no other task touches (see each use).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-
-    /// A `rows × cols` matrix starting at `offset` with the given row stride.
-    fn matrix(self, offset: usize, rows: usize, cols: usize, row_stride: usize) -> RawMatrix {
-        RawMatrix {
-            ptr: unsafe { self.0.add(offset) },
-            rows,
-            cols,
-            row_stride,
-            col_stride: 1,
-        }
-    }
-}
-
-/// The `rows × width` tile starting at element `start` of a row-major buffer with `row_stride`.
-fn view(buffer: &[f32], start: usize, rows: usize, width: usize, row_stride: usize) -> View<'_> {
-    View::strided(&buffer[start..], rows, width, row_stride, 1)
-}
-
 fn check_inputs(
     q: &[f32],
     kv: &[f32],
@@ -181,7 +152,7 @@ pub fn masked_attention_forward(
         || (vec![0.0f32; BLOCK * BLOCK], vec![0.0f32; BLOCK * hd]),
         |(scores, acc), (b, h, qt)| {
             let g = h / shape.queries_per_kv_head();
-            let q_tile = view(
+            let q_tile = tile(
                 q,
                 (b * shape.q_len + qt.start) * qs + h * hd,
                 qt.rows,
@@ -194,8 +165,8 @@ pub fn masked_attention_forward(
             let mut sum = [0.0f32; BLOCK];
             for kt in kv_tiles.iter().filter(|kt| !qt.blind_to(kt)) {
                 let kv_row = (b * shape.kv_len + kt.start) * ks;
-                let k = view(kv, kv_row + g * hd, kt.rows, hd, ks);
-                let v = view(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
+                let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
                 let tile = &mut scores[..qt.rows * kt.rows];
                 let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
                 matmul(
@@ -370,15 +341,15 @@ pub fn masked_attention_backward(
             for h in g * group..(g + 1) * group {
                 for kt in &kv_tiles {
                     let kv_row = (b * shape.kv_len + kt.start) * ks;
-                    let k = view(kv, kv_row + g * hd, kt.rows, hd, ks);
-                    let v = view(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                    let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
+                    let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
                     let dk = dkv_ptr.matrix(kv_row + g * hd, kt.rows, hd, ks);
                     let dv = dkv_ptr.matrix(kv_row + v_offset + g * hd, kt.rows, hd, ks);
                     let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
                     for qt in q_tiles.iter().filter(|qt| !qt.blind_to(kt)) {
                         let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-                        let q_tile = view(q, q_row, qt.rows, hd, qs);
-                        let d_out = view(dout, q_row, qt.rows, hd, qs);
+                        let q_tile = tile(q, q_row, qt.rows, hd, qs);
+                        let d_out = tile(dout, q_row, qt.rows, hd, qs);
                         let p = &mut probs[..qt.rows * kt.rows];
                         let dp = &mut dprobs[..qt.rows * kt.rows];
                         matmul(
