@@ -288,27 +288,8 @@ impl ModelCase {
     /// A two-layer model (dense first layer, then MoE with a shared expert), 8 experts top-2,
     /// aux and z losses on; two sequences of 8 tokens per rank.
     pub fn new(ep: usize, etp: usize, dispatcher: DispatcherKind) -> Self {
-        let mut model = ModelConfig::preset("tiny").expect("tiny preset");
-        model.vocab_size = 64;
-        model.hidden_size = 16;
-        model.num_layers = 2;
-        model.num_heads = 2;
-        model.num_kv_heads = 1;
-        model.head_dim = None;
-        model.ffn_hidden_size = 24;
-        model.max_seq_len = 16;
-        model.moe = MoeConfig {
-            num_experts: 8,
-            ffn_hidden_size: 8,
-            topk: 2,
-            layer_pattern: Some(vec![0, 1]),
-            aux_loss_coeff: 0.1,
-            z_loss_coeff: 0.01,
-            shared_expert_ffn_hidden_size: 8,
-            dispatcher,
-            ..MoeConfig::default()
-        };
-        model.init_std = 0.2;
+        let mut model = two_layer_model(16, (2, 1), 24);
+        model.moe.dispatcher = dispatcher;
         ModelCase {
             ep,
             etp,
@@ -320,20 +301,62 @@ impl ModelCase {
     }
 
     fn micro_batch(&self, rank: usize) -> MicroBatch {
-        let n = self.batch * self.seq;
-        let vocab = self.model.vocab_size as f32;
-        let draw = |salt: u64| -> Vec<u32> {
-            random_vec(n, self.seed * 1000 + rank as u64 * 10 + salt)
-                .iter()
-                .map(|v| (((v + 1.0) / 2.0 * vocab) as u32).min(vocab as u32 - 1))
-                .collect()
-        };
-        MicroBatch {
-            tokens: draw(1),
-            targets: draw(2),
-            batch: self.batch,
-            seq: self.seq,
-        }
+        random_micro_batch(
+            (self.batch, self.seq),
+            self.model.vocab_size,
+            self.seed * 1000 + rank as u64 * 10,
+        )
+    }
+}
+
+/// The harness's model: a dense layer, then an MoE layer with a shared expert (8 experts top-2,
+/// aux and z losses on), vocabulary 64, `heads` query heads in `kv_heads` groups.
+pub(crate) fn two_layer_model(
+    hidden: usize,
+    (heads, kv_heads): (usize, usize),
+    ffn: usize,
+) -> ModelConfig {
+    let mut model = ModelConfig::preset("tiny").expect("tiny preset");
+    model.vocab_size = 64;
+    model.hidden_size = hidden;
+    model.num_layers = 2;
+    model.num_heads = heads;
+    model.num_kv_heads = kv_heads;
+    model.head_dim = None;
+    model.ffn_hidden_size = ffn;
+    model.max_seq_len = 16;
+    model.init_std = 0.2;
+    model.moe = MoeConfig {
+        num_experts: 8,
+        ffn_hidden_size: 8,
+        topk: 2,
+        layer_pattern: Some(vec![0, 1]),
+        aux_loss_coeff: 0.1,
+        z_loss_coeff: 0.01,
+        shared_expert_ffn_hidden_size: 8,
+        ..MoeConfig::default()
+    };
+    model
+}
+
+/// A micro-batch of `batch` sequences of `seq` random tokens and targets below `vocab`,
+/// determined by `salt`.
+pub(crate) fn random_micro_batch(
+    (batch, seq): (usize, usize),
+    vocab: usize,
+    salt: u64,
+) -> MicroBatch {
+    let draw = |offset: u64| -> Vec<u32> {
+        random_vec(batch * seq, salt + offset)
+            .iter()
+            .map(|v| (((v + 1.0) / 2.0 * vocab as f32) as u32).min(vocab as u32 - 1))
+            .collect()
+    };
+    MicroBatch {
+        tokens: draw(1),
+        targets: draw(2),
+        batch,
+        seq,
     }
 }
 

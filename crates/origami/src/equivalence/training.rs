@@ -8,12 +8,11 @@
 use std::sync::Arc;
 
 use origami_comm::{Communicator, SoloComm};
-use origami_kernels::testing::random_vec;
 use origami_parallel::{ParallelConfig, ParallelState};
 
-use super::{relative_error, HarnessResult};
+use super::{random_micro_batch, relative_error, two_layer_model, HarnessResult};
 use crate::layers::context_parallel::CpCommType;
-use crate::model::config::{DispatcherKind, ModelConfig, MoeConfig};
+use crate::model::config::{DispatcherKind, ModelConfig};
 use crate::model::gpt::{GptModel, MicroBatch};
 use crate::model::parallel::ModelParallel;
 use crate::model::params::Buffers;
@@ -76,27 +75,8 @@ impl TrainingCase {
     /// dropless, aux and z losses on; 8 query heads in 4 groups so that tp and cp up to 4
     /// split them), trained 3 steps on 8 sequences of 16 tokens in micro-batches of 2.
     pub fn new(tp: usize, cp: usize, ep: usize, etp: usize) -> Self {
-        let mut model = ModelConfig::preset("tiny").expect("tiny preset");
-        model.vocab_size = 64;
-        model.hidden_size = 32;
-        model.num_layers = 2;
-        model.num_heads = 8;
-        model.num_kv_heads = 4;
-        model.head_dim = None;
-        model.ffn_hidden_size = 32;
-        model.max_seq_len = 16;
-        model.init_std = 0.2;
-        model.moe = MoeConfig {
-            num_experts: 8,
-            ffn_hidden_size: 8,
-            topk: 2,
-            layer_pattern: Some(vec![0, 1]),
-            aux_loss_coeff: 0.1,
-            z_loss_coeff: 0.01,
-            shared_expert_ffn_hidden_size: 8,
-            shared_expert_gate: true,
-            ..MoeConfig::default()
-        };
+        let mut model = two_layer_model(32, (8, 4), 32);
+        model.moe.shared_expert_gate = true;
         TrainingCase {
             parallel: ParallelConfig {
                 tp,
@@ -161,21 +141,11 @@ impl TrainingCase {
 
     /// Global micro-batch `index` of step `step` (random tokens, deterministic).
     fn micro_batch(&self, step: usize, index: usize) -> MicroBatch {
-        let n = self.micro_batch * self.seq;
-        let vocab = self.model.vocab_size as f32;
-        let salt = self.seed * 100_000 + (step * 1000 + index) as u64 * 10;
-        let draw = |offset: u64| -> Vec<u32> {
-            random_vec(n, salt + offset)
-                .iter()
-                .map(|v| (((v + 1.0) / 2.0 * vocab) as u32).min(vocab as u32 - 1))
-                .collect()
-        };
-        MicroBatch {
-            tokens: draw(1),
-            targets: draw(2),
-            batch: self.micro_batch,
-            seq: self.seq,
-        }
+        random_micro_batch(
+            (self.micro_batch, self.seq),
+            self.model.vocab_size,
+            self.seed * 100_000 + (step * 1000 + index) as u64 * 10,
+        )
     }
 
     fn micro_batches(&self) -> usize {
