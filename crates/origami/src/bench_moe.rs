@@ -16,11 +16,12 @@ use origami_kernels::testing::random_vec;
 
 use crate::bench::preset_micro_batch;
 use crate::equivalence::{self, moe_only_state};
+use crate::layers::moe::config::DispatcherKind;
 use crate::layers::moe::dispatch::PhaseTimes;
 use crate::layers::moe::MoeLayer;
-use crate::model::config::{DispatcherKind, ModelConfig};
-use crate::model::init::initialise;
-use crate::model::params::ParamRegistry;
+use crate::model::config::ModelConfig;
+use crate::params::init::initialise;
+use crate::params::ParamRegistry;
 
 /// What to measure.
 #[derive(Clone, Debug)]

@@ -3,7 +3,7 @@
 //! likely tokens (greedy when the temperature is 0).
 
 use crate::model::gpt::{DecodeState, GptModel};
-use crate::model::params::Buffers;
+use crate::params::Buffers;
 
 /// How to draw tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -9,4 +9,5 @@ pub mod hf;
 pub mod layers;
 pub mod model;
 pub mod optim;
+pub mod params;
 pub mod train;

@@ -3,7 +3,8 @@
 //! the previous checkpoint loadable.
 
 use origami::equivalence::relative_error;
-use origami::model::config::{ModelConfig, MoeConfig};
+use origami::layers::moe::config::MoeConfig;
+use origami::model::config::ModelConfig;
 use origami::model::gpt::GptModel;
 use origami::optim::adamw::{AdamW, AdamWConfig};
 use origami::train::checkpoint::{self, TrainingState};

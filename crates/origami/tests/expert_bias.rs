@@ -2,12 +2,13 @@
 //! weights, moves by `rate · sign(mean − load)` once per global batch, is never touched by the
 //! optimizer, and is refused with a softmax router.
 
+use origami::layers::moe::config::{MoeConfig, ScoreFunction};
 use origami::layers::moe::router::Router;
-use origami::model::config::{ModelConfig, MoeConfig, ScoreFunction};
+use origami::model::config::ModelConfig;
 use origami::model::gpt::GptModel;
-use origami::model::init::initialise;
-use origami::model::params::ParamRegistry;
 use origami::optim::adamw::{AdamW, AdamWConfig};
+use origami::params::init::initialise;
+use origami::params::ParamRegistry;
 
 fn sigmoid_settings() -> MoeConfig {
     MoeConfig {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use origami::equivalence::training::{training, TrainingCase};
 use origami::layers::context_parallel::CpCommType;
-use origami::model::config::DispatcherKind;
+use origami::layers::moe::config::DispatcherKind;
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
 

@@ -1,7 +1,8 @@
 //! The key/value-cache decode path computes exactly what the full forward computes.
 
 use origami::generate::{generate, SamplingSettings};
-use origami::model::config::{ModelConfig, MoeConfig};
+use origami::layers::moe::config::MoeConfig;
+use origami::model::config::ModelConfig;
 use origami::model::gpt::{DecodeState, GptModel, MicroBatch};
 use origami_kernels::testing::assert_close;
 

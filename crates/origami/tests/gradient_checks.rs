@@ -4,12 +4,13 @@
 use origami::layers::attention::{Attention, AttentionDims, Positions};
 use origami::layers::block::{Block, FeedForward};
 use origami::layers::mlp::Mlp;
+use origami::layers::moe::config::{AuxLossScope, DropPolicy, MoeConfig, ScoreFunction};
 use origami::layers::moe::MoeLayer;
 use origami::layers::tensor_parallel::TensorParallel;
-use origami::model::config::{AuxLossScope, DropPolicy, ModelConfig, MoeConfig, ScoreFunction};
+use origami::model::config::ModelConfig;
 use origami::model::gpt::{GptModel, MicroBatch};
-use origami::model::init::initialise;
-use origami::model::params::{Buffers, ParamRegistry};
+use origami::params::init::initialise;
+use origami::params::{Buffers, ParamRegistry};
 use origami_kernels::cross_entropy::IGNORE_TARGET;
 use origami_kernels::rope::RopeTable;
 use origami_kernels::testing::{check_gradient_with, probe_loss, random_vec};

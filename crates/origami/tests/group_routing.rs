@@ -1,10 +1,10 @@
 //! Group-limited routing chooses each token's experts inside its best groups, scored by the
 //! sum of each group's top `topk / group_topk` selection scores.
 
+use origami::layers::moe::config::{MoeConfig, ScoreFunction};
 use origami::layers::moe::router::Router;
-use origami::model::config::{MoeConfig, ScoreFunction};
-use origami::model::init::initialise;
-use origami::model::params::ParamRegistry;
+use origami::params::init::initialise;
+use origami::params::ParamRegistry;
 
 /// Chosen experts of one token whose logits are `logits` (router weight = identity).
 fn chosen(settings: &MoeConfig, logits: &[f32]) -> Vec<u32> {

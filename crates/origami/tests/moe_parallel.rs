@@ -6,15 +6,16 @@
 use std::sync::Arc;
 
 use origami::equivalence::{self, relative_error, Discrepancy, ModelCase, MoeLayerCase};
+use origami::layers::moe::config::{AuxLossScope, DispatcherKind, MoeConfig};
 use origami::layers::moe::dispatch::alltoall::AllToAllPlan;
 use origami::layers::moe::parallel::MoeParallel;
 use origami::layers::moe::permute::{permute, permute_backward, unpermute, Permutation};
 use origami::layers::moe::router::Routing;
 use origami::layers::moe::MoeLayer;
-use origami::model::config::{AuxLossScope, DispatcherKind, ModelConfigError, MoeConfig};
+use origami::model::config::ModelConfigError;
 use origami::model::gpt::GptModel;
 use origami::model::parallel::ModelParallel;
-use origami::model::params::ParamRegistry;
+use origami::params::ParamRegistry;
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
 use origami_kernels::testing::random_vec;
@@ -101,7 +102,7 @@ fn every_token_on_one_expert_works() {
 fn sigmoid_routing_with_groups_and_scaling_matches_one_rank() {
     for dispatcher in DISPATCHERS {
         let mut case = MoeLayerCase::new(2, 2, dispatcher);
-        case.settings.score_function = origami::model::config::ScoreFunction::Sigmoid;
+        case.settings.score_function = origami::layers::moe::config::ScoreFunction::Sigmoid;
         case.settings.topk_scaling_factor = Some(2.5);
         case.settings.num_groups = Some(4);
         case.settings.group_topk = Some(2);
@@ -120,8 +121,8 @@ fn dropping_across_ranks_keeps_each_ranks_local_capacity() {
     for dispatcher in DISPATCHERS {
         for pad in [false, true] {
             for policy in [
-                origami::model::config::DropPolicy::Probs,
-                origami::model::config::DropPolicy::Position,
+                origami::layers::moe::config::DropPolicy::Probs,
+                origami::layers::moe::config::DropPolicy::Position,
             ] {
                 let settings = MoeConfig {
                     capacity_factor: Some(0.5),
@@ -147,7 +148,7 @@ fn dropping_against_separate_ranks(settings: &MoeConfig) -> Vec<f64> {
         .run(|world| {
             let mut full_registry = ParamRegistry::default();
             let full = MoeLayer::new(&mut full_registry, "moe", h, settings, 0.4, 0.4);
-            let full_params = origami::model::init::initialise(&full_registry, 3);
+            let full_params = origami::params::init::initialise(&full_registry, 3);
             let x = random_vec(tokens * h, 100 + world.rank() as u64);
             let dy = random_vec(tokens * h, 200 + world.rank() as u64);
             let (y_ref, saved, stats_ref) = full.forward(&full_params, &x);

@@ -7,10 +7,10 @@
 
 use std::sync::Arc;
 
-use origami::model::init::{initialise, normal_at};
-use origami::model::params::{Buffers, Init, ParamGroup, ParamRegistry, Shard};
 use origami::optim::adamw::{AdamW, AdamWConfig};
 use origami::optim::parallel::{OptimizerGroups, ParallelOptimizer};
+use origami::params::init::{initialise, normal_at};
+use origami::params::{Buffers, Init, ParamGroup, ParamRegistry, Shard};
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
 

@@ -3,12 +3,12 @@
 //! for dropped tokens.
 
 use origami::layers::moe::capacity::{expert_capacity, kept_slots};
+use origami::layers::moe::config::{DropPolicy, MoeConfig};
 use origami::layers::moe::permute::{Permutation, PADDING};
 use origami::layers::moe::router::Routing;
 use origami::layers::moe::MoeLayer;
-use origami::model::config::{DropPolicy, MoeConfig};
-use origami::model::init::initialise;
-use origami::model::params::ParamRegistry;
+use origami::params::init::initialise;
+use origami::params::ParamRegistry;
 use origami_kernels::testing::random_vec;
 
 /// Eight tokens, top-2 over three experts: every token picks expert 0 first, then expert 1 or 2;

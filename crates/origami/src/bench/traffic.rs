@@ -6,7 +6,8 @@
 use serde::Serialize;
 
 use crate::layers::context_parallel::CpCommType;
-use crate::model::config::{DispatcherKind, ModelConfig};
+use crate::layers::moe::config::DispatcherKind;
+use crate::model::config::ModelConfig;
 
 /// The per-rank bytes of one step, by cause.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

@@ -5,7 +5,7 @@
 
 use origami::equivalence::training::{training, TrainingCase};
 use origami::layers::context_parallel::CpCommType;
-use origami::model::config::DispatcherKind;
+use origami::layers::moe::config::DispatcherKind;
 
 const TOLERANCE: f64 = 1e-4;
 

@@ -3,7 +3,7 @@
 //! every rank prints its discrepancies and fails above 1e-4.
 
 use origami::equivalence::{self, ModelCase, MoeLayerCase};
-use origami::model::config::DispatcherKind;
+use origami::layers::moe::config::DispatcherKind;
 
 const TOLERANCE: f64 = 1e-4;
 

@@ -17,13 +17,14 @@ use origami_kernels::testing::random_vec;
 use origami_parallel::{ParallelConfig, ParallelState};
 
 use crate::layers::context_parallel::CpCommType;
+use crate::layers::moe::config::{AuxLossScope, DispatcherKind, MoeConfig};
 use crate::layers::moe::parallel::MoeParallel;
 use crate::layers::moe::MoeLayer;
-use crate::model::config::{AuxLossScope, DispatcherKind, ModelConfig, MoeConfig};
+use crate::model::config::ModelConfig;
 use crate::model::gpt::{GptModel, MicroBatch};
-use crate::model::init::initialise;
 use crate::model::parallel::ModelParallel;
-use crate::model::params::{Buffers, ParamRegistry};
+use crate::params::init::initialise;
+use crate::params::{Buffers, ParamRegistry};
 
 /// Result type of the harness: a communicator, layout or model error, rendered.
 pub type HarnessResult<T> = Result<T, Box<dyn Error + Send + Sync>>;

@@ -12,12 +12,13 @@ use origami_parallel::{ParallelConfig, ParallelState};
 
 use super::{random_micro_batch, relative_error, two_layer_model, HarnessResult};
 use crate::layers::context_parallel::CpCommType;
-use crate::model::config::{DispatcherKind, ModelConfig};
+use crate::layers::moe::config::DispatcherKind;
+use crate::model::config::ModelConfig;
 use crate::model::gpt::{GptModel, MicroBatch};
 use crate::model::parallel::ModelParallel;
-use crate::model::params::Buffers;
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
+use crate::params::Buffers;
 use crate::train::step::train_step;
 
 /// One layout's training run to compare with one rank.

@@ -6,7 +6,8 @@
 //! in `mlp_only_layers` and `(l + 1) % decoder_sparse_step == 0`.
 
 use super::HfError;
-use crate::model::config::{ModelConfig, MoeConfig, ScoreFunction};
+use crate::layers::moe::config::{MoeConfig, ScoreFunction};
+use crate::model::config::ModelConfig;
 use serde_json::Value;
 
 /// The HF architectures origami reads.

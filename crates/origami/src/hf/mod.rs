@@ -5,7 +5,7 @@ pub mod config;
 pub mod weights;
 
 use crate::model::gpt::{GptModel, MicroBatch};
-use crate::model::params::Buffers;
+use crate::params::Buffers;
 use origami_kernels::cross_entropy::IGNORE_TARGET;
 use std::path::Path;
 

@@ -12,7 +12,7 @@
 
 use super::HfError;
 use crate::model::gpt::GptModel;
-use crate::model::params::Buffers;
+use crate::params::Buffers;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;

@@ -10,7 +10,7 @@
 
 use crate::layers::context_parallel::{ContextAttention, ContextAttentionSaved};
 use crate::layers::tensor_parallel::TensorParallel;
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
+use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::attention::{
     attention_backward, attention_forward, AttentionShape, QkvLayout,
 };

@@ -12,7 +12,7 @@ use crate::layers::attention::{Attention, AttentionSaved, KvCache, Positions};
 use crate::layers::mlp::{Mlp, MlpSaved};
 use crate::layers::moe::{MoeLayer, MoeSaved, MoeStats};
 use crate::layers::tensor_parallel::TensorParallel;
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use origami_kernels::rope::RopeTable;
 

@@ -6,7 +6,7 @@
 //! partial sum (the caller reduce-scatters it, see [`crate::layers::tensor_parallel`]).
 
 use crate::layers::tensor_parallel::TensorParallel;
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
+use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
 

@@ -12,9 +12,7 @@
 //! micro-batch's gradient, and the reported losses are the micro-batch's on every rank.
 
 use super::config::{ModelConfig, ModelConfigError};
-use super::init::initialise;
 use super::parallel::{check_split, ModelParallel};
-use super::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use crate::layers::attention::{Attention, AttentionDims, KvCache, Positions};
 use crate::layers::block::{Block, BlockSaved, FeedForward};
 use crate::layers::comm_ok;
@@ -22,6 +20,8 @@ use crate::layers::context_parallel::{local_positions, ContextAttention};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{MoeLayer, MoeStats};
 use crate::layers::vocab_parallel::VocabParallel;
+use crate::params::init::initialise;
+use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_comm::ReduceOp;
 use origami_kernels::cross_entropy::{
     cross_entropy_forward_backward, cross_entropy_rows, CrossEntropySums, IGNORE_TARGET,

@@ -1,9 +1,6 @@
-//! The GPT-MoE model: configuration, parameter registry and initialisation, and the assembled
-//! forward/backward.
+//! The GPT-MoE model: its configuration, its parallel groups, and the assembled forward/backward.
 
 pub mod config;
 pub mod flops;
 pub mod gpt;
-pub mod init;
 pub mod parallel;
-pub mod params;

@@ -1,7 +1,7 @@
 //! AdamW over a model's parameter buffers: moments in the same dense/expert layout as the
 //! parameters, weight decay only on matrices (not norms or biases), global-norm clipping first.
 
-use crate::model::params::{Buffers, ParamRegistry};
+use crate::params::{Buffers, ParamRegistry};
 use origami_kernels::adamw::{adamw_update, AdamWStep};
 use origami_kernels::grad_norm::{clip_factor, scale_in_place, sum_of_squares};
 use serde::{Deserialize, Serialize};

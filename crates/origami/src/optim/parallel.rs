@@ -30,7 +30,7 @@ use origami_parallel::ParallelState;
 use self::collectives::Buckets;
 use self::layout::{block, partition, BufferLayout};
 use super::adamw::AdamWConfig;
-use crate::model::params::{Buffers, ParamGroup, ParamRegistry};
+use crate::params::{Buffers, ParamGroup, ParamRegistry};
 
 /// The groups the optimizer reduces over.
 #[derive(Clone)]

@@ -9,8 +9,8 @@
 //! files are reported instead of loaded.
 
 use crate::model::gpt::GptModel;
-use crate::model::params::Buffers;
 use crate::optim::adamw::AdamW;
+use crate::params::Buffers;
 use anyhow::{bail, ensure, Context};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};

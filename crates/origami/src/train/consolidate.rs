@@ -11,7 +11,7 @@ use std::sync::Arc;
 use origami_comm::{Communicator, ReduceOp};
 use origami_parallel::ParallelState;
 
-use crate::model::params::{Buffers, ParamGroup, ParamRegistry, Shard};
+use crate::params::{Buffers, ParamGroup, ParamRegistry, Shard};
 
 /// Assembles the full buffers, laid out by `full_registry`, from every rank's `local` buffers
 /// (laid out by `registry`). Collective over `world`.

@@ -13,8 +13,8 @@ use origami_comm::{Communicator, ReduceOp};
 
 use super::metrics::accumulate_expert_counts;
 use crate::model::gpt::{GptModel, MicroBatch};
-use crate::model::params::Buffers;
 use crate::optim::parallel::ParallelOptimizer;
+use crate::params::Buffers;
 
 /// What one step did, identical on every rank.
 #[derive(Clone, Debug, Default, PartialEq)]

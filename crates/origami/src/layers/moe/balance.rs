@@ -17,7 +17,7 @@ use std::ops::Range;
 use origami_comm::{Communicator, ReduceOp};
 
 use super::comm_ok;
-use crate::model::config::AuxLossScope;
+use crate::layers::moe::config::AuxLossScope;
 
 /// The load-balancing loss of one rank's tokens: `Σ_segments Σ_i weight[i] · P_i(segment)`.
 #[derive(Clone, Debug, Default, PartialEq)]

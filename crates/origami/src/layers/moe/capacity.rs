@@ -5,7 +5,7 @@
 //! output, and their routing weights get no gradient.
 
 use super::router::Routing;
-use crate::model::config::DropPolicy;
+use crate::layers::moe::config::DropPolicy;
 
 /// Rows one expert may take from `tokens` local tokens.
 pub fn expert_capacity(tokens: usize, topk: usize, experts: usize, factor: f32) -> usize {

@@ -4,7 +4,7 @@
 //! Saved state: the fc1 output and the SwiGLU output.
 
 use super::parallel::ExpertSharding;
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
+use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::grouped_matmul::{grouped_linear_backward, grouped_linear_forward};
 use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
 

@@ -6,6 +6,7 @@
 
 pub mod balance;
 pub mod capacity;
+pub mod config;
 pub mod dispatch;
 pub mod experts;
 pub mod parallel;
@@ -17,9 +18,9 @@ use std::sync::Mutex;
 
 use origami_comm::ReduceOp;
 
+use crate::layers::moe::config::{AuxLossScope, DispatcherKind, DropPolicy, MoeConfig};
 use crate::layers::tensor_parallel::TensorParallel;
-use crate::model::config::{AuxLossScope, DispatcherKind, DropPolicy, MoeConfig};
-use crate::model::params::{Buffers, ParamRegistry};
+use crate::params::{Buffers, ParamRegistry};
 use balance::{BalanceSettings, BalanceWeights, RunningLoad};
 use dispatch::{PhaseTimes, RouteInput, RouteSaved};
 use experts::GroupedExperts;

@@ -14,8 +14,8 @@
 //! With group-limited routing the choice is restricted to each token's best groups of experts.
 
 use super::balance::BalanceWeights;
-use crate::model::config::{MoeConfig, ScoreFunction};
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use crate::layers::moe::config::{MoeConfig, ScoreFunction};
+use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::softmax::{logsumexp, softmax_rows, softmax_rows_backward};
 

@@ -8,7 +8,7 @@
 
 use crate::layers::mlp::{Mlp, MlpSaved};
 use crate::layers::tensor_parallel::TensorParallel;
-use crate::model::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 
 /// Parameters of the shared expert.
 #[derive(Clone, Debug)]

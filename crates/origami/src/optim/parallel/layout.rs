@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use crate::model::params::{ParamGroup, ParamRegistry, Shard};
+use crate::params::{ParamGroup, ParamRegistry, Shard};
 
 /// One parameter's elements in its group buffer, with the flags the optimizer reads.
 #[derive(Clone, Debug, PartialEq)]

@@ -14,8 +14,8 @@ use super::permute::{
     permute, permute_backward, unpermute, unpermute_backward, Permutation, DROPPED,
 };
 use super::router::Routing;
-use crate::model::config::DispatcherKind;
-use crate::model::params::Buffers;
+use crate::layers::moe::config::DispatcherKind;
+use crate::params::Buffers;
 use allgather::AllGatherPlan;
 use alltoall::AllToAllPlan;
 

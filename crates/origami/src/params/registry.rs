@@ -1,13 +1,9 @@
-//! The parameter registry and the flat buffers behind it.
-//!
-//! Every parameter is registered once with its name, global shape and group, and gets a range in
-//! one of two contiguous buffers: dense parameters (reduced over data-parallel ranks) and expert
-//! parameters (reduced over expert-data-parallel ranks). Gradients and optimizer moments use the
-//! same layout, so reductions and the optimizer work on large flat ranges.
-
-use std::ops::Range;
+//! The parameter registry: every parameter registered once with its name, global shape, shard
+//! and group, and given a range in its group's flat buffer.
 
 use serde::{Deserialize, Serialize};
+
+use super::{Buffers, Shard};
 
 /// Which flat buffer (and so which reduction group) a parameter belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -21,9 +17,9 @@ pub enum ParamGroup {
 /// Where one parameter lives: a copyable handle that layers keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParamId {
-    group: ParamGroup,
-    offset: usize,
-    len: usize,
+    pub(super) group: ParamGroup,
+    pub(super) offset: usize,
+    pub(super) len: usize,
 }
 
 impl ParamId {
@@ -50,68 +46,6 @@ pub enum Init {
     Normal(f32),
     /// Every element this value (norm weights 1, biases 0).
     Constant(f32),
-}
-
-/// The part of a parameter's global tensor one rank holds: for each dimension, the global index
-/// ranges it keeps, concatenated in order. A fused `[gate; up]` projection split over expert
-/// tensor-parallel ranks keeps two ranges of its rows; a full tensor keeps `0..len` everywhere.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Shard {
-    ranges: Vec<Vec<Range<usize>>>,
-}
-
-impl Shard {
-    /// The whole tensor of `shape`.
-    pub fn full(shape: &[usize]) -> Self {
-        Shard {
-            ranges: shape
-                .iter()
-                .map(|&n| std::iter::once(0..n).collect())
-                .collect(),
-        }
-    }
-
-    /// The whole tensor except dimension `dim`, of which only `ranges` are kept.
-    pub fn along(shape: &[usize], dim: usize, ranges: Vec<Range<usize>>) -> Self {
-        let mut shard = Shard::full(shape);
-        shard.ranges[dim] = ranges;
-        shard
-    }
-
-    /// Further restricts dimension `dim` to `ranges`.
-    pub fn and(mut self, dim: usize, ranges: Vec<Range<usize>>) -> Self {
-        self.ranges[dim] = ranges;
-        self
-    }
-
-    /// Shape of the local part.
-    pub fn local_shape(&self) -> Vec<usize> {
-        self.ranges
-            .iter()
-            .map(|r| r.iter().map(|r| r.len()).sum())
-            .collect()
-    }
-
-    /// Global row-major index of every local element, in local row-major order.
-    pub fn global_indices(&self, global_shape: &[usize]) -> Vec<usize> {
-        let mut indices = vec![0usize];
-        for (ranges, &extent) in self.ranges.iter().zip(global_shape) {
-            let kept: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
-            indices = indices
-                .iter()
-                .flat_map(|&base| kept.iter().map(move |&i| base * extent + i))
-                .collect();
-        }
-        indices
-    }
-
-    /// This shard's elements of the full tensor `full` of `global_shape`.
-    pub fn extract(&self, global_shape: &[usize], full: &[f32]) -> Vec<f32> {
-        self.global_indices(global_shape)
-            .into_iter()
-            .map(|i| full[i])
-            .collect()
-    }
 }
 
 /// Registry entry of one parameter.
@@ -254,49 +188,5 @@ impl ParamRegistry {
             dense: vec![0.0; self.dense_len],
             expert: vec![0.0; self.expert_len],
         }
-    }
-}
-
-/// Two flat buffers (dense, expert) in a registry's layout: parameters, gradients or moments.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Buffers {
-    /// Dense parameters' values.
-    pub dense: Vec<f32>,
-    /// Expert parameters' values.
-    pub expert: Vec<f32>,
-}
-
-impl Buffers {
-    /// The values of one parameter.
-    pub fn get(&self, id: ParamId) -> &[f32] {
-        &self.buffer(id.group)[id.offset..id.offset + id.len]
-    }
-
-    /// The values of one parameter, mutably.
-    pub fn get_mut(&mut self, id: ParamId) -> &mut [f32] {
-        let buffer = match id.group {
-            ParamGroup::Dense => &mut self.dense,
-            ParamGroup::Expert => &mut self.expert,
-        };
-        &mut buffer[id.offset..id.offset + id.len]
-    }
-
-    /// One whole buffer.
-    pub fn buffer(&self, group: ParamGroup) -> &[f32] {
-        match group {
-            ParamGroup::Dense => &self.dense,
-            ParamGroup::Expert => &self.expert,
-        }
-    }
-
-    /// Sets every element to zero (e.g. gradients before a step).
-    pub fn fill_zero(&mut self) {
-        self.dense.fill(0.0);
-        self.expert.fill(0.0);
-    }
-
-    /// Both buffers, mutably, for whole-buffer kernels.
-    pub fn buffers_mut(&mut self) -> [&mut Vec<f32>; 2] {
-        [&mut self.dense, &mut self.expert]
     }
 }

@@ -2,7 +2,7 @@
 //! never on how a tensor is sharded: each element's value comes from a counter-based hash, so
 //! any rank can produce exactly its own slice of any parameter.
 
-use super::params::{Buffers, Init, ParamRegistry, Shard};
+use super::{Buffers, Init, ParamRegistry, Shard};
 use rayon::prelude::*;
 
 /// 64-bit FNV-1a of a name, the per-parameter stream id.
