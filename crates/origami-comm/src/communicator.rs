@@ -16,6 +16,28 @@ pub enum ReduceOp {
     Max,
 }
 
+/// One message an [`Communicator::exchange`] sends.
+#[derive(Clone, Copy, Debug)]
+pub struct Outgoing<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// The receiving rank of the group.
+    pub peer: usize,
+    /// The tag the receiver names.
+    pub tag: u32,
+}
+
+/// One message an [`Communicator::exchange`] receives, of exactly `data.len()` elements.
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    /// Where the elements go.
+    pub data: &'a mut [f32],
+    /// The sending rank of the group.
+    pub peer: usize,
+    /// The tag the sender gives.
+    pub tag: u32,
+}
+
 /// A group of ranks that can exchange data. One value per rank; backends decide whether ranks are
 /// threads or processes. Sums are added in rank order (0, 1, 2, …) on every backend, so every rank
 /// gets bitwise the same result and runs are reproducible.
@@ -75,6 +97,12 @@ pub trait Communicator: Send + Sync {
         src: usize,
         tag: u32,
     ) -> Result<()>;
+
+    /// Posts every send of `sends` and receive of `receives` at once and returns when all have
+    /// completed (MPI's batched non-blocking point-to-point). Two ranks may send each other
+    /// messages in one exchange; messages are told apart by their tags, and between two ranks
+    /// messages with the same tag arrive in the order they were posted.
+    fn exchange(&self, sends: &[Outgoing<'_>], receives: &mut [Incoming<'_>]) -> Result<()>;
 
     /// Waits until every rank of the group has called it.
     fn barrier(&self) -> Result<()>;

@@ -32,7 +32,7 @@ type Outcome = Result<(), ConformanceError>;
 
 /// Runs every check on `comm`; returns how many ran.
 pub fn run_all(comm: &dyn Communicator) -> Result<usize, ConformanceError> {
-    let checks: [fn(&dyn Communicator) -> Outcome; 10] = [
+    let checks: [fn(&dyn Communicator) -> Outcome; 11] = [
         all_reduce,
         all_reduce_u64,
         all_gather_v,
@@ -41,6 +41,7 @@ pub fn run_all(comm: &dyn Communicator) -> Result<usize, ConformanceError> {
         broadcast,
         ring_send_recv,
         ordered_send_then_recv,
+        exchange_both_ways,
         barrier,
         split,
     ];
@@ -260,6 +261,56 @@ fn ordered_send_then_recv(comm: &dyn Communicator) -> Outcome {
         }
     }
     Ok(())
+}
+
+/// Every rank sends one message to each neighbour of a ring on tag 0 (forward) and one on tag 1
+/// (backward), all in one exchange, and receives both of its neighbours' — two ranks are each
+/// other's both neighbours, one rank its own. Lengths differ per direction and rank, some zero.
+fn exchange_both_ways(comm: &dyn Communicator) -> Outcome {
+    let (rank, size) = (comm.rank(), comm.size());
+    let (next, previous) = ((rank + 1) % size, (rank + size - 1) % size);
+    let length = |from: usize, tag: usize| (from + 2 * tag) % 4;
+    let data = |from: usize, tag: usize| -> Vec<f32> {
+        (0..length(from, tag))
+            .map(|i| message(from, tag, i))
+            .collect()
+    };
+    let (forward, backward) = (data(rank, 0), data(rank, 1));
+    let sends = [
+        crate::Outgoing {
+            data: &forward,
+            peer: next,
+            tag: 0,
+        },
+        crate::Outgoing {
+            data: &backward,
+            peer: previous,
+            tag: 1,
+        },
+    ];
+    let mut from_previous = vec![f32::NAN; length(previous, 0)];
+    let mut from_next = vec![f32::NAN; length(next, 1)];
+    let mut receives = [
+        crate::Incoming {
+            data: &mut from_previous,
+            peer: previous,
+            tag: 0,
+        },
+        crate::Incoming {
+            data: &mut from_next,
+            peer: next,
+            tag: 1,
+        },
+    ];
+    call("exchange", comm.exchange(&sends, &mut receives))?;
+    expect(
+        "exchange",
+        comm,
+        "forward",
+        &from_previous,
+        &data(previous, 0),
+    )?;
+    expect("exchange", comm, "backward", &from_next, &data(next, 1))
 }
 
 fn barrier(comm: &dyn Communicator) -> Outcome {

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::{Communicator, ReduceOp, Result};
+use crate::{Communicator, Incoming, Outgoing, ReduceOp, Result};
 
 /// Counts the bytes sent by one rank over every group split from it.
 pub struct CountedComm {
@@ -116,6 +116,11 @@ impl Communicator for CountedComm {
     ) -> Result<()> {
         self.add(send.len(), 4);
         self.inner.send_recv(send, dest, recv, src, tag)
+    }
+
+    fn exchange(&self, sends: &[Outgoing<'_>], receives: &mut [Incoming<'_>]) -> Result<()> {
+        self.add(sends.iter().map(|s| s.data.len()).sum(), 4);
+        self.inner.exchange(sends, receives)
     }
 
     fn barrier(&self) -> Result<()> {

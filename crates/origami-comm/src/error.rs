@@ -27,6 +27,8 @@ pub enum Op {
     Recv,
     /// [`crate::Communicator::send_recv`].
     SendRecv,
+    /// [`crate::Communicator::exchange`].
+    Exchange,
     /// [`crate::Communicator::barrier`].
     Barrier,
     /// [`crate::Communicator::split`].
@@ -45,6 +47,7 @@ impl fmt::Display for Op {
             Op::Send => "send",
             Op::Recv => "recv",
             Op::SendRecv => "send_recv",
+            Op::Exchange => "exchange",
             Op::Barrier => "barrier",
             Op::Split => "split",
         })

@@ -26,7 +26,7 @@ mod reduce;
 mod solo;
 mod stream;
 
-pub use communicator::{Communicator, ReduceOp};
+pub use communicator::{Communicator, Incoming, Outgoing, ReduceOp};
 pub use counted::CountedComm;
 pub use error::{CommError, Failure, Op, Result};
 pub use solo::SoloComm;

@@ -28,7 +28,7 @@ use mpi::Threading;
 
 use crate::communicator::{offsets, Checks};
 use crate::reduce::{chunk, combine_into, Element};
-use crate::{CommError, Communicator, Op, ReduceOp, Result};
+use crate::{CommError, Communicator, Incoming, Op, Outgoing, ReduceOp, Result};
 
 /// Starts MPI, runs `rank_main` with the world communicator and returns its value. If it returns
 /// an error or panics, prints the reason and aborts every rank of the job with exit code 1.
@@ -318,6 +318,49 @@ impl Communicator for MpiComm {
             tag as i32,
         );
         self.check_received(Op::SendRecv, status, expected, tag)
+    }
+
+    fn exchange(&self, sends: &[Outgoing<'_>], receives: &mut [Incoming<'_>]) -> Result<()> {
+        let checks = Checks {
+            comm: self,
+            op: Op::Exchange,
+        };
+        for peer in sends
+            .iter()
+            .map(|s| s.peer)
+            .chain(receives.iter().map(|r| r.peer))
+        {
+            checks.peer(peer)?;
+        }
+        let _busy = self.enter(Op::Exchange)?;
+        let expected: Vec<(usize, u32)> = receives.iter().map(|r| (r.data.len(), r.tag)).collect();
+        let statuses = mpi::request::scope(|scope| {
+            let sent: Vec<_> = sends
+                .iter()
+                .map(|s| {
+                    self.comm
+                        .process_at_rank(s.peer as i32)
+                        .immediate_synchronous_send_with_tag(scope, s.data, s.tag as i32)
+                })
+                .collect();
+            let arriving: Vec<_> = receives
+                .iter_mut()
+                .map(|r| {
+                    self.comm
+                        .process_at_rank(r.peer as i32)
+                        .immediate_receive_into_with_tag(scope, &mut *r.data, r.tag as i32)
+                })
+                .collect();
+            let statuses: Vec<_> = arriving.into_iter().map(|request| request.wait()).collect();
+            for request in sent {
+                request.wait_without_status();
+            }
+            statuses
+        });
+        for (status, (len, tag)) in statuses.into_iter().zip(expected) {
+            self.check_received(Op::Exchange, status, len, tag)?;
+        }
+        Ok(())
     }
 
     fn barrier(&self) -> Result<()> {

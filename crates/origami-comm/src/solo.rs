@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::communicator::Checks;
 use crate::error::{CommError, Op, Result};
-use crate::{Communicator, ReduceOp};
+use crate::{Communicator, Incoming, Outgoing, ReduceOp};
 
 /// The communicator of a group that holds only this rank.
 #[derive(Clone, Copy, Debug, Default)]
@@ -111,6 +111,31 @@ impl Communicator for SoloComm {
         Ok(())
     }
 
+    fn exchange(&self, sends: &[Outgoing<'_>], receives: &mut [Incoming<'_>]) -> Result<()> {
+        let checks = self.checks(Op::Exchange);
+        for peer in sends
+            .iter()
+            .map(|s| s.peer)
+            .chain(receives.iter().map(|r| r.peer))
+        {
+            checks.peer(peer)?;
+        }
+        let mut taken = vec![false; sends.len()];
+        for receive in receives.iter_mut() {
+            let Some(index) = (0..sends.len()).find(|&i| !taken[i] && sends[i].tag == receive.tag)
+            else {
+                return Err(self.no_partner(Op::Exchange));
+            };
+            taken[index] = true;
+            checks.length("receive", receive.data.len(), sends[index].data.len())?;
+            receive.data.copy_from_slice(sends[index].data);
+        }
+        if taken.iter().any(|&t| !t) {
+            return Err(self.no_partner(Op::Exchange));
+        }
+        Ok(())
+    }
+
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
@@ -127,7 +152,7 @@ impl SoloComm {
             rank: self.world_rank,
             op,
             detail: "a one-rank group cannot send to or receive from itself alone; \
-                     use send_recv"
+                     use send_recv, or an exchange that both sends and receives each message"
                 .into(),
         }
     }

@@ -36,7 +36,7 @@ fn conformance_suite_passes_on_one_to_eight_processes() {
             String::from_utf8_lossy(&output.stderr)
         );
         assert_eq!(
-            stdout.matches("passed 10 checks").count(),
+            stdout.matches("passed 11 checks").count(),
             ranks,
             "{stdout}"
         );

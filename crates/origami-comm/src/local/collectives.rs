@@ -13,7 +13,7 @@ use super::comm::{LocalComm, View};
 use super::rendezvous::{Published, RawSlice, Signature};
 use crate::communicator::{offsets, Checks};
 use crate::reduce::{chunk, combine_into, Element};
-use crate::{Communicator, Op, ReduceOp, Result};
+use crate::{Communicator, Incoming, Op, Outgoing, ReduceOp, Result};
 
 /// Every rank published the same counts in `field`.
 fn same_counts(view: &View<'_>, what: &str, field: fn(&Published) -> RawSlice) -> Result<()> {
@@ -248,6 +248,10 @@ impl Communicator for LocalComm {
         tag: u32,
     ) -> Result<()> {
         self.exchange_messages(send, dest, recv, src, tag)
+    }
+
+    fn exchange(&self, sends: &[Outgoing<'_>], receives: &mut [Incoming<'_>]) -> Result<()> {
+        self.exchange_batch(sends, receives)
     }
 
     fn barrier(&self) -> Result<()> {

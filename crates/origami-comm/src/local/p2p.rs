@@ -5,7 +5,7 @@ use std::time::Instant;
 use super::comm::LocalComm;
 use super::mailbox::{remaining, Offer};
 use crate::communicator::Checks;
-use crate::{CommError, Failure, Op, Result};
+use crate::{CommError, Failure, Incoming, Op, Outgoing, Result};
 
 impl LocalComm {
     /// Blocking send: waits until `dest` has copied the message.
@@ -45,6 +45,43 @@ impl LocalComm {
         let id = self.post(send, dest, tag);
         let received = self.take(op, recv, src, tag, deadline);
         let delivered = self.await_delivery(op, id, send.len(), dest, tag, deadline);
+        received.and(delivered)
+    }
+
+    /// Batched point-to-point: post every offer, take every receive, then wait for every
+    /// delivery. Deliveries are awaited even when a receive failed, so no offer outlives the
+    /// buffers it points to.
+    pub(super) fn exchange_batch(
+        &self,
+        sends: &[Outgoing<'_>],
+        receives: &mut [Incoming<'_>],
+    ) -> Result<()> {
+        let op = Op::Exchange;
+        let checks = Checks { comm: self, op };
+        for peer in sends
+            .iter()
+            .map(|s| s.peer)
+            .chain(receives.iter().map(|r| r.peer))
+        {
+            checks.peer(peer)?;
+        }
+        let _busy = self.enter(op)?;
+        let deadline = Instant::now() + self.job.timeout;
+        let posted: Vec<u64> = sends
+            .iter()
+            .map(|s| self.post(s.data, s.peer, s.tag))
+            .collect();
+        let mut received = Ok(());
+        for receive in receives.iter_mut() {
+            received = received
+                .and_then(|()| self.take(op, receive.data, receive.peer, receive.tag, deadline));
+        }
+        let mut delivered = Ok(());
+        for (id, send) in posted.into_iter().zip(sends) {
+            let report =
+                self.await_delivery(op, id, send.data.len(), send.peer, send.tag, deadline);
+            delivered = delivered.and(report);
+        }
         received.and(delivered)
     }
 
