@@ -9,6 +9,7 @@
 //! output projection (row-parallel), so its output is a partial sum over the tp group.
 
 use crate::layers::context_parallel::{ContextAttention, ContextAttentionSaved};
+use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::attention::{
@@ -437,5 +438,15 @@ impl Attention {
             Par::Seq,
         );
         y
+    }
+}
+
+impl Stored for AttentionSaved {
+    fn stored_bytes(&self) -> usize {
+        let core = match &self.core {
+            CoreSaved::Local(lse) => lse.stored_bytes(),
+            CoreSaved::Context(saved) => saved.stored_bytes(),
+        };
+        self.qkv.stored_bytes() + self.context.stored_bytes() + core
     }
 }

@@ -11,6 +11,7 @@
 use crate::layers::attention::{Attention, AttentionSaved, KvCache, Positions};
 use crate::layers::mlp::{Mlp, MlpSaved};
 use crate::layers::moe::{MoeLayer, MoeSaved, MoeStats};
+use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -271,5 +272,22 @@ impl Block {
         };
         y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r);
         y
+    }
+}
+
+impl Stored for BlockSaved {
+    fn stored_bytes(&self) -> usize {
+        let ffn = match &self.ffn {
+            FeedForwardSaved::Dense(saved) => saved.stored_bytes(),
+            FeedForwardSaved::Moe(saved) => saved.stored_bytes(),
+        };
+        self.input.stored_bytes()
+            + self.attention_norm_out.stored_bytes()
+            + self.attention_rstd.stored_bytes()
+            + self.attention.stored_bytes()
+            + self.residual.stored_bytes()
+            + self.ffn_norm_out.stored_bytes()
+            + self.ffn_rstd.stored_bytes()
+            + ffn
     }
 }

@@ -17,6 +17,7 @@
 //!
 //! The kernel masks by global token position, so neither needs the tokens in sequence order.
 
+use crate::layers::stored::Stored;
 use std::sync::Arc;
 
 use origami_comm::Communicator;
@@ -486,4 +487,14 @@ fn heads_to_sequence(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Ve
         local[at..at + split.width].copy_from_slice(slice);
     }
     local
+}
+
+impl Stored for ContextAttentionSaved {
+    fn stored_bytes(&self) -> usize {
+        let gathered = self
+            .gathered
+            .as_ref()
+            .map_or(0, |g| g.q.stored_bytes() + g.kv.stored_bytes());
+        self.out.stored_bytes() + self.lse.stored_bytes() + gathered
+    }
 }

@@ -5,6 +5,7 @@
 //! Under tensor parallelism a rank holds a slice of the hidden units and its output is a
 //! partial sum (the caller reduce-scatters it, see [`crate::layers::tensor_parallel`]).
 
+use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
@@ -135,5 +136,11 @@ impl Mlp {
             2 * self.ffn,
             Par::All,
         );
+    }
+}
+
+impl Stored for MlpSaved {
+    fn stored_bytes(&self) -> usize {
+        self.gate_up.stored_bytes() + self.activated.stored_bytes()
     }
 }

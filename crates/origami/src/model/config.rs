@@ -91,6 +91,9 @@ pub enum ModelConfigError {
         /// Layers.
         layers: usize,
     },
+    /// Layers that do not split over the pipeline's stages and chunks.
+    #[error(transparent)]
+    StageSplit(#[from] origami_schedule::SplitError),
     /// MoE settings that cannot work.
     #[error(transparent)]
     Moe(#[from] MoeConfigError),

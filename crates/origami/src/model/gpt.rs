@@ -9,12 +9,23 @@
 //! the same micro-batch and keeps its context-parallel chunks of each sequence; embedding and
 //! output layer are vocabulary-parallel, the residual stream sequence-parallel. A rank's
 //! gradients are its contribution: summed over tp-cp (and data-parallel ranks) they are the
-//! micro-batch's gradient, and the reported losses are the micro-batch's on every rank.
+//! micro-batch's gradient.
+//!
+//! Along a pipeline the rank holds only its stage's [`chunk`](super::chunk)s: chunk `v` of stage
+//! `r` runs the layers [`StageLayers`] assigns it, the first virtual stage also the embedding,
+//! the last the head. Parameters keep their global names (`layers.{l}.…`) wherever they live.
+//! With tied embeddings the last stage holds a copy of the table (a registry duplicate),
+//! initialised like the first stage's and kept equal by summing both copies' gradients over the
+//! embedding group ([`GptModel::finish_tied_gradients`]). [`GptModel::forward_backward`],
+//! [`GptModel::loss`] and generation need the whole model on the rank (no pipeline);
+//! pipelines run the chunks through `train::pipeline`.
 
+use super::chunk::{ChunkContext, ChunkForward, ChunkLosses, ChunkSaved, Head, ModelChunk};
+pub use super::chunk::{ForwardMode, LocalBatch};
 use super::config::{ModelConfig, ModelConfigError};
 use super::parallel::{check_split, ModelParallel};
 use crate::layers::attention::{Attention, AttentionDims, KvCache, Positions};
-use crate::layers::block::{Block, BlockSaved, FeedForward};
+use crate::layers::block::{Block, FeedForward};
 use crate::layers::comm_ok;
 use crate::layers::context_parallel::{local_positions, ContextAttention};
 use crate::layers::mlp::Mlp;
@@ -23,16 +34,12 @@ use crate::layers::vocab_parallel::VocabParallel;
 use crate::params::init::initialise;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_comm::ReduceOp;
-use origami_kernels::cross_entropy::{
-    cross_entropy_forward_backward, cross_entropy_rows, CrossEntropySums, IGNORE_TARGET,
-};
+use origami_kernels::cross_entropy::IGNORE_TARGET;
 use origami_kernels::embedding::embedding_forward;
-use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
-use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use origami_kernels::matmul::{linear_forward, Par};
+use origami_kernels::rmsnorm::rmsnorm_forward;
 use origami_kernels::rope::RopeTable;
-
-/// Rows of the output layer computed at once, bounding the logits buffer to `rows × vocab`.
-const OUTPUT_CHUNK_ROWS: usize = 1024;
+use origami_schedule::StageLayers;
 
 /// Token ids and targets of one micro-batch, `[batch, seq]` row-major.
 #[derive(Clone, Debug, PartialEq)]
@@ -69,40 +76,16 @@ impl LossReport {
     }
 }
 
-/// A GPT-MoE model: its configuration, parameter registry and layers.
+/// A GPT-MoE model: its configuration, this rank's parameter registry and model chunks.
 #[derive(Clone, Debug)]
 pub struct GptModel {
     config: ModelConfig,
     registry: ParamRegistry,
-    embedding: ParamId,
-    blocks: Vec<Block>,
-    final_norm: ParamId,
-    output: Option<ParamId>,
+    chunks: Vec<ModelChunk>,
     rope: RopeTable,
     parallel: ModelParallel,
     vocab: VocabParallel,
-}
-
-/// This rank's part of a micro-batch: the context-parallel chunks of every sequence, in the
-/// order the tensor-parallel regions see them.
-struct LocalBatch {
-    tokens: Vec<u32>,
-    targets: Vec<u32>,
-    /// Global positions of one sequence's local tokens.
-    in_sequence: Vec<usize>,
-    /// Global position of every local token.
-    of_row: Vec<usize>,
-    batch: usize,
-    /// Local tokens per sequence.
-    seq: usize,
-}
-
-struct HiddenStates {
-    blocks: Vec<BlockSaved>,
-    final_input: Vec<f32>,
-    final_rstd: Vec<f32>,
-    normed: Vec<f32>,
-    moe: Vec<MoeStats>,
+    split: StageLayers,
 }
 
 impl GptModel {
@@ -111,106 +94,30 @@ impl GptModel {
         Self::new_parallel(config, ModelParallel::single())
     }
 
-    /// The model on one rank of `parallel`: attention heads, MLP hidden units and vocabulary
-    /// split over its tp group, sequences over its cp group, the MoE layers' experts over its
-    /// ep and etp groups. Errors when a size does not split.
+    /// The model on one rank of `parallel`: this stage's chunks, with attention heads, MLP
+    /// hidden units and vocabulary split over its tp group, sequences over its cp group, the
+    /// MoE layers' experts over its ep and etp groups. Errors when a size does not split.
     pub fn new_parallel(
         config: ModelConfig,
         parallel: ModelParallel,
     ) -> Result<Self, ModelConfigError> {
         config.validate()?;
-        let c = &config;
-        let tp = &parallel.tensor;
-        let cp = parallel.cp();
-        check_split(c, &parallel.sizes(), parallel.cp_comm_type)?;
+        check_split(&config, &parallel.sizes(), parallel.cp_comm_type)?;
+        let split = parallel.pipeline.split(config.num_layers)?;
         let mut registry = ParamRegistry::default();
-        let std = c.init_std;
-        let out_std = std / (2.0 * c.num_layers as f32).sqrt();
-        let h = c.hidden_size;
-        let vocab = VocabParallel::new(tp.clone(), c.vocab_size);
-        let vocab_shape = [c.vocab_size, h];
-        let embedding = registry.register_sharded(
-            "embedding.weight".into(),
-            &vocab_shape,
-            Shard::along(&vocab_shape, 0, vec![vocab.range()]),
-            ParamGroup::Dense,
-            Init::Normal(std),
-        );
-        let dims = AttentionDims {
-            hidden: h,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim(),
-        };
-        let blocks = (0..c.num_layers)
-            .map(|l| -> Result<Block, ModelConfigError> {
-                let prefix = format!("layers.{l}");
-                let context = (cp > 1).then(|| {
-                    ContextAttention::new(parallel.context.clone(), parallel.cp_comm_type)
-                });
-                let attention = Attention::new(
-                    &mut registry,
-                    &format!("{prefix}.attention"),
-                    dims,
-                    c.qkv_bias,
-                    (std, out_std),
-                    tp,
-                    context,
-                );
-                let ffn = if c.is_moe_layer(l) {
-                    FeedForward::Moe(Box::new(MoeLayer::new_parallel(
-                        &mut registry,
-                        &format!("{prefix}.moe"),
-                        h,
-                        &c.moe,
-                        (std, out_std),
-                        parallel.moe.clone(),
-                    )?))
-                } else {
-                    FeedForward::Dense(Mlp::new(
-                        &mut registry,
-                        &format!("{prefix}.mlp"),
-                        (h, c.ffn_hidden_size),
-                        (std, out_std),
-                        tp,
-                    ))
-                };
-                Ok(Block::new(
-                    &mut registry,
-                    &prefix,
-                    (h, c.norm_eps),
-                    attention,
-                    ffn,
-                    tp.clone(),
-                ))
-            })
+        let vocab = VocabParallel::new(parallel.tensor.clone(), config.vocab_size);
+        let chunks = (0..parallel.pipeline.chunks)
+            .map(|chunk| build_chunk(&config, &parallel, &split, &vocab, chunk, &mut registry))
             .collect::<Result<_, _>>()?;
-        let final_norm = registry.register(
-            "final_norm.weight".into(),
-            &[h],
-            ParamGroup::Dense,
-            Init::Constant(1.0),
-        );
-        let output = (!c.tie_embeddings).then(|| {
-            registry.register_sharded(
-                "output.weight".into(),
-                &vocab_shape,
-                Shard::along(&vocab_shape, 0, vec![vocab.range()]),
-                ParamGroup::Dense,
-                Init::Normal(std),
-            )
-        });
-        let rope = RopeTable::new(c.head_dim(), c.max_seq_len, c.rope_theta);
+        let rope = RopeTable::new(config.head_dim(), config.max_seq_len, config.rope_theta);
         Ok(GptModel {
             config,
             registry,
-            embedding,
-            blocks,
-            final_norm,
-            output,
+            chunks,
             rope,
             parallel,
             vocab,
+            split,
         })
     }
 
@@ -219,20 +126,24 @@ impl GptModel {
         &self.parallel
     }
 
-    /// Whether every token of a sequence and every weight of attention and the output layer is
-    /// on this rank (no tensor or context parallelism): what generation and full logits need.
-    fn attention_is_local(&self) -> bool {
-        self.parallel.tensor.size() == 1 && self.parallel.cp() == 1
-    }
-
     /// The configuration the model was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
-    /// Every parameter with its name, shape and place.
+    /// Every parameter of this rank with its name, shape and place.
     pub fn registry(&self) -> &ParamRegistry {
         &self.registry
+    }
+
+    /// The layers of each pipeline stage and chunk.
+    pub fn split(&self) -> &StageLayers {
+        &self.split
+    }
+
+    /// Model chunks on this rank (`parallel.vpp`).
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
     }
 
     /// Freshly initialised parameters for `seed`.
@@ -240,8 +151,16 @@ impl GptModel {
         initialise(&self.registry, seed)
     }
 
-    fn output_weight(&self) -> ParamId {
-        self.output.unwrap_or(self.embedding)
+    /// Whether this rank holds the whole model (no pipeline).
+    fn is_whole(&self) -> bool {
+        self.parallel.pipeline.stages == 1
+    }
+
+    /// Whether every token of a sequence and every weight of attention and the output layer is
+    /// on this rank (no tensor, context or pipeline parallelism): what generation and full
+    /// logits need.
+    fn attention_is_local(&self) -> bool {
+        self.parallel.tensor.size() == 1 && self.parallel.cp() == 1 && self.is_whole()
     }
 
     fn check_batch(&self, batch: &MicroBatch) {
@@ -269,7 +188,7 @@ impl GptModel {
     }
 
     /// This rank's context-parallel part of `batch`.
-    fn local_batch(&self, batch: &MicroBatch) -> LocalBatch {
+    pub fn local_batch(&self, batch: &MicroBatch) -> LocalBatch {
         self.check_batch(batch);
         let cp = self.parallel.cp();
         let in_sequence = if cp == 1 {
@@ -294,73 +213,180 @@ impl GptModel {
         }
     }
 
-    fn forward_hidden(&self, params: &Buffers, local: &LocalBatch) -> HiddenStates {
-        let h = self.config.hidden_size;
-        let tp = &self.parallel.tensor;
-        let positions = Positions {
+    fn context(&self) -> ChunkContext<'_> {
+        ChunkContext {
+            hidden: self.config.hidden_size,
+            norm_eps: self.config.norm_eps,
+            tp: &self.parallel.tensor,
+            vocab: &self.vocab,
+        }
+    }
+
+    fn positions<'a>(&'a self, local: &'a LocalBatch) -> Positions<'a> {
+        Positions {
             of_row: &local.of_row,
             in_sequence: &local.in_sequence,
             rope: &self.rope,
-        };
-        let embedded = self
-            .vocab
-            .embed(params.get(self.embedding), &local.tokens, h);
-        let mut x = tp.scatter_sequence(embedded, local.batch, h);
-        let mut saved = Vec::with_capacity(self.blocks.len());
-        let mut moe = Vec::new();
-        for block in &self.blocks {
-            let (y, s, stats) = block.forward(params, x, local.batch, local.seq, &positions);
-            saved.push(s);
-            moe.extend(stats);
-            x = y;
         }
-        let mut normed = vec![0.0; x.len()];
-        let final_rstd = rmsnorm_forward(
-            &mut normed,
-            &x,
-            params.get(self.final_norm),
-            h,
-            self.config.norm_eps,
-        );
-        HiddenStates {
-            blocks: saved,
-            final_input: x,
-            final_rstd,
-            normed: tp.gather_sequence(normed, local.batch, h),
-            moe,
-        }
+    }
+
+    /// Elements of one chunk's input or output on this rank: its sequence-parallel slice of
+    /// the micro-batch's residual stream.
+    pub fn boundary_len(&self, local: &LocalBatch) -> usize {
+        local.batch * local.seq / self.parallel.tensor.size() * self.config.hidden_size
+    }
+
+    /// Forward of chunk `chunk` on `local`; `input` is the previous chunk's output (`None` on
+    /// the first virtual stage, which embeds the tokens).
+    pub fn forward_chunk(
+        &self,
+        chunk: usize,
+        params: &Buffers,
+        local: &LocalBatch,
+        input: Option<Vec<f32>>,
+        mode: ForwardMode<'_>,
+    ) -> ChunkForward {
+        self.chunks[chunk].forward(
+            &self.context(),
+            params,
+            local,
+            &self.positions(local),
+            input,
+            mode,
+            || self.counted_targets(local),
+        )
+    }
+
+    /// Backward of chunk `chunk`: accumulates `loss_scale`-scaled parameter gradients and
+    /// returns the gradient of its input (`None` on the first virtual stage). `d_output` is
+    /// the next chunk's input gradient (`None` on the last virtual stage).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_chunk(
+        &self,
+        chunk: usize,
+        params: &Buffers,
+        grads: &mut Buffers,
+        local: &LocalBatch,
+        saved: ChunkSaved,
+        d_output: Option<Vec<f32>>,
+        loss_scale: f32,
+    ) -> Option<Vec<f32>> {
+        self.chunks[chunk].backward(
+            &self.context(),
+            params,
+            grads,
+            saved,
+            d_output,
+            loss_scale,
+            local,
+            &self.positions(local),
+        )
     }
 
     /// Starts a new global batch (the global-batch load-balancing loss counts loads from here).
     pub fn begin_global_batch(&self) {
-        for moe in self.blocks.iter().filter_map(Block::moe) {
+        for moe in self.moe_layers() {
             moe.begin_global_batch();
         }
     }
 
+    fn moe_layers(&self) -> impl Iterator<Item = &MoeLayer> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.blocks.iter().filter_map(Block::moe))
+    }
+
+    /// MoE layers of the whole model.
+    pub fn moe_layer_count(&self) -> usize {
+        (0..self.config.num_layers)
+            .filter(|&l| self.config.is_moe_layer(l))
+            .count()
+    }
+
+    /// For each MoE layer on this rank (chunk by chunk, in layer order), its index among the
+    /// whole model's MoE layers.
+    pub fn moe_layer_numbers(&self) -> Vec<usize> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.first_layer..c.first_layer + c.blocks.len())
+            .filter(|&l| self.config.is_moe_layer(l))
+            .map(|l| (0..l).filter(|&k| self.config.is_moe_layer(k)).count())
+            .collect()
+    }
+
     /// Aux-loss-free balancing after a global batch: `loads[i]` are the tokens per expert of the
-    /// i-th MoE layer (summed over the batch's micro-batches).
+    /// whole model's i-th MoE layer (summed over the batch's micro-batches); each rank updates
+    /// the layers it holds.
     pub fn update_expert_bias(&self, params: &mut Buffers, loads: &[Vec<usize>]) {
-        for (moe, load) in self.blocks.iter().filter_map(Block::moe).zip(loads) {
-            moe.update_expert_bias(params, load);
+        for (moe, number) in self.moe_layers().zip(self.moe_layer_numbers()) {
+            if let Some(load) = loads.get(number) {
+                moe.update_expert_bias(params, load);
+            }
         }
     }
 
+    /// The tied embedding table this rank holds as the first or last stage of a pipeline.
+    fn tied_table(&self) -> Option<ParamId> {
+        if !self.config.tie_embeddings || self.is_whole() {
+            return None;
+        }
+        self.chunks
+            .iter()
+            .find_map(|c| c.embedding.or(c.head.as_ref().map(|h| h.output)))
+    }
+
+    /// With tied embeddings along a pipeline: sums the gradients of the first stage's table and
+    /// of the last stage's copy over the embedding group, so both copies take the same update.
+    /// Call after the backward passes, before the optimizer; nothing to do otherwise.
+    pub fn finish_tied_gradients(&self, grads: &mut Buffers) -> origami_comm::Result<()> {
+        match (self.tied_table(), &self.parallel.embedding) {
+            (Some(table), Some(group)) => group.all_reduce(grads.get_mut(table), ReduceOp::Sum),
+            _ => Ok(()),
+        }
+    }
+
+    /// The chunk that holds everything (no pipeline).
+    fn whole(&self) -> &ModelChunk {
+        assert!(
+            self.is_whole(),
+            "this needs the whole model on one rank (parallel.pp = 1)"
+        );
+        &self.chunks[0]
+    }
+
     /// Logits `[batch·seq, vocab]` (evaluation, generation). Needs attention and the output
-    /// layer whole on this rank (no tensor or context parallelism).
+    /// layer whole on this rank (no tensor, context or pipeline parallelism).
     pub fn logits(&self, params: &Buffers, batch: &MicroBatch) -> Vec<f32> {
         assert!(
             self.attention_is_local(),
-            "full logits need tensor- and context-parallel size 1"
+            "full logits need tensor-, context- and pipeline-parallel size 1"
         );
+        let whole = self.whole();
+        let head = whole.head.as_ref().expect("the whole model has a head");
         let local = self.local_batch(batch);
-        let states = self.forward_hidden(params, &local);
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        let positions = self.positions(&local);
+        let h = self.config.hidden_size;
+        let table = whole.embedding.expect("the whole model has an embedding");
+        let mut x = self.vocab.embed(params.get(table), &local.tokens, h);
+        for block in &whole.blocks {
+            x = block
+                .forward(params, x, local.batch, local.seq, &positions)
+                .0;
+        }
+        let mut normed = vec![0.0; x.len()];
+        rmsnorm_forward(
+            &mut normed,
+            &x,
+            params.get(head.final_norm),
+            h,
+            self.config.norm_eps,
+        );
+        let v = self.config.vocab_size;
         let mut logits = vec![0.0; batch.tokens.len() * v];
         linear_forward(
             &mut logits,
-            &states.normed,
-            params.get(self.output_weight()),
+            &normed,
+            params.get(head.output),
             None,
             batch.tokens.len(),
             h,
@@ -370,37 +396,12 @@ impl GptModel {
         logits
     }
 
-    /// Forward only: the losses of a micro-batch.
+    /// Forward only: the losses of a micro-batch (the whole model on this rank).
     pub fn loss(&self, params: &Buffers, batch: &MicroBatch) -> LossReport {
+        self.whole();
         let local = self.local_batch(batch);
-        let states = self.forward_hidden(params, &local);
-        let (h, v) = (self.config.hidden_size, self.vocab.local_vocab());
-        let mut sums = CrossEntropySums::default();
-        for (x, targets) in states
-            .normed
-            .chunks(OUTPUT_CHUNK_ROWS * h)
-            .zip(local.targets.chunks(OUTPUT_CHUNK_ROWS))
-        {
-            let mut logits = vec![0.0; targets.len() * v];
-            linear_forward(
-                &mut logits,
-                x,
-                params.get(self.output_weight()),
-                None,
-                targets.len(),
-                h,
-                v,
-                Par::All,
-            );
-            let per_row = if self.parallel.tensor.size() == 1 {
-                cross_entropy_rows(&logits, targets, v)
-            } else {
-                self.vocab.cross_entropy_rows(&logits, targets)
-            };
-            sums.cross_entropy += per_row.iter().map(|&l| l as f64).sum::<f64>();
-            sums.rows += targets.iter().filter(|&&t| t != IGNORE_TARGET).count();
-        }
-        self.report(sums, states.moe)
+        let forward = self.forward_chunk(0, params, &local, None, ForwardMode::Evaluate);
+        self.report(forward.losses)
     }
 
     /// Targets counted in the whole micro-batch (over the context-parallel group).
@@ -420,8 +421,9 @@ impl GptModel {
         counted[0] as usize
     }
 
-    /// Forward and backward of one micro-batch: accumulates `loss_scale · ∇(CE + aux + z)` into
-    /// `grads` (this rank's contribution) and returns the micro-batch's losses.
+    /// Forward and backward of one micro-batch (the whole model on this rank): accumulates
+    /// `loss_scale · ∇(CE + aux + z)` into `grads` (this rank's contribution) and returns the
+    /// micro-batch's losses.
     pub fn forward_backward(
         &self,
         params: &Buffers,
@@ -429,92 +431,29 @@ impl GptModel {
         batch: &MicroBatch,
         loss_scale: f32,
     ) -> LossReport {
+        self.whole();
         let local = self.local_batch(batch);
-        let states = self.forward_hidden(params, &local);
-        let positions = Positions {
-            of_row: &local.of_row,
-            in_sequence: &local.in_sequence,
-            rope: &self.rope,
-        };
-        let (h, v) = (self.config.hidden_size, self.vocab.local_vocab());
-        let tp = &self.parallel.tensor;
-        let ce_scale = loss_scale / self.counted_targets(&local).max(1) as f32;
-        let out_w = self.output_weight();
-        let mut d_normed = vec![0.0; states.normed.len()];
-        let mut sums = CrossEntropySums::default();
-        let mut logits = vec![0.0; OUTPUT_CHUNK_ROWS.min(local.targets.len()) * v];
-        for ((x, targets), dx) in states
-            .normed
-            .chunks(OUTPUT_CHUNK_ROWS * h)
-            .zip(local.targets.chunks(OUTPUT_CHUNK_ROWS))
-            .zip(d_normed.chunks_mut(OUTPUT_CHUNK_ROWS * h))
-        {
-            let n = targets.len();
-            let logits = &mut logits[..n * v];
-            linear_forward(logits, x, params.get(out_w), None, n, h, v, Par::All);
-            sums += if tp.size() == 1 {
-                cross_entropy_forward_backward(logits, targets, v, 0.0, ce_scale)
-            } else {
-                self.vocab
-                    .cross_entropy_forward_backward(logits, targets, ce_scale)
-            };
-            linear_backward(
-                LinearGrads {
-                    input: Some(dx),
-                    accumulate_input: false,
-                    weight: Some(grads.get_mut(out_w)),
-                    bias: None,
-                },
-                logits,
-                x,
-                params.get(out_w),
-                n,
-                h,
-                v,
-                Par::All,
-            );
-        }
-        drop(logits);
-        let d_normed = tp.scatter_sequence(d_normed, local.batch, h);
-        let mut dx = vec![0.0; d_normed.len()];
-        rmsnorm_backward(
-            &mut dx,
-            grads.get_mut(self.final_norm),
-            &d_normed,
-            &states.final_input,
-            params.get(self.final_norm),
-            &states.final_rstd,
-            h,
+        let forward = self.forward_chunk(
+            0,
+            params,
+            &local,
+            None,
+            ForwardMode::Train { grads, loss_scale },
         );
-        drop(d_normed);
-        for (block, saved) in self.blocks.iter().zip(states.blocks).rev() {
-            dx = block.backward(
-                params,
-                grads,
-                saved,
-                dx,
-                loss_scale,
-                local.batch,
-                local.seq,
-                &positions,
-            );
-        }
-        let dx = tp.gather_sequence(dx, local.batch, h);
-        self.vocab
-            .embed_backward(grads.get_mut(self.embedding), &dx, &local.tokens, h);
-        self.report(sums, states.moe)
+        self.backward_chunk(0, params, grads, &local, forward.saved, None, loss_scale);
+        self.report(forward.losses)
     }
 
     /// The micro-batch's losses from this rank's parts: cross-entropy summed over the
-    /// context-parallel chunks (every tp rank holds the same sums), auxiliary losses over the
+    /// context-parallel chunks (every tp rank holds the same parts), auxiliary losses over the
     /// tp-cp ranks that share the micro-batch.
-    fn report(&self, sums: CrossEntropySums, moe: Vec<MoeStats>) -> LossReport {
+    fn report(&self, losses: ChunkLosses) -> LossReport {
         let mut report = LossReport {
-            cross_entropy: sums.cross_entropy,
-            load_balancing: moe.iter().map(|s| s.losses.load_balancing).sum(),
-            z: moe.iter().map(|s| s.losses.z).sum(),
-            tokens: sums.rows,
-            moe,
+            cross_entropy: losses.cross_entropy,
+            load_balancing: losses.moe.iter().map(|s| s.losses.load_balancing).sum(),
+            z: losses.moe.iter().map(|s| s.losses.z).sum(),
+            tokens: losses.rows,
+            moe: losses.moe,
         };
         let group = &self.parallel.moe.sequence;
         if group.size() > 1 {
@@ -540,9 +479,117 @@ impl GptModel {
             report.z = parts[2] as f64;
             report.tokens = rows[0] as usize;
         }
-        report.cross_entropy /= report.tokens.max(1) as f64;
         report
     }
+}
+
+/// Registers and builds chunk `chunk` of this rank's stage.
+fn build_chunk(
+    c: &ModelConfig,
+    parallel: &ModelParallel,
+    split: &StageLayers,
+    vocab: &VocabParallel,
+    chunk: usize,
+    registry: &mut ParamRegistry,
+) -> Result<ModelChunk, ModelConfigError> {
+    let placement = &parallel.pipeline;
+    let tp = &parallel.tensor;
+    let std = c.init_std;
+    let out_std = std / (2.0 * c.num_layers as f32).sqrt();
+    let h = c.hidden_size;
+    let vocab_shape = [c.vocab_size, h];
+    let vocab_shard = || Shard::along(&vocab_shape, 0, vec![vocab.range()]);
+    let embedding = placement.holds_embedding(chunk).then(|| {
+        registry.register_sharded(
+            "embedding.weight".into(),
+            &vocab_shape,
+            vocab_shard(),
+            ParamGroup::Dense,
+            Init::Normal(std),
+        )
+    });
+    let dims = AttentionDims {
+        hidden: h,
+        heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim(),
+    };
+    let layers = split.layers(placement.stage, chunk);
+    let blocks = layers
+        .clone()
+        .map(|l| -> Result<Block, ModelConfigError> {
+            let prefix = format!("layers.{l}");
+            let context = (parallel.cp() > 1)
+                .then(|| ContextAttention::new(parallel.context.clone(), parallel.cp_comm_type));
+            let attention = Attention::new(
+                registry,
+                &format!("{prefix}.attention"),
+                dims,
+                c.qkv_bias,
+                (std, out_std),
+                tp,
+                context,
+            );
+            let ffn = if c.is_moe_layer(l) {
+                FeedForward::Moe(Box::new(MoeLayer::new_parallel(
+                    registry,
+                    &format!("{prefix}.moe"),
+                    h,
+                    &c.moe,
+                    (std, out_std),
+                    parallel.moe.clone(),
+                )?))
+            } else {
+                FeedForward::Dense(Mlp::new(
+                    registry,
+                    &format!("{prefix}.mlp"),
+                    (h, c.ffn_hidden_size),
+                    (std, out_std),
+                    tp,
+                ))
+            };
+            Ok(Block::new(
+                registry,
+                &prefix,
+                (h, c.norm_eps),
+                attention,
+                ffn,
+                tp.clone(),
+            ))
+        })
+        .collect::<Result<_, _>>()?;
+    let head = placement.holds_head(chunk).then(|| {
+        let final_norm = registry.register(
+            "final_norm.weight".into(),
+            &[h],
+            ParamGroup::Dense,
+            Init::Constant(1.0),
+        );
+        let output = match (c.tie_embeddings, embedding) {
+            (true, Some(table)) => table,
+            (true, None) => registry.register_duplicate(
+                "embedding.weight".into(),
+                &vocab_shape,
+                vocab_shard(),
+                ParamGroup::Dense,
+                Init::Normal(std),
+            ),
+            (false, _) => registry.register_sharded(
+                "output.weight".into(),
+                &vocab_shape,
+                vocab_shard(),
+                ParamGroup::Dense,
+                Init::Normal(std),
+            ),
+        };
+        Head { final_norm, output }
+    });
+    Ok(ModelChunk {
+        embedding,
+        first_layer: layers.start,
+        blocks,
+        head,
+    })
 }
 
 /// Checks that a sequence of `seq` tokens splits over context parallelism (into 2·cp equal
@@ -593,15 +640,18 @@ impl GptModel {
         );
         assert!(
             self.attention_is_local(),
-            "generation needs tensor- and context-parallel size 1"
+            "generation needs tensor-, context- and pipeline-parallel size 1"
         );
+        let whole = self.whole();
+        let head = whole.head.as_ref().expect("the whole model has a head");
+        let table = whole.embedding.expect("the whole model has an embedding");
         let h = self.config.hidden_size;
         if state.caches.is_empty() {
-            state.caches = vec![KvCache::default(); self.blocks.len()];
+            state.caches = vec![KvCache::default(); whole.blocks.len()];
         }
         let mut x = vec![0.0; h];
-        embedding_forward(&mut x, params.get(self.embedding), &[token], h);
-        for (block, cache) in self.blocks.iter().zip(&mut state.caches) {
+        embedding_forward(&mut x, params.get(table), &[token], h);
+        for (block, cache) in whole.blocks.iter().zip(&mut state.caches) {
             x = block.decode(params, &x, state.position, &self.rope, cache);
         }
         state.position += 1;
@@ -609,7 +659,7 @@ impl GptModel {
         rmsnorm_forward(
             &mut normed,
             &x,
-            params.get(self.final_norm),
+            params.get(head.final_norm),
             h,
             self.config.norm_eps,
         );
@@ -617,7 +667,7 @@ impl GptModel {
         linear_forward(
             &mut logits,
             &normed,
-            params.get(self.output_weight()),
+            params.get(head.output),
             None,
             1,
             h,

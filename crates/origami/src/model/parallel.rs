@@ -1,10 +1,12 @@
 //! The two mappings of one rank (MoE Parallel Folding): the attention side's tensor and
-//! context groups, and the MoE side's expert groups, all over the same ranks.
+//! context groups, and the MoE side's expert groups, all over the same ranks; and the rank's
+//! place in the pipeline, which both mappings share.
 
 use std::sync::Arc;
 
 use origami_comm::{Communicator, SoloComm};
 use origami_parallel::ParallelState;
+use origami_schedule::{SplitError, StageLayers};
 
 use super::config::{ModelConfig, ModelConfigError};
 use crate::layers::context_parallel::CpCommType;
@@ -23,6 +25,60 @@ pub struct ModelParallel {
     pub cp_comm_type: CpCommType,
     /// The MoE layers' groups.
     pub moe: MoeParallel,
+    /// This rank's pipeline stage and the split of the layers over the stages.
+    pub pipeline: PipelinePlacement,
+    /// The first and last stage of this rank's pipeline, which both hold a tied embedding
+    /// table; `None` on a middle stage or without a pipeline.
+    pub embedding: Option<Arc<dyn Communicator>>,
+}
+
+/// Where a rank sits in its pipeline, and how the model's layers split over the stages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelinePlacement {
+    /// This rank's stage.
+    pub stage: usize,
+    /// Stages (`parallel.pp`).
+    pub stages: usize,
+    /// Model chunks per stage (`parallel.vpp`).
+    pub chunks: usize,
+    /// Layers of the first stage when the split is uneven (`parallel.pp_first_stage_layers`).
+    pub first_stage_layers: Option<usize>,
+    /// Layers of the last stage when the split is uneven (`parallel.pp_last_stage_layers`).
+    pub last_stage_layers: Option<usize>,
+}
+
+impl PipelinePlacement {
+    /// No pipeline: one stage, one chunk.
+    pub fn single() -> Self {
+        PipelinePlacement {
+            stage: 0,
+            stages: 1,
+            chunks: 1,
+            first_stage_layers: None,
+            last_stage_layers: None,
+        }
+    }
+
+    /// The layers of each stage and chunk for a model of `layers` layers.
+    pub fn split(&self, layers: usize) -> Result<StageLayers, SplitError> {
+        StageLayers::new(
+            layers,
+            self.stages,
+            self.chunks,
+            self.first_stage_layers,
+            self.last_stage_layers,
+        )
+    }
+
+    /// Whether chunk `chunk` of this stage is the first virtual stage (holds the embedding).
+    pub fn holds_embedding(&self, chunk: usize) -> bool {
+        self.stage == 0 && chunk == 0
+    }
+
+    /// Whether chunk `chunk` of this stage is the last virtual stage (holds the head).
+    pub fn holds_head(&self, chunk: usize) -> bool {
+        self.stage + 1 == self.stages && chunk + 1 == self.chunks
+    }
 }
 
 impl std::fmt::Debug for ModelParallel {
@@ -32,6 +88,7 @@ impl std::fmt::Debug for ModelParallel {
             .field("cp", &self.cp())
             .field("cp_comm_type", &self.cp_comm_type)
             .field("moe", &self.moe)
+            .field("pipeline", &self.pipeline)
             .finish()
     }
 }
@@ -44,6 +101,8 @@ impl ModelParallel {
             context: SoloComm::shared(0),
             cp_comm_type: CpCommType::default(),
             moe: MoeParallel::single(),
+            pipeline: PipelinePlacement::single(),
+            embedding: None,
         }
     }
 
@@ -55,14 +114,33 @@ impl ModelParallel {
         }
     }
 
-    /// The groups of `state`'s rank; context-parallel attention by `cp_comm_type`.
+    /// The groups of `state`'s rank; context-parallel attention by `cp_comm_type`; the layers
+    /// split evenly over the pipeline's stages and chunks.
     pub fn from_state(state: &ParallelState, cp_comm_type: CpCommType) -> Self {
+        let layout = state.layout();
         ModelParallel {
             tensor: TensorParallel::new(state.tp().comm().clone()),
             context: state.cp().comm().clone(),
             cp_comm_type,
             moe: MoeParallel::from_state(state),
+            pipeline: PipelinePlacement {
+                stage: state.pp().rank(),
+                stages: layout.pp(),
+                chunks: layout.vpp(),
+                first_stage_layers: None,
+                last_stage_layers: None,
+            },
+            embedding: (layout.pp() > 1)
+                .then(|| state.embedding().map(|group| group.comm().clone()))
+                .flatten(),
         }
+    }
+
+    /// With the first and last stage holding these many layers (the rest split evenly).
+    pub fn with_stage_layers(mut self, first: Option<usize>, last: Option<usize>) -> Self {
+        self.pipeline.first_stage_layers = first;
+        self.pipeline.last_stage_layers = last;
+        self
     }
 
     /// Context-parallel size.

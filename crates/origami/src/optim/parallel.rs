@@ -8,8 +8,9 @@
 //! 2. sum the dense buffer over `dp_cp` and the expert buffer over `edp`: all-reduce, or, when
 //!    distributed, reduce-scatter so each replica keeps the sum of its own range only;
 //! 3. global norm: each rank's squares of the elements it owns (its range; the whole buffer on
-//!    replica 0 when not distributed; whole-over-tp parameters on tp rank 0; trainable only),
-//!    summed over `world`;
+//!    replica 0 when not distributed; whole-over-tp parameters on tp rank 0; trainable only;
+//!    not a pipeline stage's duplicate of a tied parameter), summed over `world` — every stage
+//!    of every pipeline, so each parameter counts once;
 //! 4. clip and AdamW-update this rank's range (per element: the flags of its parameter);
 //! 5. when distributed, all-gather the updated ranges so every replica holds the same values.
 //!
@@ -300,7 +301,9 @@ impl BufferShard {
             None => 0..0,
         };
         self.layout
-            .runs(counted, |span| tp_rank == 0 || !span.whole_over_tp)
+            .runs(counted, |span| {
+                !span.duplicate && (tp_rank == 0 || !span.whole_over_tp)
+            })
             .into_iter()
             .map(|run| sum_of_squares(&grads[run]))
             .fold(0.0, |total, part| total + part)

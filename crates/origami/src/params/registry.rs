@@ -66,6 +66,10 @@ pub struct ParamInfo {
     /// Whether the optimizer updates it; buffers (e.g. the router's expert bias) are changed by
     /// their own rules but live, and are checkpointed, with the parameters.
     pub trainable: bool,
+    /// Whether this is another pipeline stage's copy of a parameter whose owner is elsewhere
+    /// (the tied embedding table on the last stage): trained exactly like the owner's, but
+    /// counted once in the gradient norm and written once in checkpoints — by the owner.
+    pub duplicate: bool,
 }
 
 /// All parameters of a model and the sizes of the two buffers.
@@ -111,6 +115,22 @@ impl ParamRegistry {
         self.add(name, shape, Shard::full(shape), group, init, false)
     }
 
+    /// Registers this rank's copy of a parameter that another pipeline stage owns (the last
+    /// stage's copy of a tied embedding table): same name, shape, shard and initialisation, so
+    /// both copies start equal and stay equal under identical updates.
+    pub fn register_duplicate(
+        &mut self,
+        name: String,
+        global_shape: &[usize],
+        shard: Shard,
+        group: ParamGroup,
+        init: Init,
+    ) -> ParamId {
+        let id = self.add(name, global_shape, shard, group, init, true);
+        self.params.last_mut().expect("just added").duplicate = true;
+        id
+    }
+
     fn add(
         &mut self,
         name: String,
@@ -144,6 +164,7 @@ impl ParamRegistry {
             init,
             weight_decay,
             trainable,
+            duplicate: false,
         });
         id
     }

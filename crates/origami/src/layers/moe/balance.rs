@@ -12,6 +12,7 @@
 //! - global batch: `f_i` from counts summed over the batch group (tp-dp-cp) and over the step's
 //!   micro-batches so far, `T` the micro-batch's tokens over the sequence group.
 
+use crate::layers::stored::Stored;
 use std::ops::Range;
 
 use origami_comm::{Communicator, ReduceOp};
@@ -115,5 +116,11 @@ pub fn global_scope_weights(
         .collect();
     BalanceWeights {
         segments: vec![(0..tokens, weights)],
+    }
+}
+
+impl Stored for BalanceWeights {
+    fn stored_bytes(&self) -> usize {
+        self.segments.iter().map(|(_, w)| w.stored_bytes()).sum()
     }
 }

@@ -4,6 +4,7 @@
 //! Saved state: the fc1 output and the SwiGLU output.
 
 use super::parallel::ExpertSharding;
+use crate::layers::stored::Stored;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use origami_kernels::grouped_matmul::{grouped_linear_backward, grouped_linear_forward};
 use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
@@ -145,5 +146,11 @@ impl GroupedExperts {
             2 * self.ffn,
         );
         dx
+    }
+}
+
+impl Stored for ExpertsSaved {
+    fn stored_bytes(&self) -> usize {
+        self.fc1_out.stored_bytes() + self.activated.stored_bytes()
     }
 }

@@ -14,6 +14,7 @@ pub mod permute;
 pub mod router;
 pub mod shared_expert;
 
+use crate::layers::stored::Stored;
 use std::sync::Mutex;
 
 use origami_comm::ReduceOp;
@@ -403,5 +404,16 @@ impl MoeLayer {
             shared.backward(params, grads, shared_saved, x, dy, &mut dx);
         }
         (dx, times)
+    }
+}
+
+impl Stored for MoeSaved {
+    fn stored_bytes(&self) -> usize {
+        self.routing.stored_bytes()
+            + self.router.stored_bytes()
+            + self.balance.stored_bytes()
+            + self.permutation.stored_bytes()
+            + self.route.stored_bytes()
+            + self.shared.stored_bytes()
     }
 }

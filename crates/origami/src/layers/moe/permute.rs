@@ -7,6 +7,7 @@
 //! row ([`DROPPED`]) and padding rows have no token ([`PADDING`]); both are skipped.
 
 use super::router::Routing;
+use crate::layers::stored::Stored;
 
 /// `row_of_slot` entry of a slot dropped for capacity.
 pub const DROPPED: usize = usize::MAX;
@@ -154,4 +155,12 @@ pub fn unpermute_backward(
             .for_each(|(d, v)| *d = weights[slot] * v);
     }
     (d_rows, d_weights)
+}
+
+impl Stored for Permutation {
+    fn stored_bytes(&self) -> usize {
+        self.row_of_slot.stored_bytes()
+            + self.token_of_row.stored_bytes()
+            + self.offsets.stored_bytes()
+    }
 }

@@ -15,6 +15,7 @@
 
 use super::balance::BalanceWeights;
 use crate::layers::moe::config::{MoeConfig, ScoreFunction};
+use crate::layers::stored::Stored;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::softmax::{logsumexp, softmax_rows, softmax_rows_backward};
@@ -440,4 +441,18 @@ impl Router {
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
+}
+
+impl Stored for RouterSaved {
+    fn stored_bytes(&self) -> usize {
+        self.logits.stored_bytes() + self.balancing_scores.stored_bytes()
+    }
+}
+
+impl Stored for Routing {
+    fn stored_bytes(&self) -> usize {
+        self.experts.stored_bytes()
+            + self.weights.stored_bytes()
+            + self.tokens_per_expert.stored_bytes()
+    }
 }

@@ -7,6 +7,7 @@
 //! and the partial outputs are reduce-scattered back. The gate (one row) stays whole.
 
 use crate::layers::mlp::{Mlp, MlpSaved};
+use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 
@@ -178,4 +179,13 @@ impl SharedExpert {
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
+}
+
+impl Stored for SharedExpertSaved {
+    fn stored_bytes(&self) -> usize {
+        self.mlp.stored_bytes()
+            + self.gathered_input.stored_bytes()
+            + self.mlp_out.stored_bytes()
+            + self.gates.stored_bytes()
+    }
 }

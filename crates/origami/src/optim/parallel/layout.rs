@@ -19,6 +19,8 @@ pub(super) struct Span {
     pub trainable: bool,
     /// A dense parameter every tp rank holds whole (its gradient is summed over tp).
     pub whole_over_tp: bool,
+    /// Another stage's copy of a parameter (counted in the gradient norm by its owner only).
+    pub duplicate: bool,
 }
 
 /// The spans of one group buffer, in order.
@@ -44,6 +46,7 @@ impl BufferLayout {
                     weight_decay: p.weight_decay,
                     trainable: p.trainable,
                     whole_over_tp: group == ParamGroup::Dense && p.shard == Shard::full(&p.shape),
+                    duplicate: p.duplicate,
                 }
             })
             .collect();

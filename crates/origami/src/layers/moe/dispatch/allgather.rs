@@ -8,6 +8,7 @@
 //! Backward: all-gather of the output gradient, the local un-permute and experts backward,
 //! then reduce-scatter-v of the token and routing-weight gradients.
 
+use crate::layers::stored::Stored;
 use origami_comm::ReduceOp;
 
 use super::super::comm_ok;
@@ -119,5 +120,11 @@ impl AllGatherPlan {
         let mut mine = vec![0.0; counts[parallel.tp_ep.rank()]];
         comm_ok(parallel.tp_ep.reduce_scatter_v(all, &counts, &mut mine));
         mine
+    }
+}
+
+impl Stored for AllGatherPlan {
+    fn stored_bytes(&self) -> usize {
+        self.tokens.stored_bytes() + self.weights.stored_bytes() + self.permutation.stored_bytes()
     }
 }

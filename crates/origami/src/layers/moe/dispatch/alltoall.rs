@@ -10,6 +10,7 @@
 //! [`AllToAllPlan::to_experts`] is [`AllToAllPlan::from_experts`] and vice versa: the layer runs
 //! `to` then `from` in its forward and again `to` then `from` in its backward.
 
+use crate::layers::stored::Stored;
 use origami_comm::ReduceOp;
 
 use super::super::comm_ok;
@@ -196,5 +197,15 @@ impl AllToAllPlan {
             &self.send_counts,
         ));
         rows
+    }
+}
+
+impl Stored for AllToAllPlan {
+    fn stored_bytes(&self) -> usize {
+        self.send_counts.stored_bytes()
+            + self.recv_counts.stored_bytes()
+            + self.gather_counts.stored_bytes()
+            + self.chunks.len() * std::mem::size_of::<Chunk>()
+            + self.expert_offsets.stored_bytes()
     }
 }

@@ -6,6 +6,7 @@
 pub mod allgather;
 pub mod alltoall;
 
+use crate::layers::stored::Stored;
 use std::time::{Duration, Instant};
 
 use super::experts::{ExpertsSaved, GroupedExperts};
@@ -231,6 +232,35 @@ pub fn backward(
                 )
             });
             (dx, d_weights, times)
+        }
+    }
+}
+
+impl Stored for RouteSaved {
+    fn stored_bytes(&self) -> usize {
+        match self {
+            RouteSaved::AllToAll {
+                plan,
+                expert_input,
+                returned,
+                experts,
+            } => {
+                plan.stored_bytes()
+                    + expert_input.stored_bytes()
+                    + returned.stored_bytes()
+                    + experts.stored_bytes()
+            }
+            RouteSaved::AllGather {
+                plan,
+                expert_input,
+                expert_output,
+                experts,
+            } => {
+                plan.stored_bytes()
+                    + expert_input.stored_bytes()
+                    + expert_output.stored_bytes()
+                    + experts.stored_bytes()
+            }
         }
     }
 }
