@@ -5,11 +5,12 @@
 use origami::bench::{run, BenchLayout, BenchSettings};
 use origami::layers::context_parallel::CpCommType;
 
-fn measured_over_theory(layout: BenchLayout) -> f64 {
+fn measured_over_theory(layout: BenchLayout, micro_batches: usize) -> f64 {
     let report = run(&BenchSettings {
         preset: "tiny".into(),
         steps: 1,
         micro_batch: Some(4),
+        micro_batches,
         seq: Some(32),
         layout,
     })
@@ -37,8 +38,28 @@ fn folded_layouts_send_what_the_theory_says() {
         distributed_optimizer: true,
         ..context.clone()
     };
-    for layout in [tensor, context, all_to_all] {
-        let ratio = measured_over_theory(layout.clone());
+    let pipeline = BenchLayout {
+        world: 4,
+        tp: 2,
+        ep: 2,
+        pp: 2,
+        ..BenchLayout::default()
+    };
+    let interleaved = BenchLayout {
+        world: 4,
+        ep: 2,
+        pp: 2,
+        vpp: 2,
+        ..BenchLayout::default()
+    };
+    for (layout, micro_batches) in [
+        (tensor, 1),
+        (context, 1),
+        (all_to_all, 1),
+        (pipeline, 4),
+        (interleaved, 4),
+    ] {
+        let ratio = measured_over_theory(layout.clone(), micro_batches);
         // Routing is not exactly uniform and small statistics all-reduces are not in the theory.
         assert!(
             (0.97..1.05).contains(&ratio),

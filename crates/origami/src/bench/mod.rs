@@ -5,7 +5,10 @@
 //! With a parallel layout the same global batch is trained by `world` local ranks (threads of
 //! this process sharing the cores), so the tokens/s against the one-rank run measure the
 //! layout's overhead; the report adds the bytes each rank sent per step against the layout's
-//! theoretical traffic ([`traffic`]).
+//! theoretical traffic ([`traffic`]). A step holds `micro_batches` micro-batches (gradient
+//! accumulation without a pipeline); with one, the report gives each stage's peak of stored
+//! activations against one micro-batch's, and its measured bubble (time waiting in pipeline
+//! exchanges over the step time) against the schedule's simulated one.
 
 pub mod traffic;
 
@@ -20,11 +23,13 @@ use crate::model::parallel::ModelParallel;
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
 use crate::params::{ParamGroup, Shard};
-use crate::train::step::train_step;
+use crate::train::pipeline::stage_schedule;
+use crate::train::step::{train_step, StepGroups, StepOutcome};
 use origami_comm::local::LocalWorld;
 use origami_comm::{Communicator, CountedComm, ReduceOp, SoloComm};
 use origami_kernels::matmul::{matmul, Par, View, ViewMut};
 use origami_parallel::{ParallelConfig, ParallelState};
+use origami_schedule::{schedule as schedule_of, simulate, StageTimes};
 use serde::Serialize;
 use std::time::Instant;
 use traffic::{theoretical_traffic, Traffic, TrafficLayout};
@@ -36,15 +41,17 @@ pub struct BenchSettings {
     pub preset: String,
     /// Timed steps (one more runs first as warm-up).
     pub steps: usize,
-    /// Sequences per step (default: the preset's micro-batch).
+    /// Sequences per micro-batch, over all data-parallel ranks (default: the preset's).
     pub micro_batch: Option<usize>,
+    /// Micro-batches per step.
+    pub micro_batches: usize,
     /// Tokens per sequence (default: the preset's).
     pub seq: Option<usize>,
     /// The layout the step is trained on.
     pub layout: BenchLayout,
 }
 
-/// A parallel layout for the benchmark (pipeline parallelism 1; dp and edp follow).
+/// A parallel layout for the benchmark (dp and edp follow).
 #[derive(Clone, Debug)]
 pub struct BenchLayout {
     /// Local ranks.
@@ -57,6 +64,10 @@ pub struct BenchLayout {
     pub ep: usize,
     /// Expert tensor-parallel size.
     pub etp: usize,
+    /// Pipeline stages.
+    pub pp: usize,
+    /// Model chunks per stage.
+    pub vpp: usize,
     /// Context-parallel exchange.
     pub cp_comm_type: CpCommType,
     /// Shard the optimizer state over data-parallel ranks.
@@ -72,6 +83,8 @@ impl Default for BenchLayout {
             cp: 1,
             ep: 1,
             etp: 1,
+            pp: 1,
+            vpp: 1,
             cp_comm_type: CpCommType::P2p,
             distributed_optimizer: false,
         }
@@ -117,6 +130,29 @@ pub struct BenchReport {
     pub theory_bytes_per_rank: Traffic,
     /// The theory's total.
     pub theory_bytes_per_rank_total: f64,
+    /// The pipeline schedule: `none`, `1F1B` or `interleaved`.
+    pub schedule: &'static str,
+    /// Micro-batches per pipeline per step.
+    pub micro_batches: usize,
+    /// The schedule's bubble simulated with unit forward and backward twice as long.
+    pub bubble_theory: f64,
+    /// Each pipeline stage in the median step.
+    pub stages: Vec<StageReport>,
+}
+
+/// One pipeline stage's figures in the median step (the largest over the stage's ranks).
+#[derive(Clone, Debug, Serialize)]
+pub struct StageReport {
+    /// Stage.
+    pub stage: usize,
+    /// Peak of activations saved for backward at once, MiB.
+    pub peak_stored_mib: f64,
+    /// One micro-batch's saved activations on one chunk, MiB (the largest).
+    pub micro_batch_stored_mib: f64,
+    /// Most micro-batch chunks held at once.
+    pub peak_in_flight: usize,
+    /// Time waiting in pipeline exchanges over the step time.
+    pub bubble: f64,
 }
 
 /// The micro-batch size of each preset, as in `shared/peers/README.md`.
@@ -156,10 +192,13 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
         "--steps and --micro-batch must be positive"
     );
     let l = &settings.layout;
+    let micro_batches = settings.micro_batches;
     let (world, sent) = CountedComm::wrap(world);
     let layout = ParallelConfig {
         tp: l.tp,
         cp: l.cp,
+        pp: l.pp,
+        vpp: l.vpp,
         ep: l.ep,
         etp: Some(l.etp),
         ..ParallelConfig::default()
@@ -185,15 +224,21 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
         l.distributed_optimizer,
         1 << 22,
     );
-    let whole = random_batch(micro_batch, seq, config.vocab_size);
     let per_rank = micro_batch / dp.size();
-    let rows = dp.rank() * per_rank * seq..(dp.rank() + 1) * per_rank * seq;
-    let batch = MicroBatch {
-        tokens: whole.tokens[rows.clone()].to_vec(),
-        targets: whole.targets[rows].to_vec(),
-        batch: per_rank,
-        seq,
-    };
+    let batches: Vec<MicroBatch> = (0..micro_batches)
+        .map(|m| {
+            let whole = random_batch(micro_batch, seq, config.vocab_size, m as u64);
+            let rows = dp.rank() * per_rank * seq..(dp.rank() + 1) * per_rank * seq;
+            MicroBatch {
+                tokens: whole.tokens[rows.clone()].to_vec(),
+                targets: whole.targets[rows].to_vec(),
+                batch: per_rank,
+                seq,
+            }
+        })
+        .collect();
+    let schedule = stage_schedule(&model, micro_batches, None)?;
+    let groups = StepGroups::from_state(&state, world.clone());
     let mut steps = Vec::with_capacity(settings.steps);
     let mut loss = 0.0;
     for step in 0..=settings.steps {
@@ -205,9 +250,10 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
             &mut params,
             &mut grads,
             &mut optimizer,
-            std::slice::from_ref(&batch),
-            dp.size(),
-            dp.comm(),
+            &batches,
+            &schedule,
+            micro_batches * dp.size(),
+            &groups,
             1e-4,
         )?;
         world.barrier()?;
@@ -215,15 +261,28 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
         world.all_reduce(&mut seconds, ReduceOp::Max)?;
         loss = outcome.loss;
         if step > 0 {
-            steps.push((seconds[0] as f64, sent.load(Ordering::Relaxed) - before));
+            steps.push((
+                seconds[0] as f64,
+                sent.load(Ordering::Relaxed) - before,
+                outcome,
+            ));
         }
     }
     steps.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (median, bytes) = steps[steps.len() / 2];
-    let mut traffic = [bytes, bytes];
+    let (median, bytes, median_outcome) = &steps[steps.len() / 2];
+    let median = *median;
+    let mut traffic = [*bytes, *bytes];
     world.all_reduce_u64(&mut traffic[..1], ReduceOp::Max)?;
     world.all_reduce_u64(&mut traffic[1..], ReduceOp::Sum)?;
-    let tokens = micro_batch * seq;
+    let stages = stage_reports(&world, state.pp().rank(), l.pp, median, median_outcome)?;
+    let simulated = simulate(
+        &(0..l.pp)
+            .map(|stage| schedule_of(&schedule.config, stage))
+            .collect::<Result<Vec<_>, _>>()?,
+        StageTimes::default(),
+    )?;
+    let (mean_dense, mean_expert, mean_whole) = mean_shard_sizes(&world, &model)?;
+    let tokens = micro_batch * micro_batches * seq;
     let tokens_per_s = tokens as f64 / median;
     let model_tflops = tokens_per_s * training_flops_per_token(&config, seq) / 1e12;
     let peak_gemm_gflops = if world.rank() == 0 {
@@ -240,10 +299,14 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
             ep: l.ep,
             etp: l.etp,
             edp: state.edp().size(),
+            pp: l.pp,
+            vpp: l.vpp,
+            micro_batches,
             cp_comm_type: l.cp_comm_type,
         },
         (per_rank, seq),
-        shard_sizes(&model),
+        (mean_dense, mean_expert, mean_whole),
+        tied_table_shard(&config, l.tp),
     );
     Ok(BenchReport {
         bench: "model",
@@ -264,7 +327,67 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
         bytes_sent_per_rank_mean: traffic[1] as f64 / l.world as f64,
         theory_bytes_per_rank_total: theory.total(),
         theory_bytes_per_rank: theory,
+        schedule: schedule.config.kind().name(),
+        micro_batches,
+        bubble_theory: simulated.bubble_fraction(),
+        stages,
     })
+}
+
+/// Each stage's figures of the median step, gathered from every rank (the largest over a
+/// stage's ranks).
+fn stage_reports(
+    world: &Arc<dyn Communicator>,
+    stage: usize,
+    stages: usize,
+    step_seconds: f64,
+    outcome: &StepOutcome,
+) -> anyhow::Result<Vec<StageReport>> {
+    const FIELDS: usize = 5;
+    let mine = [
+        stage as f32,
+        outcome.peak_stored_bytes as f32,
+        outcome.largest_saved_bytes as f32,
+        outcome.peak_in_flight as f32,
+        outcome.exchange.as_secs_f32(),
+    ];
+    let mut all = vec![0.0; FIELDS * world.size()];
+    world.all_gather_v(&mine, &vec![FIELDS; world.size()], &mut all)?;
+    let mib = |bytes: f32| bytes as f64 / (1024.0 * 1024.0);
+    Ok((0..stages)
+        .map(|s| {
+            let ranks = all.chunks(FIELDS).filter(|r| r[0] as usize == s);
+            let largest = |field: usize| ranks.clone().map(|r| r[field]).fold(0.0f32, f32::max);
+            StageReport {
+                stage: s,
+                peak_stored_mib: mib(largest(1)),
+                micro_batch_stored_mib: mib(largest(2)),
+                peak_in_flight: largest(3) as usize,
+                bubble: largest(4) as f64 / step_seconds,
+            }
+        })
+        .collect())
+}
+
+/// The mean over every rank of its (dense, expert, whole-over-tp dense) parameter elements.
+fn mean_shard_sizes(
+    world: &Arc<dyn Communicator>,
+    model: &GptModel,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let (dense, expert, whole) = shard_sizes(model);
+    let mut sums = [dense as f32, expert as f32, whole as f32];
+    world.all_reduce(&mut sums, ReduceOp::Sum)?;
+    let n = world.size() as f64;
+    Ok((sums[0] as f64 / n, sums[1] as f64 / n, sums[2] as f64 / n))
+}
+
+/// Elements of one rank's shard of a tied embedding table (0 when untied).
+fn tied_table_shard(config: &ModelConfig, tp: usize) -> usize {
+    if config.tie_embeddings {
+        config.vocab_size / tp * config.hidden_size
+    } else {
+        0
+    }
 }
 
 /// This rank's (dense, expert, dense held whole by every tp rank) parameter elements.
@@ -282,14 +405,24 @@ fn shard_sizes(model: &GptModel) -> (usize, usize, usize) {
         })
 }
 
-/// `TP2·CP1·DP2 | EP4·ETP1·EDP1`.
+/// `TP2·CP1·DP2 | EP4·ETP1·EDP1`, with `·PP2` on both sides (and `, VPP2`) along a pipeline.
 fn describe(l: &BenchLayout, dp: usize, edp: usize) -> String {
+    let pp = if l.pp > 1 {
+        format!("·PP{}", l.pp)
+    } else {
+        String::new()
+    };
     format!(
-        "TP{}·CP{}·DP{dp} | EP{}·ETP{}·EDP{edp}{}",
+        "TP{}·CP{}·DP{dp}{pp} | EP{}·ETP{}·EDP{edp}{pp}{}{}",
         l.tp,
         l.cp,
         l.ep,
         l.etp,
+        if l.vpp > 1 {
+            format!(", VPP{}", l.vpp)
+        } else {
+            String::new()
+        },
         if l.cp > 1 {
             format!(" ({:?})", l.cp_comm_type).to_lowercase()
         } else {
@@ -298,9 +431,9 @@ fn describe(l: &BenchLayout, dp: usize, edp: usize) -> String {
     )
 }
 
-/// Deterministic pseudo-random tokens and next-token targets.
-fn random_batch(batch: usize, seq: usize, vocab: usize) -> MicroBatch {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
+/// Deterministic pseudo-random tokens and next-token targets, different for each `salt`.
+fn random_batch(batch: usize, seq: usize, vocab: usize, salt: u64) -> MicroBatch {
+    let mut state = 0x2545_f491_4f6c_dd1du64 ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut next = || {
         state ^= state << 13;
         state ^= state >> 7;

@@ -1,7 +1,9 @@
 //! The bytes one rank must send per training step for a layout, in theory: what the benchmark's
 //! measured traffic is compared with. Counted like [`origami_comm::CountedComm`] counts
 //! (ring all-reduce `2·(n−1)/n`, all-gather / reduce-scatter `(n−1)/n`, all-to-all what leaves
-//! the rank), for one micro-batch per data-parallel rank, expert routing assumed uniform.
+//! the rank, point-to-point the message), for a step of `micro_batches` micro-batches per
+//! pipeline, expert routing assumed uniform. With a pipeline the figures are the mean over the
+//! stages: each stage runs `1/pp` of the layers, the first and last the embedding and output.
 
 use serde::Serialize;
 
@@ -24,6 +26,9 @@ pub struct Traffic {
     pub expert_dispatch: Option<f64>,
     /// Gradient reduction: dense over dp-cp, expert over edp, sequence-parallel weights over tp.
     pub gradients: f64,
+    /// Pipeline: activations to the next virtual stage and their gradients back, and the tied
+    /// embedding's gradient between the first and last stage.
+    pub pipeline: f64,
 }
 
 impl Traffic {
@@ -33,6 +38,7 @@ impl Traffic {
             + self.context_parallel
             + self.expert_dispatch.unwrap_or(0.0)
             + self.gradients
+            + self.pipeline
     }
 }
 
@@ -51,6 +57,12 @@ pub struct TrafficLayout {
     pub etp: usize,
     /// Expert-data-parallel size.
     pub edp: usize,
+    /// Pipeline stages.
+    pub pp: usize,
+    /// Model chunks per stage.
+    pub vpp: usize,
+    /// Micro-batches per pipeline per step.
+    pub micro_batches: usize,
     /// Context-parallel exchange.
     pub cp_comm_type: CpCommType,
 }
@@ -65,13 +77,16 @@ fn all_reduce(n: usize, len: f64) -> f64 {
     2.0 * gather(n, len)
 }
 
-/// Theory for `config` trained on `layout` with `sequences` of `seq` tokens per data-parallel
-/// rank per step; `params` are this rank's (dense, expert, whole-over-tp dense) element counts.
+/// Theory for `config` trained on `layout` with micro-batches of `sequences` of `seq` tokens per
+/// data-parallel rank; `params` are a rank's (dense, expert, whole-over-tp dense) element
+/// counts (the mean over the stages with a pipeline); `tied_table` the elements of a rank's
+/// shard of a tied embedding table that its first and last stage both hold (0 otherwise).
 pub fn theoretical_traffic(
     config: &ModelConfig,
     layout: &TrafficLayout,
     (sequences, seq): (usize, usize),
-    (dense, expert, whole_over_tp): (usize, usize, usize),
+    (dense, expert, whole_over_tp): (f64, f64, f64),
+    tied_table: usize,
 ) -> Traffic {
     let h = config.hidden_size as f64;
     let layers = config.num_layers;
@@ -84,13 +99,17 @@ pub fn theoretical_traffic(
     };
     let region_tokens = (sequences * seq / layout.cp) as f64;
     let rank_tokens = region_tokens / layout.tp as f64;
+    let pp = layout.pp as f64;
+    // Activation traffic of the step on one rank: every micro-batch, this stage's share.
+    let per_stage = layout.micro_batches as f64 / pp;
     let bytes = |elements: f64| 4.0 * elements;
 
     let collectives = 4 * (layers + dense_layers + shared_layers + 1);
-    let sequence_parallel = bytes(
-        collectives as f64 * gather(layout.tp, region_tokens * h)
-            + all_reduce(layout.tp, 3.0 * region_tokens),
-    );
+    let sequence_parallel = per_stage
+        * bytes(
+            collectives as f64 * gather(layout.tp, region_tokens * h)
+                + all_reduce(layout.tp, 3.0 * region_tokens),
+        );
 
     let head_dim = config.head_dim() as f64;
     let q = region_tokens * (config.num_heads / layout.tp) as f64 * head_dim;
@@ -104,23 +123,35 @@ pub fn theoretical_traffic(
         // Forward: q, kv out and the output back; backward: dout out, dq and dkv back.
         (_, CpCommType::A2a) => gather(cp, 2.0 * q + kv) + gather(cp, 2.0 * q + kv),
     };
-    let context_parallel = bytes(layers as f64 * per_layer);
+    let context_parallel = per_stage * bytes(layers as f64 * per_layer);
 
     let expert_dispatch = (config.moe.dispatcher == DispatcherKind::Alltoall && layout.etp == 1)
         .then(|| {
             let routed = rank_tokens * config.moe.topk as f64 * h;
-            bytes(moe_layers as f64 * 4.0 * gather(layout.ep, routed))
+            per_stage * bytes(moe_layers as f64 * 4.0 * gather(layout.ep, routed))
         });
 
     let gradients = bytes(
-        all_reduce(layout.dp * layout.cp, dense as f64)
-            + all_reduce(layout.edp, expert as f64)
-            + all_reduce(layout.tp, whole_over_tp as f64),
+        all_reduce(layout.dp * layout.cp, dense)
+            + all_reduce(layout.edp, expert)
+            + all_reduce(layout.tp, whole_over_tp),
+    );
+    // Each micro-batch crosses vpp·pp − 1 chunk boundaries forward and back; the pp ranks of a
+    // pipeline share the sends. A tied table's gradient is all-reduced by two of them.
+    let boundaries = (layout.vpp * layout.pp - 1) as f64;
+    let pipeline = bytes(
+        layout.micro_batches as f64 * 2.0 * boundaries * rank_tokens * h / pp
+            + if layout.pp > 1 {
+                2.0 * all_reduce(2, tied_table as f64) / pp
+            } else {
+                0.0
+            },
     );
     Traffic {
         sequence_parallel,
         context_parallel,
         expert_dispatch,
         gradients,
+        pipeline,
     }
 }

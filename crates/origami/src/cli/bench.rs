@@ -18,9 +18,12 @@ pub struct BenchArgs {
     /// Timed steps (one warm-up step runs first).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// Sequences per step (default: the preset's micro-batch).
+    /// Sequences per micro-batch, over all data-parallel ranks (default: the preset's).
     #[arg(long)]
     pub micro_batch: Option<usize>,
+    /// Micro-batches per step (accumulated; pipelined when --pp > 1).
+    #[arg(long, default_value_t = 1)]
+    pub micro_batches: usize,
     /// Tokens per sequence (default: the preset's sequence length).
     #[arg(long)]
     pub seq: Option<usize>,
@@ -39,6 +42,12 @@ pub struct BenchArgs {
     /// Expert tensor-parallel size.
     #[arg(long, default_value_t = 1)]
     pub etp: usize,
+    /// Pipeline stages.
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Model chunks per pipeline stage (interleaved schedule when > 1).
+    #[arg(long, default_value_t = 1)]
+    pub vpp: usize,
     /// Context-parallel exchange: p2p or a2a.
     #[arg(long, default_value = "p2p", value_parser = parse_cp_comm_type)]
     pub cp_comm_type: CpCommType,
@@ -75,6 +84,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         preset: args.preset,
         steps: args.steps,
         micro_batch: args.micro_batch,
+        micro_batches: args.micro_batches,
         seq: args.seq,
         layout: BenchLayout {
             world: args.world,
@@ -82,6 +92,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             cp: args.cp,
             ep: args.ep,
             etp: args.etp,
+            pp: args.pp,
+            vpp: args.vpp,
             cp_comm_type: args.cp_comm_type,
             distributed_optimizer: args.distributed_optimizer,
         },

@@ -6,6 +6,7 @@ use clap::Args;
 use origami::model::gpt::GptModel;
 use origami::train::checkpoint;
 use origami::train::config::RunConfig;
+use origami::train::step::StepGroups;
 use origami::train::trainer::evaluate;
 use origami_data::gpt_dataset::{GptDataset, Split};
 use serde::Deserialize;
@@ -118,7 +119,13 @@ fn eval_checkpoint(path: PathBuf, data: PathBuf, batches: usize) -> anyhow::Resu
     } else {
         batches
     };
-    let loss = evaluate(&model, &params, &valid, batches, t.micro_batch, t.seq_len)?;
+    let loss = evaluate(
+        &model,
+        &params,
+        &valid,
+        (batches, t.micro_batch, t.seq_len),
+        &StepGroups::single(),
+    )?;
     println!(
         "{}",
         serde_json::json!({ "loss": loss, "split": "valid", "samples": batches * t.micro_batch })

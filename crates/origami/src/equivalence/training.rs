@@ -1,13 +1,14 @@
-//! Whole-training equivalence: K optimizer steps of a folded layout — attention TP × CP × DP,
-//! MoE ETP × EP × EDP over the same ranks — against the same K steps on one rank. Both runs go
-//! through [`train_step`], the trainer's step; every rank compares the loss and the gradient
-//! norm of every step, the reduced gradients of the first step (AdamW's first update is nearly
-//! `lr · sign(g)`, so the weights alone would hide a wrongly scaled gradient) and, at the end,
-//! each of its parameters with its slice of the single-rank parameters.
+//! Whole-training equivalence: K optimizer steps of a folded layout — attention TP × CP × DP × PP,
+//! MoE ETP × EP × EDP × PP over the same ranks, the pipeline run by its schedule (1F1B or
+//! interleaved) — against the same K steps on one rank. Both runs go through [`train_step`],
+//! the trainer's step; every rank compares the loss and the gradient norm of every step, the
+//! reduced gradients of the first step (AdamW's first update is nearly `lr · sign(g)`, so the
+//! weights alone would hide a wrongly scaled gradient) and, at the end, each of its parameters
+//! with its slice of the single-rank parameters.
 
 use std::sync::Arc;
 
-use origami_comm::{Communicator, SoloComm};
+use origami_comm::Communicator;
 use origami_parallel::{ParallelConfig, ParallelState};
 
 use super::{random_micro_batch, relative_error, two_layer_model, HarnessResult};
@@ -19,7 +20,8 @@ use crate::model::parallel::ModelParallel;
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
 use crate::params::Buffers;
-use crate::train::step::train_step;
+use crate::train::pipeline::stage_schedule;
+use crate::train::step::{train_step, StepGroups};
 
 /// One layout's training run to compare with one rank.
 #[derive(Clone, Debug)]
@@ -48,6 +50,12 @@ pub struct TrainingCase {
     pub bucket_elements: usize,
     /// Seed of parameters and data.
     pub seed: u64,
+    /// Layers of the first pipeline stage, when uneven.
+    pub first_stage_layers: Option<usize>,
+    /// Layers of the last pipeline stage, when uneven.
+    pub last_stage_layers: Option<usize>,
+    /// Interleaved schedule's micro-batch group size (default pp).
+    pub group_size: Option<usize>,
 }
 
 /// Largest discrepancies of one rank's run against the single-rank run.
@@ -97,7 +105,40 @@ impl TrainingCase {
             steps: 3,
             bucket_elements: 1000,
             seed: 5,
+            first_stage_layers: None,
+            last_stage_layers: None,
+            group_size: None,
         }
+    }
+
+    /// Along a pipeline of `pp` stages with `vpp` chunks each, on a model of `layers` layers
+    /// (the same widths; MoE on every layer but each third, `l % 3 == 2`, so stages and chunks
+    /// differ in what they hold).
+    pub fn pipeline(mut self, pp: usize, vpp: usize, layers: usize) -> Self {
+        self.parallel.pp = pp;
+        self.parallel.vpp = vpp;
+        self.model.num_layers = layers;
+        self.model.moe.layer_pattern = Some((0..layers).map(|l| u8::from(l % 3 != 2)).collect());
+        self
+    }
+
+    /// With the first and last stage holding these many layers.
+    pub fn stage_layers(mut self, first: Option<usize>, last: Option<usize>) -> Self {
+        self.first_stage_layers = first;
+        self.last_stage_layers = last;
+        self
+    }
+
+    /// With the output layer tied to the embedding table.
+    pub fn tied_embeddings(mut self) -> Self {
+        self.model.tie_embeddings = true;
+        self
+    }
+
+    /// With micro-batches of `sequences` sequences.
+    pub fn sequences_per_micro_batch(mut self, sequences: usize) -> Self {
+        self.micro_batch = sequences;
+        self
     }
 
     /// With the given dispatcher.
@@ -118,18 +159,31 @@ impl TrainingCase {
         self
     }
 
-    /// The case in one line, e.g. `TP2·CP1·DP2 | EP4·ETP1·EDP1, alltoall, p2p, dist-opt`.
+    /// The case in one line, e.g. `TP2·CP1·DP2·PP2 | EP4·ETP1·EDP1·PP2, VPP1, alltoall, p2p,
+    /// replicated optimizer`.
     pub fn describe(&self, world: usize) -> String {
         let p = &self.parallel;
         let etp = p.etp();
+        let stages = match (self.first_stage_layers, self.last_stage_layers) {
+            (None, None) => String::new(),
+            (first, last) => format!(" (stage layers {first:?} … {last:?})"),
+        };
         format!(
-            "TP{}·CP{}·DP{} | EP{}·ETP{}·EDP{}, {:?}, {:?}, {}",
+            "TP{}·CP{}·DP{}·PP{} | EP{}·ETP{}·EDP{}·PP{}, VPP{}{stages}{}, {:?}, {:?}, {}",
             p.tp,
             p.cp,
-            world / (p.tp * p.cp),
+            world / (p.tp * p.cp * p.pp),
+            p.pp,
             p.ep,
             etp,
-            world / (p.ep * etp),
+            world / (p.ep * etp * p.pp),
+            p.pp,
+            p.vpp,
+            if self.model.tie_embeddings {
+                ", tied"
+            } else {
+                ""
+            },
             self.model.moe.dispatcher,
             self.cp_comm_type,
             if self.distributed_optimizer {
@@ -172,7 +226,7 @@ pub fn training(
         false,
         case.bucket_elements,
     );
-    let solo: Arc<dyn Communicator> = SoloComm::shared(0);
+    let full_schedule = stage_schedule(&full, total, None)?;
     let (mut losses_ref, mut norms_ref) = (Vec::new(), Vec::new());
     for step in 0..case.steps {
         let batches: Vec<MicroBatch> = (0..total).map(|m| case.micro_batch(step, m)).collect();
@@ -182,8 +236,9 @@ pub fn training(
             &mut full_grads,
             &mut full_optimizer,
             &batches,
+            &full_schedule,
             total,
-            &solo,
+            &StepGroups::single(),
             case.lr,
         )?;
         losses_ref.push(outcome.loss as f32);
@@ -203,8 +258,10 @@ pub fn training(
     }
     let model = GptModel::new_parallel(
         case.model.clone(),
-        ModelParallel::from_state(&state, case.cp_comm_type),
+        ModelParallel::from_state(&state, case.cp_comm_type)
+            .with_stage_layers(case.first_stage_layers, case.last_stage_layers),
     )?;
+    let groups = StepGroups::from_state(&state, world.clone());
     let mut params = model.registry().shard_of(full.registry(), &initial);
     let mut first_grads = None;
     let mut grads = model.registry().zeros();
@@ -216,6 +273,7 @@ pub fn training(
         case.bucket_elements,
     );
     let per_rank = total / dp.size();
+    let schedule = stage_schedule(&model, per_rank, case.group_size)?;
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for step in 0..case.steps {
         let batches: Vec<MicroBatch> = (0..per_rank)
@@ -227,8 +285,9 @@ pub fn training(
             &mut grads,
             &mut optimizer,
             &batches,
+            &schedule,
             total,
-            dp.comm(),
+            &groups,
             case.lr,
         )?;
         losses.push(outcome.loss as f32);

@@ -92,6 +92,8 @@ pub struct ChunkLosses {
     pub cross_entropy: f64,
     /// Head only: counted positions among this rank's tokens.
     pub rows: usize,
+    /// Head only: counted positions of the whole micro-batch (over the context-parallel group).
+    pub counted: usize,
     /// Each MoE block's statistics, in block order.
     pub moe: Vec<MoeStats>,
 }
@@ -194,6 +196,7 @@ impl ModelChunk {
         };
         losses.cross_entropy = sums.cross_entropy / counted as f64;
         losses.rows = sums.rows;
+        losses.counted = counted;
         if let Some(d_normed) = d_normed {
             saved.head = Some(HeadSaved {
                 final_input: x,

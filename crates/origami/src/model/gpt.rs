@@ -314,6 +314,15 @@ impl GptModel {
             .collect()
     }
 
+    /// MoE layers of this rank's chunk `chunk`.
+    pub fn moe_layers_in_chunk(&self, chunk: usize) -> usize {
+        self.chunks[chunk]
+            .blocks
+            .iter()
+            .filter(|b| b.moe().is_some())
+            .count()
+    }
+
     /// Aux-loss-free balancing after a global batch: `loads[i]` are the tokens per expert of the
     /// whole model's i-th MoE layer (summed over the batch's micro-batches); each rank updates
     /// the layers it holds.

@@ -13,6 +13,7 @@ use crate::optim::adamw::AdamWConfig;
 use crate::optim::lr_schedule::LrSchedule;
 use anyhow::{bail, Context};
 use origami_parallel::ParallelConfig;
+use origami_schedule::{PipelineConfig, StageLayers};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -27,8 +28,20 @@ pub struct ParallelSection {
     pub tp: usize,
     /// Context-parallel size.
     pub cp: usize,
-    /// Pipeline-parallel size.
+    /// Pipeline-parallel size (shared by both mappings).
     pub pp: usize,
+    /// Model chunks per pipeline stage (virtual stages; > 1 runs the interleaved schedule).
+    pub vpp: usize,
+    /// Layers of the first pipeline stage, when the split is uneven (the stages without a
+    /// count share the rest evenly).
+    #[serde(default)]
+    pub pp_first_stage_layers: Option<usize>,
+    /// Layers of the last pipeline stage, when the split is uneven.
+    #[serde(default)]
+    pub pp_last_stage_layers: Option<usize>,
+    /// Interleaved schedule: micro-batches run on one chunk before the next (default pp).
+    #[serde(default)]
+    pub microbatch_group_size: Option<usize>,
     /// Expert-parallel size.
     pub ep: usize,
     /// Expert-tensor-parallel size (defaults to `tp`).
@@ -56,18 +69,35 @@ impl ParallelSection {
             tp: self.tp,
             cp: self.cp,
             pp: self.pp,
+            vpp: self.vpp,
             ep: self.ep,
             etp: self.etp,
             ..ParallelConfig::default()
         }
     }
 
+    /// The pipeline shape of one step with `micro_batches` micro-batches per pipeline.
+    pub fn pipeline(&self, micro_batches: usize) -> PipelineConfig {
+        PipelineConfig {
+            stages: self.pp,
+            chunks: self.vpp,
+            micro_batches,
+            group_size: self.microbatch_group_size,
+        }
+    }
+
     /// The two mappings in one line, e.g.
-    /// `world 4 | attention TP2 CP1 DP2 | MoE ETP1 EP4 EDP1`.
+    /// `world 4 | attention TP2 CP1 DP2 | MoE ETP1 EP4 EDP1`; with a pipeline both mappings
+    /// show its size, then the schedule, e.g. `… DP2 PP2 | MoE … EDP1 PP2 | pipeline VPP2`.
     pub fn describe(&self) -> String {
         let etp = self.etp.unwrap_or(self.tp);
-        format!(
-            "world {} | attention TP{} CP{} DP{} | MoE ETP{} EP{} EDP{}{}",
+        let pp = if self.pp > 1 {
+            format!(" PP{}", self.pp)
+        } else {
+            String::new()
+        };
+        let mut line = format!(
+            "world {} | attention TP{} CP{} DP{}{pp} | MoE ETP{} EP{} EDP{}{pp}",
             self.world,
             self.tp,
             self.cp,
@@ -75,12 +105,22 @@ impl ParallelSection {
             etp,
             self.ep,
             self.world / (etp * self.ep * self.pp).max(1),
-            if self.cp > 1 {
-                format!(" | cp_comm_type {:?}", self.cp_comm_type).to_lowercase()
-            } else {
-                String::new()
+        );
+        if self.pp > 1 {
+            line += &format!(" | pipeline VPP{}", self.vpp);
+            let count = |n: Option<usize>| n.map_or("even".to_string(), |n| n.to_string());
+            if self.pp_first_stage_layers.is_some() || self.pp_last_stage_layers.is_some() {
+                line += &format!(
+                    ", layers of the first stage {}, of the last {}",
+                    count(self.pp_first_stage_layers),
+                    count(self.pp_last_stage_layers)
+                );
             }
-        )
+        }
+        if self.cp > 1 {
+            line += &format!(" | cp_comm_type {:?}", self.cp_comm_type).to_lowercase();
+        }
+        line
     }
 }
 
@@ -202,12 +242,6 @@ impl RunConfig {
             );
         }
         let p = &self.parallel;
-        if p.pp != 1 {
-            bail!(
-                "parallel.pp = {}: pipeline parallelism is not available yet (set parallel.pp = 1)",
-                p.pp
-            );
-        }
         let layout = p
             .config()
             .layout(p.world)
@@ -228,6 +262,20 @@ impl RunConfig {
             );
         }
         sequence_split(t.seq_len, p.tp, p.cp).map_err(|e| anyhow::anyhow!("train.seq_len: {e}"))?;
+        StageLayers::new(
+            self.model.num_layers,
+            p.pp,
+            p.vpp,
+            p.pp_first_stage_layers,
+            p.pp_last_stage_layers,
+        )?;
+        let per_pipeline = t.global_batch / (t.micro_batch * dp);
+        p.pipeline(per_pipeline).validate().with_context(|| {
+            format!(
+                "{per_pipeline} micro-batches per pipeline (train.global_batch {} / (train.micro_batch {} × dp {dp}))",
+                t.global_batch, t.micro_batch
+            )
+        })?;
         if p.bucket_elements == 0 {
             bail!("parallel.bucket_elements must be positive");
         }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod consolidate;
 pub mod data;
 pub mod metrics;
+pub mod pipeline;
 pub mod plot;
 pub mod run;
 pub mod step;

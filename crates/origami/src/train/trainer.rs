@@ -13,7 +13,8 @@ use super::checkpoint::{self, TrainingState};
 use super::config::RunConfig;
 use super::consolidate::consolidate;
 use super::metrics::{load_imbalance, MetricsWriter, StepRecord};
-use super::step::train_step;
+use super::pipeline::{evaluate_pipeline, stage_schedule};
+use super::step::{train_step, StepGroups};
 use crate::bench::peak_gemm_gflops;
 use crate::model::flops::training_flops_per_token;
 use crate::model::gpt::{GptModel, MicroBatch};
@@ -104,27 +105,26 @@ fn micro_batch(
     })
 }
 
-/// Mean validation cross-entropy over `batches` fixed micro-batches of `valid`.
+/// Mean validation cross-entropy over `batches` fixed micro-batches of `valid` (through the
+/// pipeline when there is one; every data-parallel replica evaluates the same batches).
 pub fn evaluate(
     model: &GptModel,
     params: &Buffers,
     valid: &dyn SampleSource,
-    batches: usize,
-    micro: usize,
-    seq: usize,
+    (batches, micro, seq): (usize, usize, usize),
+    groups: &StepGroups,
 ) -> anyhow::Result<f64> {
     let vocab = model.config().vocab_size;
-    let mut total = 0.0;
-    let mut tokens = 0usize;
-    for b in 0..batches {
-        let report = model.loss(
-            params,
-            &micro_batch(valid, (b * micro) as u64, micro, seq, vocab)?,
-        );
-        total += report.cross_entropy * report.tokens as f64;
-        tokens += report.tokens;
+    let batches = (0..batches)
+        .map(|b| micro_batch(valid, (b * micro) as u64, micro, seq, vocab))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (total, tokens) = evaluate_pipeline(model, params, &batches, &groups.pipeline)?;
+    let (mut total, mut tokens) = ([total as f32], [tokens as u64]);
+    if groups.world.size() > 1 {
+        groups.world.all_reduce(&mut total, ReduceOp::Sum)?;
+        groups.world.all_reduce_u64(&mut tokens, ReduceOp::Sum)?;
     }
-    Ok(total / tokens.max(1) as f64)
+    Ok(total[0] as f64 / tokens[0].max(1) as f64)
 }
 
 /// Where the run's metrics JSONL goes: `--metrics-out`, else `checkpoint.dir/metrics.jsonl`.
@@ -184,8 +184,10 @@ pub fn train_on(
     let state = ParallelState::new(&p.config().layout(p.world)?, world.as_ref())?;
     let model = GptModel::new_parallel(
         config.model.clone(),
-        ModelParallel::from_state(&state, p.cp_comm_type),
+        ModelParallel::from_state(&state, p.cp_comm_type)
+            .with_stage_layers(p.pp_first_stage_layers, p.pp_last_stage_layers),
     )?;
+    let groups = StepGroups::from_state(&state, world.clone());
     let full_model = if p.world == 1 {
         model.clone()
     } else {
@@ -228,6 +230,7 @@ pub fn train_on(
     let micro_batches = t.global_batch / t.micro_batch;
     let dp = state.dp();
     let per_rank = micro_batches / dp.size();
+    let schedule = stage_schedule(&model, per_rank, p.microbatch_group_size)?;
     let tokens_per_step = t.global_batch * t.seq_len;
     let flops_per_token = training_flops_per_token(&config.model, t.seq_len);
     // The best GEMM rate seen so far: re-measured at each evaluation, so a start-up measurement
@@ -261,8 +264,9 @@ pub fn train_on(
             &mut grads,
             &mut optimizer,
             &batches,
+            &schedule,
             micro_batches,
-            dp.comm(),
+            &groups,
             lr,
         )?;
         step += 1;
@@ -278,9 +282,8 @@ pub fn train_on(
                 &model,
                 &params,
                 v,
-                t.eval_batches,
-                t.micro_batch,
-                t.seq_len,
+                (t.eval_batches, t.micro_batch, t.seq_len),
+                &groups,
             )?),
             _ => None,
         };
