@@ -63,6 +63,9 @@ pub struct TrainingCase {
 pub struct TrainingDiscrepancy {
     /// Step losses and gradient norms (each relative to the largest of its kind).
     pub losses: f64,
+    /// The tokens routed to each expert of each MoE layer, every step, as the step reports
+    /// them (the whole model's on every rank); infinite when the layer counts differ.
+    pub loads: f64,
     /// Reduced gradients of the first step, the largest over parameters of each one's
     /// relative error (with the replicated optimizer; the distributed one keeps only its part).
     pub grads: f64,
@@ -73,9 +76,9 @@ pub struct TrainingDiscrepancy {
 }
 
 impl TrainingDiscrepancy {
-    /// The largest of the three.
+    /// The largest of the four.
     pub fn max(&self) -> f64 {
-        self.losses.max(self.grads).max(self.params)
+        self.losses.max(self.loads).max(self.grads).max(self.params)
     }
 }
 
@@ -227,7 +230,7 @@ pub fn training(
         case.bucket_elements,
     );
     let full_schedule = stage_schedule(&full, total, None)?;
-    let (mut losses_ref, mut norms_ref) = (Vec::new(), Vec::new());
+    let (mut losses_ref, mut norms_ref, mut loads_ref) = (Vec::new(), Vec::new(), Vec::new());
     for step in 0..case.steps {
         let batches: Vec<MicroBatch> = (0..total).map(|m| case.micro_batch(step, m)).collect();
         let outcome = train_step(
@@ -243,6 +246,13 @@ pub fn training(
         )?;
         losses_ref.push(outcome.loss as f32);
         norms_ref.push(outcome.grad_norm as f32);
+        loads_ref.extend(
+            outcome
+                .tokens_per_expert
+                .iter()
+                .flatten()
+                .map(|&n| n as f32),
+        );
         first_grads_ref.get_or_insert_with(|| full_grads.clone());
     }
 
@@ -274,7 +284,7 @@ pub fn training(
     );
     let per_rank = total / dp.size();
     let schedule = stage_schedule(&model, per_rank, case.group_size)?;
-    let (mut losses, mut norms) = (Vec::new(), Vec::new());
+    let (mut losses, mut norms, mut loads) = (Vec::new(), Vec::new(), Vec::new());
     for step in 0..case.steps {
         let batches: Vec<MicroBatch> = (0..per_rank)
             .map(|j| case.micro_batch(step, dp.rank() * per_rank + j))
@@ -292,6 +302,13 @@ pub fn training(
         )?;
         losses.push(outcome.loss as f32);
         norms.push(outcome.grad_norm as f32);
+        loads.extend(
+            outcome
+                .tokens_per_expert
+                .iter()
+                .flatten()
+                .map(|&n| n as f32),
+        );
         first_grads.get_or_insert_with(|| grads.clone());
     }
     let registry = model.registry();
@@ -326,6 +343,11 @@ pub fn training(
     };
     Ok(TrainingDiscrepancy {
         losses: relative_error(&losses, &losses_ref).max(relative_error(&norms, &norms_ref)),
+        loads: if loads.len() == loads_ref.len() {
+            relative_error(&loads, &loads_ref)
+        } else {
+            f64::INFINITY
+        },
         grads: grads_error,
         params: params_error,
         worst_param,
