@@ -1,7 +1,9 @@
-//! Run by the folding MPI test under `mpirun`: K = 3 training steps of one folded layout against
-//! one rank, named by the arguments `TP CP EP ETP alltoall|allgather p2p|a2a replicated|distributed`
-//! (dp and edp follow from the number of processes); every rank prints its discrepancies and
-//! fails above 1e-4.
+//! Run by the folding and pipeline MPI tests under `mpirun`: K = 3 training steps of one folded
+//! layout against one rank, named by the arguments
+//! `TP CP EP ETP alltoall|allgather p2p|a2a replicated|distributed [PP VPP LAYERS SEQUENCES [tied]]`
+//! (dp and edp follow from the number of processes; the pipeline part gives its stages, chunks
+//! per stage, the model's layers, the sequences per micro-batch and whether the embedding is
+//! tied); every rank prints its discrepancies and fails above 1e-4.
 
 use origami::equivalence::training::{training, TrainingCase};
 use origami::layers::context_parallel::CpCommType;
@@ -9,11 +11,12 @@ use origami::layers::moe::config::DispatcherKind;
 
 const TOLERANCE: f64 = 1e-4;
 
-const USAGE: &str =
-    "usage: folding_mpi_check TP CP EP ETP alltoall|allgather p2p|a2a replicated|distributed";
+const USAGE: &str = "usage: folding_mpi_check TP CP EP ETP alltoall|allgather p2p|a2a replicated|distributed [PP VPP LAYERS SEQUENCES [tied]]";
 
 fn case(args: &[String]) -> Result<TrainingCase, String> {
-    let [tp, cp, ep, etp, dispatcher, exchange, optimizer] = args else {
+    let (Some([tp, cp, ep, etp, dispatcher, exchange, optimizer]), pipeline) =
+        (args.get(..7), args.get(7..))
+    else {
         return Err(USAGE.into());
     };
     let size = |name: &str, value: &String| -> Result<usize, String> {
@@ -34,7 +37,7 @@ fn case(args: &[String]) -> Result<TrainingCase, String> {
         "distributed" => true,
         other => return Err(format!("unknown optimizer {other:?}; {USAGE}")),
     };
-    Ok(TrainingCase::new(
+    let case = TrainingCase::new(
         size("TP", tp)?,
         size("CP", cp)?,
         size("EP", ep)?,
@@ -42,7 +45,21 @@ fn case(args: &[String]) -> Result<TrainingCase, String> {
     )
     .dispatcher(dispatcher)
     .cp_comm_type(exchange)
-    .distributed_optimizer(distributed))
+    .distributed_optimizer(distributed);
+    match pipeline.unwrap_or_default() {
+        [] => Ok(case),
+        [pp, vpp, layers, sequences, rest @ ..] => {
+            let case = case
+                .pipeline(size("PP", pp)?, size("VPP", vpp)?, size("LAYERS", layers)?)
+                .sequences_per_micro_batch(size("SEQUENCES", sequences)?);
+            match rest {
+                [] => Ok(case),
+                [tied] if tied == "tied" => Ok(case.tied_embeddings()),
+                _ => Err(USAGE.into()),
+            }
+        }
+        _ => Err(USAGE.into()),
+    }
 }
 
 fn main() -> Result<(), origami_comm::CommError> {
