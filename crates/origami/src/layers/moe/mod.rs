@@ -12,6 +12,7 @@ pub mod experts;
 pub mod parallel;
 pub mod permute;
 pub mod router;
+pub mod score;
 pub mod shared_expert;
 
 use std::sync::Mutex;
