@@ -217,7 +217,8 @@ fn set_expert_bias(registry: &ParamRegistry, params: &mut Buffers) {
     params.get_mut(id).copy_from_slice(&[0.3, -0.2, 0.0, 0.15]);
 }
 
-/// Tokens per expert under the plain top-k of the logits `x·Wᵀ` (no bias, no groups).
+/// Tokens per expert under the plain top-k of the logits `x·Wᵀ` (no bias, no groups), the
+/// counts the load-balancing loss uses.
 fn plain_top_k_loads(
     registry: &ParamRegistry,
     params: &Buffers,

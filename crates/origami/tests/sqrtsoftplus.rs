@@ -1,11 +1,13 @@
 //! The `sqrtsoftplus` score function, `s(x) = sqrt(ln(1 + e^x))`: routing weights normalised
 //! over the chosen experts (as sigmoid), expert bias and group-limited routing affecting only
-//! the choice, finite values and gradients for large |x|, and its config checks. Expected values are computed here in f64 from the formulas.
+//! the choice, balancing scores normalised over all experts, finite values and gradients for
+//! large |x|, and its config checks. Expected values are computed here in f64 from the formulas.
 
 use origami::layers::moe::balance::BalanceWeights;
 use origami::layers::moe::config::{MoeConfig, ScoreFunction};
 use origami::layers::moe::router::{AuxGradient, Router};
 use origami::layers::moe::score::ElementwiseScore;
+use origami::layers::moe::MoeLayer;
 use origami::params::init::initialise;
 use origami::params::{Buffers, ParamRegistry};
 use origami::train::config::RunConfig;
@@ -114,6 +116,50 @@ fn expert_bias_and_groups_change_the_choice_but_not_the_weights() {
     let sum = s(1.0) + s(-0.5);
     assert_close("weight of 1", routing.weights[0] as f64, s(-0.5) / sum);
     assert_close("weight of 0", routing.weights[1] as f64, s(1.0) / sum);
+}
+
+#[test]
+fn balancing_loss_uses_scores_normalised_over_all_experts_and_the_plain_top_k() {
+    // Two tokens, bias 0.8 on expert 1 and groups as above: both are routed to {1, 0}, while
+    // the plain top-2 of their balancing scores `a = s / Σ s` is {2, 0}.
+    let logits = [[1.0f32, -0.5, 2.0, 0.3], [0.5, -1.0, 1.5, 0.0]];
+    let coeff = 0.1;
+    let settings = MoeConfig {
+        num_groups: Some(2),
+        group_topk: Some(1),
+        expert_bias_update_rate: Some(0.01),
+        aux_loss_coeff: coeff as f32,
+        z_loss_coeff: 0.0,
+        ..settings()
+    };
+    let mut registry = ParamRegistry::default();
+    let layer = MoeLayer::new(&mut registry, "moe", E, &settings, 0.3, 0.3);
+    let mut params = initialise(&registry, 1);
+    identity_router(&registry, &mut params, "moe.router");
+    let bias = registry.find("moe.router.expert_bias").unwrap().id;
+    params.get_mut(bias).copy_from_slice(&[0.0, 0.8, 0.0, 0.0]);
+    let x: Vec<f32> = logits.iter().flatten().copied().collect();
+    let (_, _, stats) = layer.forward(&params, &x);
+    assert_eq!(
+        stats.tokens_per_expert,
+        [2, 2, 0, 0],
+        "both routed to {{1, 0}}"
+    );
+    let loads = [2.0, 0.0, 2.0, 0.0];
+    let mut p = [0.0; E];
+    for row in &logits {
+        let scores = row.map(|l| s(l as f64));
+        let sum: f64 = scores.iter().sum();
+        p.iter_mut().zip(scores).for_each(|(p, v)| *p += v / sum);
+    }
+    let (k, t) = (2.0, 2.0);
+    let expected =
+        coeff * E as f64 / (k * t * t) * p.iter().zip(loads).map(|(p, n)| p * n).sum::<f64>();
+    assert!(
+        (stats.losses.load_balancing - expected).abs() <= 1e-6 * expected,
+        "load-balancing loss {}, expected {expected}",
+        stats.losses.load_balancing
+    );
 }
 
 #[test]

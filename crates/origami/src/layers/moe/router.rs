@@ -11,8 +11,10 @@
 //!
 //! Load-balancing loss `coeff · E/(k·T²) · Σ_i P_i · N_i` with `P_i = Σ_t a[t,i]`, where the
 //! balancing scores `a` are the softmax over all experts (sigmoid and sqrtsoftplus: `s / Σ s`
-//! over all experts), and `N_i` tokens routed to expert i; its scope (which tokens `N` and `T`
-//! count) is set by [`super::balance`] weights.
+//! over all experts), and `N_i` the tokens whose plain top-k of `a` holds expert i. As in
+//! Megatron-Core, that top-k ignores the expert bias and the group limit, so `N_i` may differ
+//! from the tokens actually routed to i (which the expert-bias update counts). Its scope
+//! (which tokens `N` and `T` count) is set by [`super::balance`] weights.
 //! z-loss `coeff · mean_t(logsumexp(logits_t)²)` over the micro-batch.
 //! With group-limited routing the choice is restricted to each token's best groups of experts.
 
@@ -67,10 +69,19 @@ pub struct Router {
     settings: MoeConfig,
 }
 
-/// What the forward keeps for the backward.
+/// What the forward keeps for the backward, and the choices the load-balancing loss counts.
 pub struct RouterSaved {
     logits: Vec<f32>,
     balancing_scores: Vec<f32>,
+    balancing_choices: Vec<u32>,
+}
+
+impl RouterSaved {
+    /// Each token's plain top-k of its balancing scores, `[tokens, k]`, best first: the choices
+    /// whose counts `N_i` the load-balancing loss uses (empty when that loss is off).
+    pub fn balancing_choices(&self) -> &[u32] {
+        &self.balancing_choices
+    }
 }
 
 impl Router {
@@ -143,12 +154,19 @@ impl Router {
                 routing.tokens_per_expert[c as usize] += 1;
             }
         }
-        let balancing_scores = self.balancing_scores(&logits);
+        let (balancing_scores, balancing_choices) = if self.settings.aux_loss_coeff != 0.0 {
+            let scores = self.balancing_scores(&logits);
+            let choices = self.balancing_choices(&scores);
+            (scores, choices)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         (
             routing,
             RouterSaved {
                 logits,
                 balancing_scores,
+                balancing_choices,
             },
         )
     }
@@ -230,6 +248,18 @@ impl Router {
                 .cmp(&allowed[a])
                 .then(selection[b].total_cmp(&selection[a]))
         });
+    }
+
+    /// Each token's plain top-k of its balancing `scores` `[tokens, E]` (no bias, no groups).
+    fn balancing_choices(&self, scores: &[f32]) -> Vec<u32> {
+        let k = self.settings.topk;
+        let mut order: Vec<u32> = (0..self.experts as u32).collect();
+        let mut choices = Vec::with_capacity(scores.len() / self.experts.max(1) * k);
+        for row in scores.chunks(self.experts) {
+            top_k(&mut order, k, |a, b| row[b].total_cmp(&row[a]));
+            choices.extend_from_slice(&order[..k]);
+        }
+        choices
     }
 
     /// Which experts lie in the token's `used` best groups.
