@@ -1,6 +1,7 @@
 //! Checkpoints: a run stopped at step k and resumed matches an uninterrupted run bit for bit;
 //! corrupt or truncated checkpoint files are reported; a process killed while saving leaves
-//! the previous checkpoint loadable.
+//! the previous checkpoint loadable; a fresh run refuses an existing metrics file, which a
+//! resumed run appends to.
 
 use origami::equivalence::relative_error;
 use origami::layers::moe::config::MoeConfig;
@@ -117,6 +118,80 @@ fn stopped_and_resumed_run_is_bit_identical() {
         straight.params == second.params,
         "weights differ after resuming"
     );
+}
+
+#[test]
+fn a_fresh_run_refuses_an_existing_metrics_file_and_a_resumed_run_appends_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Synthetic { seq: 16 };
+    let run_dir = tmp.path().join("run");
+    let config = small_run(&run_dir, 4);
+    assert!(
+        config.parallel.world > 1,
+        "every rank must refuse, not only rank 0"
+    );
+    let existing = tmp.path().join("old-metrics.jsonl");
+    let old_text = "{\"step\": 1, \"loss\": 5.0}\n";
+    std::fs::write(&existing, old_text).unwrap();
+    let refused = train(
+        &config,
+        &data,
+        None,
+        &TrainOptions {
+            metrics_out: Some(existing.clone()),
+            ..TrainOptions::default()
+        },
+    );
+    let message = match refused {
+        Ok(_) => panic!("a fresh run appended to an existing metrics file"),
+        Err(error) => format!("{error:#}"),
+    };
+    for part in [
+        existing.display().to_string(),
+        "already exists".into(),
+        "delete it".into(),
+        "--metrics-out".into(),
+        "--resume".into(),
+    ] {
+        assert!(message.contains(&part), "{part:?} missing from: {message}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&existing).unwrap(),
+        old_text,
+        "the file is untouched"
+    );
+    assert!(
+        !checkpoint::has_checkpoints(&run_dir),
+        "nothing was trained before the refusal"
+    );
+
+    let metrics = tmp.path().join("metrics.jsonl");
+    let with_metrics = |resume: Option<std::path::PathBuf>, stop_after: Option<u64>| {
+        train(
+            &config,
+            &data,
+            None,
+            &TrainOptions {
+                resume,
+                stop_after,
+                metrics_out: Some(metrics.clone()),
+                ..TrainOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    with_metrics(None, Some(2));
+    with_metrics(Some(run_dir.clone()), None);
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4], "the resumed run appends its steps");
 }
 
 #[test]

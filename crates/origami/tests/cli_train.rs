@@ -1,6 +1,6 @@
 //! `origami train`, `generate` and `eval --checkpoint` end to end on the shipped Shakespeare
 //! slice with a very short run, and Ctrl-C: the run saves a checkpoint, says how to resume, and
-//! `--resume` continues it.
+//! `--resume` continues it. A fresh run refuses a `--metrics-out` file that exists.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -128,6 +128,34 @@ fn short_run_writes_outputs_and_its_checkpoint_generates_and_evaluates() {
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a run"));
+}
+
+#[test]
+fn a_fresh_run_refuses_an_existing_metrics_out_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metrics = tmp.path().join("metrics.jsonl");
+    std::fs::write(&metrics, "earlier run\n").unwrap();
+    let out = origami()
+        .arg("train")
+        .args(short_run(tmp.path(), 2))
+        .arg("--metrics-out")
+        .arg(&metrics)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the metrics file {} already exists",
+            metrics.display()
+        )) && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("step "),
+        "no step ran"
+    );
+    assert_eq!(std::fs::read_to_string(&metrics).unwrap(), "earlier run\n");
 }
 
 #[test]

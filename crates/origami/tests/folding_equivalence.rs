@@ -1,13 +1,14 @@
 //! K = 3 training steps of folded layouts — attention TP × CP × DP, MoE ETP × EP × EDP over the
 //! same ranks — against one rank (DESIGN.md §2): losses and gradient norms every step and every
 //! parameter's movement at the end within 1e-4, dropless routing with aux and z losses, for
-//! both dispatchers, both context-parallel exchanges and the distributed optimizer on and off.
+//! both dispatchers, both context-parallel exchanges and the distributed optimizer on and off;
+//! and sigmoid and sqrtsoftplus routers with expert bias and group-limited routing.
 
 use std::sync::Arc;
 
 use origami::equivalence::training::{training, TrainingCase};
 use origami::layers::context_parallel::CpCommType;
-use origami::layers::moe::config::DispatcherKind;
+use origami::layers::moe::config::{DispatcherKind, MoeConfig, ScoreFunction};
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
 
@@ -78,4 +79,30 @@ fn world_8() {
     check_layout(8, (2, 1), (4, 2));
     check_layout(8, (1, 4), (8, 1));
     check_layout(8, (2, 2), (2, 2));
+}
+
+#[test]
+fn expert_bias_and_groups_with_sigmoid_and_sqrtsoftplus() {
+    // The bias starts at zero and moves by 0.05 a step from the routed loads (summed over
+    // tp-dp-cp), so the later steps route with a bias that is not zero; the load-balancing loss
+    // counts the plain top-k throughout.
+    for score_function in [ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
+        for (world, (tp, cp), (ep, etp), dispatcher) in [
+            (4, (1, 1), (2, 1), DispatcherKind::Alltoall),
+            (4, (2, 1), (4, 1), DispatcherKind::Allgather),
+            (4, (1, 2), (2, 2), DispatcherKind::Alltoall),
+            (8, (2, 2), (8, 1), DispatcherKind::Allgather),
+        ] {
+            let mut case = TrainingCase::new(tp, cp, ep, etp).dispatcher(dispatcher);
+            case.model.moe = MoeConfig {
+                score_function,
+                topk_scaling_factor: Some(2.5),
+                num_groups: Some(4),
+                group_topk: Some(2),
+                expert_bias_update_rate: Some(0.05),
+                ..case.model.moe
+            };
+            check(world, case);
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Finite-difference gradient checks of every layer and of the whole model, over the router's
-//! score functions, the auxiliary losses, the (gated) shared expert, biases and tied embeddings.
+//! score functions, the auxiliary losses, expert bias and group-limited routing, the (gated)
+//! shared expert, biases and tied embeddings.
 
 use origami::layers::attention::{Attention, AttentionDims, Positions};
 use origami::layers::block::{Block, FeedForward};
@@ -37,7 +38,7 @@ fn check_layer(
         TOLERANCE,
         &format!("{what} input"),
     );
-    for info in registry.params() {
+    for info in registry.params().iter().filter(|p| p.trainable) {
         let mut perturbed = params.clone();
         check_gradient_with(
             params.get(info.id),
@@ -65,10 +66,10 @@ fn moe_settings(
         topk: 2,
         score_function,
         pre_softmax,
-        topk_scaling_factor: if score_function == ScoreFunction::Sigmoid {
-            Some(2.5)
-        } else {
+        topk_scaling_factor: if score_function == ScoreFunction::Softmax {
             None
+        } else {
+            Some(2.5)
         },
         aux_loss_coeff: 0.1,
         z_loss_coeff: 0.05,
@@ -148,9 +149,15 @@ fn dense_mlp() {
 
 /// MoE layer output probed, plus its auxiliary losses scaled by `loss_scale`.
 fn check_moe(what: &str, settings: MoeConfig) {
+    check_moe_with(what, settings, &|_, _| {});
+}
+
+/// [`check_moe`] with the parameters changed by `prepare` after initialisation.
+fn check_moe_with(what: &str, settings: MoeConfig, prepare: &dyn Fn(&ParamRegistry, &mut Buffers)) {
     let mut registry = ParamRegistry::default();
     let layer = MoeLayer::new(&mut registry, "moe", HIDDEN, &settings, 0.4, 0.4);
-    let params = initialise(&registry, 7);
+    let mut params = initialise(&registry, 7);
+    prepare(&registry, &mut params);
     let x = random_vec(BATCH * SEQ * HIDDEN, 8);
     let probe = random_vec(x.len(), 9);
     let loss_scale = 0.7;
@@ -194,6 +201,71 @@ fn moe_layer_sigmoid_with_scaling_and_ungated_shared_expert() {
         "moe sigmoid",
         moe_settings(ScoreFunction::Sigmoid, false, 10, false),
     );
+}
+
+#[test]
+fn moe_layer_sqrtsoftplus_with_scaling_and_ungated_shared_expert() {
+    check_moe(
+        "moe sqrtsoftplus",
+        moe_settings(ScoreFunction::SqrtSoftplus, false, 10, false),
+    );
+}
+
+/// Sets the router's expert bias of the layer `moe`.
+fn set_expert_bias(registry: &ParamRegistry, params: &mut Buffers) {
+    let id = registry.find("moe.router.expert_bias").unwrap().id;
+    params.get_mut(id).copy_from_slice(&[0.3, -0.2, 0.0, 0.15]);
+}
+
+/// Tokens per expert under the plain top-k of the logits `x·Wᵀ` (no bias, no groups), the
+/// counts the load-balancing loss uses.
+fn plain_top_k_loads(
+    registry: &ParamRegistry,
+    params: &Buffers,
+    x: &[f32],
+    topk: usize,
+) -> Vec<usize> {
+    let weight = params.get(registry.find("moe.router.weight").unwrap().id);
+    let experts = weight.len() / HIDDEN;
+    let mut loads = vec![0; experts];
+    for row in x.chunks(HIDDEN) {
+        let logits: Vec<f64> = weight
+            .chunks(HIDDEN)
+            .map(|w| w.iter().zip(row).map(|(a, b)| *a as f64 * *b as f64).sum())
+            .collect();
+        let mut order: Vec<usize> = (0..experts).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        order[..topk].iter().for_each(|&e| loads[e] += 1);
+    }
+    loads
+}
+
+#[test]
+fn moe_layer_with_expert_bias_and_groups_for_each_elementwise_score() {
+    for score_function in [ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
+        let settings = MoeConfig {
+            num_groups: Some(2),
+            group_topk: Some(1),
+            expert_bias_update_rate: Some(0.01),
+            ..moe_settings(score_function, false, 0, false)
+        };
+        let mut registry = ParamRegistry::default();
+        let layer = MoeLayer::new(&mut registry, "moe", HIDDEN, &settings, 0.4, 0.4);
+        let mut params = initialise(&registry, 7);
+        set_expert_bias(&registry, &mut params);
+        let x = random_vec(BATCH * SEQ * HIDDEN, 8);
+        let (_, _, stats) = layer.forward(&params, &x);
+        assert_ne!(
+            stats.tokens_per_expert,
+            plain_top_k_loads(&registry, &params, &x, settings.topk),
+            "{score_function:?}: the bias and groups must move some tokens off their plain top-k for this test to mean anything"
+        );
+        check_moe_with(
+            &format!("moe {score_function:?} bias groups"),
+            settings,
+            &set_expert_bias,
+        );
+    }
 }
 
 #[test]
@@ -356,8 +428,20 @@ fn small_model(
 }
 
 fn check_model(what: &str, config: ModelConfig) {
+    check_model_with(what, config, STEP, &|_, _| {});
+}
+
+/// [`check_model`] with finite-difference `step` and the parameters changed by `prepare` after
+/// initialisation.
+fn check_model_with(
+    what: &str,
+    config: ModelConfig,
+    step: f32,
+    prepare: &dyn Fn(&ParamRegistry, &mut Buffers),
+) {
     let model = GptModel::new(config).expect("valid config");
-    let params = model.init_params(13);
+    let mut params = model.init_params(13);
+    prepare(model.registry(), &mut params);
     let tokens: Vec<u32> = random_vec(BATCH * SEQ, 14)
         .iter()
         .map(|v| ((v + 1.0) * 12.0) as u32 % 24)
@@ -382,7 +466,7 @@ fn check_model(what: &str, config: ModelConfig) {
         (report.total() - forward_only.total()).abs() < 1e-5,
         "{what}: training and evaluation losses differ"
     );
-    for info in model.registry().params() {
+    for info in model.registry().params().iter().filter(|p| p.trainable) {
         let mut perturbed = params.clone();
         check_gradient_with(
             params.get(info.id),
@@ -391,7 +475,7 @@ fn check_model(what: &str, config: ModelConfig) {
                 perturbed.get_mut(info.id).copy_from_slice(v);
                 model.loss(&perturbed, &batch).total()
             },
-            STEP,
+            step,
             TOLERANCE,
             &format!("{what} {}", info.name),
         );
@@ -417,6 +501,47 @@ fn whole_model_qwen2_moe_style_dense_first_layer_tied() {
     check_model(
         "qwen2-moe-style",
         small_model(moe, true, true, Some(vec![0, 1])),
+    );
+}
+
+#[test]
+fn whole_model_with_expert_bias_and_groups_for_each_elementwise_score() {
+    // Group-limited routing switches a token's group where two groups score alike; the smaller
+    // step keeps every probe of this model on one side of such a switch.
+    let step = 5e-4;
+    let set_biases = |registry: &ParamRegistry, params: &mut Buffers| {
+        for layer in 0..2 {
+            let name = format!("layers.{layer}.moe.router.expert_bias");
+            let id = registry.find(&name).unwrap().id;
+            params.get_mut(id).copy_from_slice(&[0.1, -0.05, 0.0, 0.05]);
+        }
+    };
+    for score_function in [ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
+        let moe = MoeConfig {
+            num_groups: Some(2),
+            group_topk: Some(1),
+            expert_bias_update_rate: Some(0.01),
+            ..moe_settings(score_function, false, 0, false)
+        };
+        check_model_with(
+            &format!("{score_function:?} bias groups"),
+            small_model(moe, false, false, None),
+            step,
+            &set_biases,
+        );
+    }
+}
+
+#[test]
+fn whole_model_sqrtsoftplus_router() {
+    check_model(
+        "sqrtsoftplus",
+        small_model(
+            moe_settings(ScoreFunction::SqrtSoftplus, false, 0, false),
+            false,
+            false,
+            None,
+        ),
     );
 }
 

@@ -1,20 +1,22 @@
 //! MoE across expert ranks on the local backend, against one rank holding everything
 //! (DESIGN.md §2): the layer and a whole small model over EP ∈ {2, 4, 8} × ETP ∈ {1, 2} × both
-//! dispatchers; ranks without tokens; every token on one expert; token dropping across ranks;
-//! the dispatch round trip; and the errors for sizes that do not split.
+//! dispatchers; ranks without tokens; every token on one expert; sigmoid and sqrtsoftplus
+//! routing with expert bias and groups at every load-balancing scope; token dropping across
+//! ranks; the dispatch round trip; and the errors for sizes that do not split.
 
 use std::sync::Arc;
 
 use origami::equivalence::{self, relative_error, Discrepancy, ModelCase, MoeLayerCase};
-use origami::layers::moe::config::{AuxLossScope, DispatcherKind, MoeConfig};
+use origami::layers::moe::config::{AuxLossScope, DispatcherKind, MoeConfig, ScoreFunction};
 use origami::layers::moe::dispatch::alltoall::AllToAllPlan;
 use origami::layers::moe::parallel::MoeParallel;
 use origami::layers::moe::permute::{permute, permute_backward, unpermute, Permutation};
-use origami::layers::moe::router::Routing;
+use origami::layers::moe::router::{Router, Routing};
 use origami::layers::moe::MoeLayer;
 use origami::model::config::ModelConfigError;
 use origami::model::gpt::GptModel;
 use origami::model::parallel::ModelParallel;
+use origami::params::init::initialise;
 use origami::params::ParamRegistry;
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
@@ -110,6 +112,115 @@ fn sigmoid_routing_with_groups_and_scaling_matches_one_rank() {
             &format!("sigmoid, groups, {dispatcher:?}"),
             &run_layer(&case),
         );
+    }
+}
+
+/// An expert bias of the 8 experts that moves some tokens away from their plain top-k.
+const EXPERT_BIAS: [f32; 8] = [0.2, -0.1, 0.05, 0.0, -0.15, 0.1, 0.0, 0.25];
+
+/// `settings` routed by `score_function` with expert bias, 4 groups of which each token uses
+/// 2, and a scaling factor.
+fn biased_grouped(settings: MoeConfig, score_function: ScoreFunction) -> MoeConfig {
+    MoeConfig {
+        score_function,
+        topk_scaling_factor: Some(2.5),
+        num_groups: Some(4),
+        group_topk: Some(2),
+        expert_bias_update_rate: Some(0.01),
+        ..settings
+    }
+}
+
+/// Tokens of `case` (its reference's input, the router initialised as the harness does) whose
+/// routed experts differ from the plain top-k that the load-balancing loss counts.
+fn deflected_tokens(case: &MoeLayerCase) -> usize {
+    let mut registry = ParamRegistry::default();
+    let router = Router::new(
+        &mut registry,
+        "moe.router",
+        case.hidden,
+        &case.settings,
+        0.4,
+    );
+    let mut params = initialise(&registry, case.seed);
+    if let Some(bias) = &case.expert_bias {
+        let id = registry.find("moe.router.expert_bias").unwrap().id;
+        params.get_mut(id).copy_from_slice(bias);
+    }
+    let total: usize = case.tokens_per_rank.iter().sum();
+    let x = random_vec(total * case.hidden, case.seed + 1);
+    let (routing, saved) = router.forward(&params, &x);
+    let k = case.settings.topk;
+    let sorted = |choices: &[u32]| {
+        let mut c = choices.to_vec();
+        c.sort();
+        c
+    };
+    routing
+        .experts
+        .chunks(k)
+        .zip(saved.balancing_choices().chunks(k))
+        .filter(|(routed, plain)| sorted(routed) != sorted(plain))
+        .count()
+}
+
+#[test]
+fn biased_grouped_routing_matches_one_rank_at_every_scope() {
+    // Sigmoid and sqrtsoftplus routers with expert bias and groups: tokens go to their biased,
+    // group-limited choices while the load-balancing loss counts the plain top-k, over ranks
+    // that share the micro-batch (and, at the sequence scope, three sequences split over them).
+    for score_function in [ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
+        for scope in [AuxLossScope::MicroBatch, AuxLossScope::Sequence] {
+            for (ep, etp) in [(2, 2), (4, 1)] {
+                for dispatcher in DISPATCHERS {
+                    let mut case = MoeLayerCase::new(ep, etp, dispatcher);
+                    case.settings = biased_grouped(case.settings, score_function);
+                    case.settings.aux_loss_scope = scope;
+                    case.expert_bias = Some(EXPERT_BIAS.to_vec());
+                    if scope == AuxLossScope::Sequence {
+                        case.sequences = 3;
+                    }
+                    let what =
+                        format!("{score_function:?} {scope:?} ep {ep} etp {etp} {dispatcher:?}");
+                    assert!(
+                        deflected_tokens(&case) > 0,
+                        "{what}: the bias and groups must move some token off its plain top-k"
+                    );
+                    assert_equivalent(&what, &run_layer(&case));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn biased_grouped_routing_in_a_whole_model_matches_one_rank_at_every_scope() {
+    // With data parallelism (world 4, ep 2: edp 2) the global-batch loads are summed over every
+    // rank of the batch; micro-batch and sequence loads over each rank's own micro-batch.
+    for score_function in [ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
+        for scope in [
+            AuxLossScope::MicroBatch,
+            AuxLossScope::Sequence,
+            AuxLossScope::GlobalBatch,
+        ] {
+            for (ep, etp, world) in [(2, 2, 4), (2, 1, 4)] {
+                for dispatcher in DISPATCHERS {
+                    let mut case = ModelCase::new(ep, etp, dispatcher);
+                    case.model.moe = biased_grouped(case.model.moe, score_function);
+                    case.model.moe.aux_loss_scope = scope;
+                    case.expert_bias = Some(EXPERT_BIAS.to_vec());
+                    let results = LocalWorld::new(world)
+                        .run(|w| equivalence::model(&w, &case))
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    assert_equivalent(
+                        &format!(
+                            "{score_function:?} {scope:?}, world {world}, ep {ep} etp {etp} {dispatcher:?}"
+                        ),
+                        &results,
+                    );
+                }
+            }
+        }
     }
 }
 

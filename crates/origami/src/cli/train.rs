@@ -28,7 +28,8 @@ pub struct TrainArgs {
     /// Continue from a checkpoint or run directory (its config is used unless --config is given).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Metrics JSONL file (default: checkpoint.dir/metrics.jsonl).
+    /// Metrics JSONL file (default: checkpoint.dir/metrics.jsonl); a fresh run refuses one that
+    /// exists, a resumed run appends to it.
     #[arg(long)]
     pub metrics_out: Option<PathBuf>,
 }

@@ -93,6 +93,8 @@ pub struct MoeLayerCase {
     /// Make every token choose this expert first (a large router weight on a constant input
     /// feature).
     pub all_to_expert: Option<usize>,
+    /// The router's expert bias (with `settings.expert_bias_update_rate`; zero when absent).
+    pub expert_bias: Option<Vec<f32>>,
     /// Seed of parameters and inputs.
     pub seed: u64,
 }
@@ -119,6 +121,7 @@ impl MoeLayerCase {
             tokens_per_rank: vec![6; ep * etp],
             sequences: 1,
             all_to_expert: None,
+            expert_bias: None,
             seed: 7,
         }
     }
@@ -202,6 +205,9 @@ pub fn moe_layer(world: &Arc<dyn Communicator>, case: &MoeLayerCase) -> HarnessR
             .expect("router weight");
         full_params.get_mut(router.id)[expert * h] = 40.0;
     }
+    if let Some(bias) = &case.expert_bias {
+        set_expert_biases(&full_registry, &mut full_params, bias);
+    }
     let dy = random_vec(total * h, case.seed + 2);
     let (y_ref, saved, stats_ref) = full.forward_batch(&full_params, &x, case.sequences);
     let mut grads_ref = full_registry.zeros();
@@ -250,6 +256,15 @@ pub fn moe_layer(world: &Arc<dyn Communicator>, case: &MoeLayerCase) -> HarnessR
     })
 }
 
+/// Sets every router's expert bias in `params` (parameters named `….router.expert_bias`).
+fn set_expert_biases(registry: &ParamRegistry, params: &mut Buffers, bias: &[f32]) {
+    for info in registry.params() {
+        if info.name.ends_with(".router.expert_bias") {
+            params.get_mut(info.id).copy_from_slice(bias);
+        }
+    }
+}
+
 /// Largest relative error over parameters of `grads` (this rank's, replicated ones already
 /// reduced) against the matching slices of the single-rank `grads_ref`.
 fn parameter_gradients(
@@ -281,6 +296,8 @@ pub struct ModelCase {
     pub batch: usize,
     /// Tokens per sequence.
     pub seq: usize,
+    /// Every router's expert bias (with `model.moe.expert_bias_update_rate`; zero when absent).
+    pub expert_bias: Option<Vec<f32>>,
     /// Seed of parameters and data.
     pub seed: u64,
 }
@@ -297,6 +314,7 @@ impl ModelCase {
             model,
             batch: 2,
             seq: 8,
+            expert_bias: None,
             seed: 11,
         }
     }
@@ -373,7 +391,10 @@ pub(crate) fn random_micro_batch(
 pub fn model(world: &Arc<dyn Communicator>, case: &ModelCase) -> HarnessResult<Discrepancy> {
     let ranks = world.size();
     let full = GptModel::new(case.model.clone())?;
-    let full_params = full.init_params(case.seed);
+    let mut full_params = full.init_params(case.seed);
+    if let Some(bias) = &case.expert_bias {
+        set_expert_biases(full.registry(), &mut full_params, bias);
+    }
     let mut grads_ref = full.registry().zeros();
     let whole_batch = case.model.moe.aux_loss_scope == AuxLossScope::GlobalBatch;
     let loss_ref = if whole_batch {

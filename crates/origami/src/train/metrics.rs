@@ -1,9 +1,10 @@
 //! Per-step metrics: the record kept for the JSONL file and the plot, and the one-line log.
 
 use crate::layers::moe::MoeStats;
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Everything logged about one optimizer step.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -94,21 +95,51 @@ impl StepRecord {
     }
 }
 
-/// Appends step records to a JSONL file, one object per line.
+/// A fresh run was pointed at a metrics file that already exists (it is left untouched).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("the metrics file {} already exists, and a fresh run does not append to another run's metrics: delete it, choose another file with `--metrics-out FILE`, or continue the run it belongs to with `--resume`", path.display())]
+pub struct MetricsFileExists {
+    /// The metrics file.
+    pub path: PathBuf,
+}
+
+/// Whether something (a file, a directory, even a dangling link) is at `path`, so that a fresh
+/// run must not write its metrics there.
+pub fn metrics_file_exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
+/// Writes step records to a JSONL file, one object per line.
 pub struct MetricsWriter {
     file: std::fs::File,
 }
 
 impl MetricsWriter {
-    /// Opens `path` for appending (a resumed run continues the same file).
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
+    /// Creates `path` for a fresh run, refusing with [`MetricsFileExists`] if it already exists.
+    pub fn create(path: &Path) -> anyhow::Result<Self> {
+        create_parent(path)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|error| match error.kind() {
+                std::io::ErrorKind::AlreadyExists => anyhow::Error::new(MetricsFileExists {
+                    path: path.to_path_buf(),
+                }),
+                _ => anyhow::Error::new(error)
+                    .context(format!("creating the metrics file {}", path.display())),
+            })?;
+        Ok(MetricsWriter { file })
+    }
+
+    /// Opens `path` for appending, creating it if needed (a resumed run continues its file).
+    pub fn append(path: &Path) -> anyhow::Result<Self> {
+        create_parent(path)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)?;
+            .open(path)
+            .with_context(|| format!("opening the metrics file {}", path.display()))?;
         Ok(MetricsWriter { file })
     }
 
@@ -119,13 +150,10 @@ impl MetricsWriter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn imbalance_is_max_over_mean_of_the_worst_layer() {
-        assert_eq!(load_imbalance(&[vec![2, 2, 2, 2], vec![4, 2, 1, 1]]), 2.0);
-        assert_eq!(load_imbalance(&[]), 1.0);
+fn create_parent(path: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the directory {}", parent.display()))?;
     }
+    Ok(())
 }

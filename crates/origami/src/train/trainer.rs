@@ -12,7 +12,9 @@
 use super::checkpoint::{self, TrainingState};
 use super::config::RunConfig;
 use super::consolidate::consolidate;
-use super::metrics::{load_imbalance, MetricsWriter, StepRecord};
+use super::metrics::{
+    load_imbalance, metrics_file_exists, MetricsFileExists, MetricsWriter, StepRecord,
+};
 use super::pipeline::{evaluate_pipeline, stage_schedule};
 use super::step::{train_step, StepGroups};
 use crate::bench::peak_gemm_gflops;
@@ -50,7 +52,8 @@ pub trait SampleSource: Sync {
 pub struct TrainOptions {
     /// Checkpoint (or run directory) to continue from.
     pub resume: Option<PathBuf>,
-    /// Metrics JSONL path (default: `checkpoint.dir/metrics.jsonl`).
+    /// Metrics JSONL path (default: `checkpoint.dir/metrics.jsonl`). A fresh run refuses a file
+    /// that exists; a resumed run appends to it.
     pub metrics_out: Option<PathBuf>,
     /// Show a progress bar and print a log line per step.
     pub verbose: bool,
@@ -201,6 +204,7 @@ pub fn train_on(
         p.distributed_optimizer,
         p.bucket_elements,
     );
+    let metrics_file = metrics_path(config, options);
     let (mut params, mut step) = match &options.resume {
         Some(path) => {
             let dir = checkpoint::resolve(path)?;
@@ -217,15 +221,19 @@ pub fn train_on(
                 "checkpoint.dir {} already holds a run: continue it with `--resume {0}`, start over by deleting {0}, or choose another directory with `--set checkpoint.dir=DIR`",
                 config.checkpoint.dir.display()
             );
+            // Rank 0 writes the file, so it looks; every rank fails together.
+            if agree(&world, leader && metrics_file_exists(&metrics_file))? {
+                return Err(MetricsFileExists { path: metrics_file }.into());
+            }
             (model.init_params(t.seed), 0)
         }
     };
     world.barrier()?;
     let run_dir = config.checkpoint.dir.clone();
-    let mut metrics = if leader {
-        Some(MetricsWriter::open(&metrics_path(config, options))?)
-    } else {
-        None
+    let mut metrics = match (leader, &options.resume) {
+        (false, _) => None,
+        (true, Some(_)) => Some(MetricsWriter::append(&metrics_file)?),
+        (true, None) => Some(MetricsWriter::create(&metrics_file)?),
     };
     let micro_batches = t.global_batch / t.micro_batch;
     let dp = state.dp();

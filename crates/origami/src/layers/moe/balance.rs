@@ -11,6 +11,9 @@
 //! - sequence: the same per sequence, each sequence's loss divided by the number of sequences;
 //! - global batch: `f_i` from counts summed over the batch group (tp-dp-cp) and over the step's
 //!   micro-batches so far, `T` the micro-batch's tokens over the sequence group.
+//!
+//! The counts are of the router's plain top-k of the balancing scores (without expert bias or
+//! group limit, as Megatron-Core), not of the experts the tokens were dispatched to.
 
 use crate::layers::stored::Stored;
 use std::ops::Range;
@@ -42,30 +45,36 @@ pub struct BalanceSettings<'a> {
     pub scope: AuxLossScope,
     /// `coeff · E / k`.
     pub factor: f64,
-    /// The ranks sharing this micro-batch's sequences.
+    /// Experts (E).
+    pub experts: usize,
+    /// Choices per token (k).
+    pub topk: usize,
+    /// The ranks sharing this micro-batch's sequences (tp-cp).
     pub sequence_group: &'a dyn Communicator,
+    /// The ranks sharing the global batch (tp-dp-cp).
+    pub batch_group: &'a dyn Communicator,
 }
 
-/// Local tokens per expert of `experts` (slot `t·k + j` chose `chosen[t·k + j]`), for the tokens
-/// `range`.
-fn loads(chosen: &[u32], topk: usize, experts: usize, range: Range<usize>) -> Vec<u64> {
-    let mut counts = vec![0u64; experts];
-    for &e in &chosen[range.start * topk..range.end * topk] {
+/// Local tokens per expert among the tokens `range` (token t chose `chosen[t·k..(t+1)·k]`).
+fn loads(settings: &BalanceSettings, chosen: &[u32], range: Range<usize>) -> Vec<u64> {
+    let k = settings.topk;
+    let mut counts = vec![0u64; settings.experts];
+    for &e in &chosen[range.start * k..range.end * k] {
         counts[e as usize] += 1;
     }
     counts
 }
 
-/// The micro-batch or per-sequence weights: `sequences` runs of equal length over the local
-/// tokens (one run for the micro-batch scope), loads summed over the sequence group.
+/// The micro-batch or per-sequence weights from each local token's `chosen` experts:
+/// `sequences` runs of equal length over the `tokens` local tokens (one run for the
+/// micro-batch scope), loads summed over the sequence group.
 pub fn local_scope_weights(
     settings: &BalanceSettings,
     chosen: &[u32],
-    topk: usize,
-    experts: usize,
     tokens: usize,
     sequences: usize,
 ) -> BalanceWeights {
+    let experts = settings.experts;
     let runs = match settings.scope {
         AuxLossScope::Sequence => sequences.max(1),
         _ => 1,
@@ -73,12 +82,7 @@ pub fn local_scope_weights(
     let per_run = tokens / runs;
     let mut counts = Vec::with_capacity(runs * (experts + 1));
     for run in 0..runs {
-        counts.extend(loads(
-            chosen,
-            topk,
-            experts,
-            run * per_run..(run + 1) * per_run,
-        ));
+        counts.extend(loads(settings, chosen, run * per_run..(run + 1) * per_run));
         counts.push(per_run as u64);
     }
     comm_ok(
@@ -100,14 +104,27 @@ pub fn local_scope_weights(
     BalanceWeights { segments }
 }
 
-/// The global-batch weights from the running loads and `micro_batch_tokens`, the micro-batch's
-/// tokens over the sequence group.
+/// The global-batch weights: adds this micro-batch's loads of the local tokens' `chosen`
+/// experts, summed over the batch group, to the `running` loads of the step, then weighs with
+/// them; `tokens` are this rank's and the micro-batch's over the sequence group.
 pub fn global_scope_weights(
     settings: &BalanceSettings,
-    running: &RunningLoad,
-    tokens: usize,
-    micro_batch_tokens: usize,
+    running: &mut RunningLoad,
+    chosen: &[u32],
+    (tokens, micro_batch_tokens): (usize, usize),
 ) -> BalanceWeights {
+    let mut counts = loads(settings, chosen, 0..tokens);
+    counts.push(tokens as u64);
+    comm_ok(
+        settings
+            .batch_group
+            .all_reduce_u64(&mut counts, ReduceOp::Sum),
+    );
+    running.tokens_per_expert.resize(settings.experts, 0);
+    for (sum, &n) in running.tokens_per_expert.iter_mut().zip(&counts) {
+        *sum += n;
+    }
+    running.tokens += counts[settings.experts];
     let denominator = running.tokens.max(1) as f64 * micro_batch_tokens.max(1) as f64;
     let weights = running
         .tokens_per_expert

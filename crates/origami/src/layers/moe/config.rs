@@ -10,6 +10,8 @@ pub enum ScoreFunction {
     Softmax,
     /// Sigmoid of each logit, normalised over the chosen k.
     Sigmoid,
+    /// `sqrt(softplus(logit))` of each logit, normalised over the chosen k (as sigmoid).
+    SqrtSoftplus,
 }
 
 /// Mixture-of-Experts settings of a model.
@@ -42,9 +44,10 @@ pub struct MoeConfig {
     pub shared_expert_ffn_hidden_size: usize,
     /// Whether the shared expert's output is scaled by `sigmoid(x·w_gate)` (Qwen2-MoE).
     pub shared_expert_gate: bool,
-    /// Aux-loss-free balancing: a per-expert bias added to the sigmoid scores for the choice of
-    /// experts only (not the weights), updated once per global batch by
-    /// `bias += rate · sign(mean(load) − load)`. Absent: no bias. Needs `score_function = "sigmoid"`.
+    /// Aux-loss-free balancing: a per-expert bias added to the elementwise scores for the choice
+    /// of experts only (not the weights), updated once per global batch by
+    /// `bias += rate · sign(mean(load) − load)` from the experts chosen. Absent: no bias. Needs
+    /// `score_function = "sigmoid"` or `"sqrtsoftplus"`.
     pub expert_bias_update_rate: Option<f32>,
     /// Group-limited routing: experts form this many equal groups, and each token's top-k is
     /// taken inside its best `group_topk` groups (DeepSeek-style). Absent: no groups.
@@ -144,9 +147,9 @@ pub enum MoeConfigError {
         /// Experts.
         experts: usize,
     },
-    /// Expert bias asked for with a score function it does not apply to.
-    #[error("model.moe.expert_bias_update_rate needs model.moe.score_function = \"sigmoid\" (got \"softmax\")")]
-    ExpertBiasNeedsSigmoid,
+    /// Expert bias asked for with the softmax score function, which it does not apply to.
+    #[error("model.moe.expert_bias_update_rate needs model.moe.score_function = \"sigmoid\" or \"sqrtsoftplus\" (got \"softmax\")")]
+    ExpertBiasWithSoftmax,
     /// Group-limited routing settings that do not fit together.
     #[error("group-limited routing: {0}")]
     BadGroups(String),
@@ -177,7 +180,7 @@ impl MoeConfig {
         }
         self.validate_groups()?;
         if self.expert_bias_update_rate.is_some() && self.score_function == ScoreFunction::Softmax {
-            return Err(MoeConfigError::ExpertBiasNeedsSigmoid);
+            return Err(MoeConfigError::ExpertBiasWithSoftmax);
         }
         if let Some(factor) = self
             .capacity_factor

@@ -12,6 +12,7 @@ pub mod experts;
 pub mod parallel;
 pub mod permute;
 pub mod router;
+pub mod score;
 pub mod shared_expert;
 
 use crate::layers::stored::Stored;
@@ -32,8 +33,9 @@ use shared_expert::{SharedExpert, SharedExpertSaved};
 
 pub(crate) use crate::layers::comm_ok;
 
-/// Per-layer statistics of one micro-batch, for logging and the expert-load plot. Counts are
-/// global: summed over the ranks that hold the rest of the batch (tp-dp-cp).
+/// Per-layer statistics of one micro-batch, for logging, the expert-load plot and the
+/// expert-bias update. Counts are of the experts actually chosen (not the load-balancing loss's
+/// plain top-k) and global: summed over the ranks that hold the rest of the batch (tp-dp-cp).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MoeStats {
     /// This rank's part of the auxiliary losses (with their coefficients); the parts of the
@@ -245,44 +247,39 @@ impl MoeLayer {
         }
     }
 
-    /// The load-balancing weights of this micro-batch under the configured scope; `tokens`
-    /// are this rank's and the whole micro-batch's (over the sequence group).
+    /// The load-balancing weights of this micro-batch under the configured scope, from the
+    /// router's plain top-k `choices` (`[tokens, topk]`); `tokens` are this rank's and the whole
+    /// micro-batch's (over the sequence group).
     fn balance(
         &self,
-        routing: &Routing,
-        stats: &MoeStats,
+        choices: &[u32],
+        topk: usize,
         (tokens, micro_batch_tokens): (usize, usize),
         sequences: usize,
     ) -> BalanceWeights {
         let settings = BalanceSettings {
             scope: self.scope,
             factor: self.router.balancing_factor(),
+            experts: self.num_experts,
+            topk,
             sequence_group: self.parallel.sequence.as_ref(),
+            batch_group: self.parallel.batch.as_ref(),
         };
         if settings.factor == 0.0 {
             return BalanceWeights::default();
         }
         match self.scope {
-            AuxLossScope::MicroBatch | AuxLossScope::Sequence => balance::local_scope_weights(
-                &settings,
-                &routing.experts,
-                routing.topk,
-                self.num_experts,
-                tokens,
-                sequences,
-            ),
+            AuxLossScope::MicroBatch | AuxLossScope::Sequence => {
+                balance::local_scope_weights(&settings, choices, tokens, sequences)
+            }
             AuxLossScope::GlobalBatch => {
                 let mut running = self.step_load.0.lock().expect("step load lock");
-                running.tokens_per_expert.resize(self.num_experts, 0);
-                for (sum, &n) in running
-                    .tokens_per_expert
-                    .iter_mut()
-                    .zip(&stats.tokens_per_expert)
-                {
-                    *sum += n as u64;
-                }
-                running.tokens += stats.tokens as u64;
-                balance::global_scope_weights(&settings, &running, tokens, micro_batch_tokens)
+                balance::global_scope_weights(
+                    &settings,
+                    &mut running,
+                    choices,
+                    (tokens, micro_batch_tokens),
+                )
             }
         }
     }
@@ -313,7 +310,12 @@ impl MoeLayer {
                 .all_reduce_u64(&mut micro_batch_tokens, ReduceOp::Sum),
         );
         let z_tokens = micro_batch_tokens[0] as usize;
-        let balance = self.balance(&routing, &stats, (tokens, z_tokens), sequences);
+        let balance = self.balance(
+            router_saved.balancing_choices(),
+            routing.topk,
+            (tokens, z_tokens),
+            sequences,
+        );
         stats.losses = self.router.losses(&router_saved, &balance, z_tokens);
         let (mut y, route, forward_times) = dispatch::forward(
             self.dispatcher,

@@ -1,20 +1,28 @@
 //! The MoE router: `logits = x·Wᵀ` (f32), top-k expert choice, routing weights, and the
 //! load-balancing and z losses (DESIGN.md §1, "Router").
 //!
-//! Routing weights of token t for its chosen experts C (top-k of the logits; softmax and sigmoid
-//! are monotone, so every mode chooses the same experts), times the optional scaling factor:
+//! Routing weights of token t for its chosen experts C (top-k of the logits; softmax, sigmoid
+//! and sqrtsoftplus are monotone, so without an expert bias every mode chooses the same
+//! experts), times the optional scaling factor:
 //! - softmax: `softmax(logits[C])` (equal to softmax-then-top-k renormalised);
 //! - softmax, `pre_softmax`: `softmax(logits)[C]`, not renormalised;
-//! - sigmoid: `σ(logits[C]) / Σ_C σ` when k > 1, else `σ(logits[C])`.
+//! - sigmoid and sqrtsoftplus, with `s = σ` or `s = sqrt∘softplus` ([`super::score`]):
+//!   `s(logits[C]) / (Σ_C s + ε)` when k > 1, else `s(logits[C])`.
 //!
-//! Load-balancing loss `coeff · E/(k·T²) · Σ_i P_i · N_i` with `P_i = Σ_t a[t,i]` where `a` is the
-//! softmax over all experts (sigmoid: `σ / Σ σ` over all), `N_i` tokens routed to expert i; its
-//! scope (which tokens `N` and `T` count) is set by [`super::balance`] weights.
+//! Load-balancing loss `coeff · E/(k·T²) · Σ_i P_i · N_i` with `P_i = Σ_t a[t,i]`, where the
+//! balancing scores `a` are the softmax over all experts (sigmoid and sqrtsoftplus: `s / Σ s`
+//! over all experts), and `N_i` the tokens whose plain top-k of `a` holds expert i. As in
+//! Megatron-Core, that top-k ignores the expert bias and the group limit, so `N_i` may differ
+//! from the tokens actually routed to i (which the expert-bias update counts). Its scope
+//! (which tokens `N` and `T` count) is set by [`super::balance`] weights.
 //! z-loss `coeff · mean_t(logsumexp(logits_t)²)` over the micro-batch.
 //! With group-limited routing the choice is restricted to each token's best groups of experts.
 
+use std::cmp::Ordering;
+
 use super::balance::BalanceWeights;
-use crate::layers::moe::config::{MoeConfig, ScoreFunction};
+use super::score::{ElementwiseScore, NORMALISATION_EPS};
+use crate::layers::moe::config::MoeConfig;
 use crate::layers::stored::Stored;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
@@ -62,10 +70,19 @@ pub struct Router {
     settings: MoeConfig,
 }
 
-/// What the forward keeps for the backward.
+/// What the forward keeps for the backward, and the choices the load-balancing loss counts.
 pub struct RouterSaved {
     logits: Vec<f32>,
     balancing_scores: Vec<f32>,
+    balancing_choices: Vec<u32>,
+}
+
+impl RouterSaved {
+    /// Each token's plain top-k of its balancing scores, `[tokens, k]`, best first: the choices
+    /// whose counts `N_i` the load-balancing loss uses (empty when that loss is off).
+    pub fn balancing_choices(&self) -> &[u32] {
+        &self.balancing_choices
+    }
 }
 
 impl Router {
@@ -138,12 +155,19 @@ impl Router {
                 routing.tokens_per_expert[c as usize] += 1;
             }
         }
-        let balancing_scores = self.balancing_scores(&logits);
+        let (balancing_scores, balancing_choices) = if self.settings.aux_loss_coeff != 0.0 {
+            let scores = self.balancing_scores(&logits);
+            let choices = self.balancing_choices(&scores);
+            (scores, choices)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         (
             routing,
             RouterSaved {
                 logits,
                 balancing_scores,
+                balancing_choices,
             },
         )
     }
@@ -186,19 +210,27 @@ impl Router {
         losses
     }
 
+    fn elementwise(&self) -> Option<ElementwiseScore> {
+        ElementwiseScore::of(self.settings.score_function)
+    }
+
     /// Scores that decide the choice of experts: logits (top-k-then-softmax), probabilities
-    /// (`pre_softmax`) or sigmoids, plus the expert bias when there is one. Softmax and sigmoid
-    /// are monotone, so without a bias every mode ranks experts as the logits do.
+    /// (`pre_softmax`) or elementwise scores plus the expert bias when there is one. The score
+    /// functions are monotone, so without a bias every mode ranks experts as the logits do.
     fn selection_scores(&self, row: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-        match (self.settings.score_function, self.settings.pre_softmax) {
-            (ScoreFunction::Softmax, false) => row.to_vec(),
-            (ScoreFunction::Softmax, true) => {
+        match (self.elementwise(), self.settings.pre_softmax) {
+            (None, false) => row.to_vec(),
+            (None, true) => {
                 let lse = logsumexp(row);
                 row.iter().map(|l| (l - lse).exp()).collect()
             }
-            (ScoreFunction::Sigmoid, _) => match bias {
-                Some(bias) => row.iter().zip(bias).map(|(&l, b)| sigmoid(l) + b).collect(),
-                None => row.iter().map(|&l| sigmoid(l)).collect(),
+            (Some(score), _) => match bias {
+                Some(bias) => row
+                    .iter()
+                    .zip(bias)
+                    .map(|(&l, b)| score.value(l) + b)
+                    .collect(),
+                None => row.iter().map(|&l| score.value(l)).collect(),
             },
         }
     }
@@ -212,13 +244,23 @@ impl Router {
             (Some(groups), Some(used)) => self.best_groups(selection, groups, used),
             _ => vec![true; selection.len()],
         };
-        order.sort_by(|&a, &b| {
-            let (a, b) = (a as usize, b as usize);
+        top_k(order, self.settings.topk, |a, b| {
             allowed[b]
                 .cmp(&allowed[a])
                 .then(selection[b].total_cmp(&selection[a]))
-                .then(a.cmp(&b))
         });
+    }
+
+    /// Each token's plain top-k of its balancing `scores` `[tokens, E]` (no bias, no groups).
+    fn balancing_choices(&self, scores: &[f32]) -> Vec<u32> {
+        let k = self.settings.topk;
+        let mut order: Vec<u32> = (0..self.experts as u32).collect();
+        let mut choices = Vec::with_capacity(scores.len() / self.experts.max(1) * k);
+        for row in scores.chunks(self.experts) {
+            top_k(&mut order, k, |a, b| row[b].total_cmp(&row[a]));
+            choices.extend_from_slice(&order[..k]);
+        }
+        choices
     }
 
     /// Which experts lie in the token's `used` best groups.
@@ -263,25 +305,25 @@ impl Router {
     }
 
     fn chosen_weights(&self, row: &[f32], chosen: &[u32], out: &mut [f32]) {
-        match (self.settings.score_function, self.settings.pre_softmax) {
-            (ScoreFunction::Softmax, false) => {
+        match (self.elementwise(), self.settings.pre_softmax) {
+            (None, false) => {
                 out.iter_mut()
                     .zip(chosen)
                     .for_each(|(o, &c)| *o = row[c as usize]);
                 softmax_rows(out, out.len());
             }
-            (ScoreFunction::Softmax, true) => {
+            (None, true) => {
                 let lse = logsumexp(row);
                 out.iter_mut()
                     .zip(chosen)
                     .for_each(|(o, &c)| *o = (row[c as usize] - lse).exp());
             }
-            (ScoreFunction::Sigmoid, _) => {
+            (Some(score), _) => {
                 out.iter_mut()
                     .zip(chosen)
-                    .for_each(|(o, &c)| *o = sigmoid(row[c as usize]));
+                    .for_each(|(o, &c)| *o = score.value(row[c as usize]));
                 if chosen.len() > 1 {
-                    let sum: f32 = out.iter().sum();
+                    let sum: f32 = out.iter().sum::<f32>() + NORMALISATION_EPS;
                     out.iter_mut().for_each(|o| *o /= sum);
                 }
             }
@@ -289,14 +331,16 @@ impl Router {
         out.iter_mut().for_each(|o| *o *= self.scale());
     }
 
+    /// The balancing scores `a` `[tokens, E]`: softmax over all experts, or the elementwise
+    /// scores normalised over all experts.
     fn balancing_scores(&self, logits: &[f32]) -> Vec<f32> {
         let mut scores = logits.to_vec();
-        match self.settings.score_function {
-            ScoreFunction::Softmax => softmax_rows(&mut scores, self.experts),
-            ScoreFunction::Sigmoid => {
+        match self.elementwise() {
+            None => softmax_rows(&mut scores, self.experts),
+            Some(score) => {
                 for row in scores.chunks_mut(self.experts) {
-                    row.iter_mut().for_each(|v| *v = sigmoid(*v));
-                    let sum: f32 = row.iter().sum::<f32>() + 1e-20;
+                    row.iter_mut().for_each(|v| *v = score.value(*v));
+                    let sum: f32 = row.iter().sum::<f32>() + NORMALISATION_EPS;
                     row.iter_mut().for_each(|v| *v /= sum);
                 }
             }
@@ -338,23 +382,24 @@ impl Router {
                 }
             }
             let mut d_logits_balance = vec![0.0; tokens * e];
-            match self.settings.score_function {
-                ScoreFunction::Softmax => softmax_rows_backward(
+            match self.elementwise() {
+                None => softmax_rows_backward(
                     &mut d_logits_balance,
                     &d_scores,
                     &saved.balancing_scores,
                     e,
                 ),
-                ScoreFunction::Sigmoid => {
+                Some(score) => {
                     for t in 0..tokens {
                         let logits = &saved.logits[t * e..(t + 1) * e];
                         let a = &saved.balancing_scores[t * e..(t + 1) * e];
                         let da = &d_scores[t * e..(t + 1) * e];
-                        let sum: f32 = logits.iter().map(|&l| sigmoid(l)).sum::<f32>() + 1e-20;
+                        let sum: f32 =
+                            logits.iter().map(|&l| score.value(l)).sum::<f32>() + NORMALISATION_EPS;
                         let dot: f32 = da.iter().zip(a).map(|(x, y)| x * y).sum();
                         for i in 0..e {
-                            let s = sigmoid(logits[i]);
-                            d_logits_balance[t * e + i] = (da[i] - dot) / sum * s * (1.0 - s);
+                            d_logits_balance[t * e + i] =
+                                (da[i] - dot) / sum * score.derivative(logits[i]);
                         }
                     }
                 }
@@ -399,8 +444,8 @@ impl Router {
     ) {
         let scale = self.scale();
         let k = chosen.len();
-        match (self.settings.score_function, self.settings.pre_softmax) {
-            (ScoreFunction::Softmax, false) => {
+        match (self.elementwise(), self.settings.pre_softmax) {
+            (None, false) => {
                 let mut w: Vec<f32> = chosen.iter().map(|&c| row[c as usize]).collect();
                 softmax_rows(&mut w, k);
                 let dot: f32 = dw.iter().zip(&w).map(|(a, b)| a * b).sum();
@@ -408,7 +453,7 @@ impl Router {
                     dlogits[chosen[j] as usize] += scale * w[j] * (dw[j] - dot);
                 }
             }
-            (ScoreFunction::Softmax, true) => {
+            (None, true) => {
                 let lse = logsumexp(row);
                 let dot: f32 = (0..k)
                     .map(|j| scale * dw[j] * (row[chosen[j] as usize] - lse).exp())
@@ -422,30 +467,43 @@ impl Router {
                     *d += p * (dp - dot);
                 }
             }
-            (ScoreFunction::Sigmoid, _) => {
-                let s: Vec<f32> = chosen.iter().map(|&c| sigmoid(row[c as usize])).collect();
+            (Some(score), _) => {
+                let s: Vec<f32> = chosen
+                    .iter()
+                    .map(|&c| score.value(row[c as usize]))
+                    .collect();
                 let ds: Vec<f32> = if k > 1 {
-                    let sum: f32 = s.iter().sum();
+                    let sum: f32 = s.iter().sum::<f32>() + NORMALISATION_EPS;
                     let dot: f32 = dw.iter().zip(&s).map(|(a, b)| a * b / sum).sum();
                     dw.iter().map(|d| scale * (d - dot) / sum).collect()
                 } else {
                     dw.iter().map(|d| scale * d).collect()
                 };
                 for j in 0..k {
-                    dlogits[chosen[j] as usize] += ds[j] * s[j] * (1.0 - s[j]);
+                    let c = chosen[j] as usize;
+                    dlogits[c] += ds[j] * score.derivative(row[c]);
                 }
             }
         }
     }
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// Orders `order` (expert indices) so that its first `k` entries are the best under
+/// `better(a, b)` (`Less`: a ranks before b), ties going to the lower index, best first.
+fn top_k(order: &mut [u32], k: usize, better: impl Fn(usize, usize) -> Ordering) {
+    let rank = |a: &u32, b: &u32| {
+        let (a, b) = (*a as usize, *b as usize);
+        better(a, b).then(a.cmp(&b))
+    };
+    order.select_nth_unstable_by(k - 1, rank);
+    order[..k].sort_by(rank);
 }
 
 impl Stored for RouterSaved {
     fn stored_bytes(&self) -> usize {
-        self.logits.stored_bytes() + self.balancing_scores.stored_bytes()
+        self.logits.stored_bytes()
+            + self.balancing_scores.stored_bytes()
+            + self.balancing_choices.stored_bytes()
     }
 }
 
