@@ -252,6 +252,78 @@ fn a_folded_run_resumes_on_one_rank() {
     }
 }
 
+/// A run that moves between layouts at its checkpoints — PP2 (tied embeddings, their copy on
+/// the last stage) → one rank → PP2·VPP2 with TP2·EP2 folded in — matches an uninterrupted
+/// one-rank run: losses, validation losses and final weights.
+#[test]
+fn a_pipeline_run_resumes_on_one_rank_and_one_rank_on_a_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Synthetic { seq: 16 };
+    let pipelined_model = |config: &mut RunConfig| {
+        config.model.num_layers = 4;
+        config.model.tie_embeddings = true;
+        config.train.eval_interval = 2;
+        config.train.eval_batches = 2;
+    };
+    let layout = |config: &mut RunConfig,
+                  (world, tp, pp, vpp, ep): (usize, usize, usize, usize, usize)| {
+        let p = &mut config.parallel;
+        (p.world, p.tp, p.pp, p.vpp, p.ep, p.etp) = (world, tp, pp, vpp, ep, Some(1));
+    };
+    let mut straight = small_run(&tmp.path().join("straight"), 6);
+    pipelined_model(&mut straight);
+    layout(&mut straight, (1, 1, 1, 1, 1));
+    let straight = train(&straight, &data, Some(&data), &TrainOptions::default()).unwrap();
+
+    let dir = tmp.path().join("moving");
+    let mut records = Vec::new();
+    let mut last = None;
+    for (stop, sizes) in [
+        (2, (2, 1, 2, 1, 1)),
+        (4, (1, 1, 1, 1, 1)),
+        (6, (4, 2, 2, 2, 2)),
+    ] {
+        let mut config = small_run(&dir, 6);
+        pipelined_model(&mut config);
+        layout(&mut config, sizes);
+        let outcome = train(
+            &config,
+            &data,
+            Some(&data),
+            &TrainOptions {
+                resume: (stop > 2).then(|| dir.clone()),
+                stop_after: Some(stop),
+                ..TrainOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{:?}: {e:#}", sizes));
+        records.extend(outcome.records.clone());
+        last = Some(outcome);
+    }
+    let last = last.unwrap();
+    let losses: Vec<f32> = records.iter().map(|r| r.loss as f32).collect();
+    let expected: Vec<f32> = straight.records.iter().map(|r| r.loss as f32).collect();
+    let loss_error = relative_error(&losses, &expected);
+    assert!(loss_error <= 1e-4, "losses differ by {loss_error}");
+    let validation = |records: &[origami::train::metrics::StepRecord]| -> Vec<f32> {
+        records
+            .iter()
+            .filter_map(|r| r.val_loss)
+            .map(|v| v as f32)
+            .collect()
+    };
+    let (val, val_expected) = (validation(&records), validation(&straight.records));
+    assert_eq!(val.len(), 3);
+    assert!(
+        relative_error(&val, &val_expected) <= 1e-4,
+        "{val:?} against {val_expected:?}"
+    );
+    for info in straight.model.registry().params() {
+        let error = relative_error(last.params.get(info.id), straight.params.get(info.id));
+        assert!(error <= 1e-4, "{} differs by {error}", info.name);
+    }
+}
+
 fn saved_checkpoint(dir: &Path) -> std::path::PathBuf {
     let config = small_run(dir, 1);
     let model = GptModel::new(config.model.clone()).unwrap();

@@ -6,6 +6,7 @@ mod bench_moe;
 mod eval;
 mod generate;
 mod prepare;
+mod schedule;
 mod topology;
 mod train;
 
@@ -33,6 +34,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Show the dense and expert rank groups of a parallel configuration (folding layout).
     Topology(topology::TopologyArgs),
+    /// Draw a pipeline schedule (1F1B or interleaved): each stage's timeline and the bubble.
+    Schedule(schedule::ScheduleArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -45,5 +48,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Topology(args) => topology::run(args),
+        Command::Schedule(args) => schedule::run(args),
     }
 }

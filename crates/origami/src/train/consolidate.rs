@@ -1,10 +1,11 @@
 //! Whole tensors from the ranks' shards, for checkpoints and the final model: a checkpoint is
 //! always written in the one-rank layout, so any layout can resume any other.
 //!
-//! Every element of the full buffers is written by exactly one rank — the first data-parallel
-//! replica of its shard (and, for tensors that tensor-parallel ranks hold whole, the first tp
-//! rank) — and zero elsewhere, so one all-reduce (sum) over the world assembles the tensors
-//! exactly on every rank.
+//! Every element of the full buffers is written by exactly one rank — on the pipeline stage that
+//! holds the parameter (the first stage for a tied table, whose last-stage copy is a duplicate),
+//! the first data-parallel replica of its shard (and, for tensors that tensor-parallel ranks
+//! hold whole, the first tp rank) — and zero elsewhere, so one all-reduce (sum) over the world
+//! assembles the tensors exactly on every rank.
 
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ pub fn consolidate(
     let first_dense_replica = state.dp_cp().rank() == 0;
     let first_expert_replica = state.edp().rank() == 0;
     let first_tp_rank = state.tp().rank() == 0;
-    for info in registry.params() {
+    for info in registry.params().iter().filter(|p| !p.duplicate) {
         let owner = match info.id.group() {
             ParamGroup::Dense if info.shard == Shard::full(&info.shape) => {
                 first_dense_replica && first_tp_rank
