@@ -103,7 +103,7 @@ fn eval_checkpoint(path: PathBuf, data: PathBuf, batches: usize) -> anyhow::Resu
     let dir = checkpoint::resolve(&path)?;
     let config = RunConfig::from_toml(&checkpoint::read_state(&dir)?.config_toml, &[])?;
     let model = GptModel::new(config.model.clone())?;
-    let params = checkpoint::load(&dir, &model, false)?.params;
+    let params = checkpoint::load_params(&dir, model.registry())?.params;
     let tokenizer = origami::train::data::run_tokenizer(&config)?;
     let t = &config.train;
     let valid = GptDataset::open(

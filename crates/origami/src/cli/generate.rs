@@ -37,7 +37,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let state = checkpoint::read_state(&dir)?;
     let config = RunConfig::from_toml(&state.config_toml, &[])?;
     let model = GptModel::new(config.model.clone())?;
-    let params = checkpoint::load(&dir, &model, false)?.params;
+    let params = checkpoint::load_params(&dir, model.registry())?.params;
     let tokenizer = run_tokenizer(&config)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");

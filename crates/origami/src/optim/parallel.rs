@@ -189,6 +189,43 @@ impl ParallelOptimizer {
         self.step
     }
 
+    /// Whether the moments are sharded over the replicas (the distributed optimizer).
+    pub fn is_distributed(&self) -> bool {
+        self.dense.counts.is_some()
+    }
+
+    fn shard(&self, group: ParamGroup) -> &BufferShard {
+        match group {
+            ParamGroup::Dense => &self.dense,
+            ParamGroup::Expert => &self.expert,
+        }
+    }
+
+    /// The range of `group`'s buffer whose moments this rank keeps (all of it unless
+    /// distributed), and both moments over it: what a checkpoint of this rank holds.
+    pub fn owned_moments(&self, group: ParamGroup) -> (std::ops::Range<usize>, &[f32], &[f32]) {
+        let shard = self.shard(group);
+        (shard.owned.clone(), &shard.m, &shard.v)
+    }
+
+    /// Replaces the moments of this rank's owned range of `group` (as [`owned_moments`] gives
+    /// the range) and sets the step count.
+    ///
+    /// [`owned_moments`]: ParallelOptimizer::owned_moments
+    pub fn restore_owned(&mut self, group: ParamGroup, m: Vec<f32>, v: Vec<f32>, step: u64) {
+        let shard = match group {
+            ParamGroup::Dense => &mut self.dense,
+            ParamGroup::Expert => &mut self.expert,
+        };
+        assert_eq!(
+            (m.len(), v.len()),
+            (shard.owned.len(), shard.owned.len()),
+            "moments of another range than the one this rank owns"
+        );
+        (shard.m, shard.v) = (m, v);
+        self.step = step;
+    }
+
     /// Bytes this rank sent in reductions during the last step, as a ring algorithm sends them.
     pub fn last_step_bytes(&self) -> u64 {
         self.last_step_bytes

@@ -33,6 +33,11 @@ impl ParamId {
         self.len
     }
 
+    /// Where the parameter starts in its group's buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
     /// Whether the parameter has no elements.
     pub fn is_empty(&self) -> bool {
         self.len == 0

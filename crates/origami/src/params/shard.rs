@@ -35,6 +35,11 @@ impl Shard {
         self
     }
 
+    /// The kept global index ranges of each dimension, concatenated in local order.
+    pub fn ranges(&self) -> &[Vec<Range<usize>>] {
+        &self.ranges
+    }
+
     /// Shape of the local part.
     pub fn local_shape(&self) -> Vec<usize> {
         self.ranges

@@ -9,6 +9,7 @@
 //! micro-batches; the tensor- and context-parallel ranks of a replica read the same ones.
 //! Checkpoints hold whole tensors (gathered from the shards), so any layout resumes any other.
 
+use super::checkpoint::shards::{Contribution, MomentShards, OwnedMoments, Ownership, Targets};
 use super::checkpoint::{self, TrainingState};
 use super::config::RunConfig;
 use super::consolidate::consolidate;
@@ -21,9 +22,8 @@ use crate::bench::peak_gemm_gflops;
 use crate::model::flops::training_flops_per_token;
 use crate::model::gpt::{GptModel, MicroBatch};
 use crate::model::parallel::ModelParallel;
-use crate::optim::adamw::AdamW;
 use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
-use crate::params::Buffers;
+use crate::params::{Buffers, ParamGroup};
 use anyhow::Context;
 use origami_comm::local::LocalWorld;
 use origami_comm::{Communicator, ReduceOp, SoloComm};
@@ -208,12 +208,8 @@ pub fn train_on(
     let (mut params, mut step) = match &options.resume {
         Some(path) => {
             let dir = checkpoint::resolve(path)?;
-            let loaded = checkpoint::load(&dir, &full_model, true)
-                .with_context(|| format!("resuming from {}", dir.display()))?;
-            let (m, v) = loaded.moments.expect("moments were requested");
-            let shard = |full: &Buffers| model.registry().shard_of(full_model.registry(), full);
-            optimizer.restore(shard(&m), shard(&v), loaded.state.step);
-            (shard(&loaded.params), loaded.state.step)
+            resume(&world, &dir, &model, &mut optimizer)
+                .with_context(|| format!("resuming from {}", dir.display()))?
         }
         None => {
             anyhow::ensure!(
@@ -337,40 +333,25 @@ pub fn train_on(
         let periodic =
             config.checkpoint.interval > 0 && step.is_multiple_of(config.checkpoint.interval);
         if periodic || step == t.steps || stop_requested {
-            let full_params = consolidate(
-                &world,
-                &state,
-                model.registry(),
-                &params,
-                full_model.registry(),
-            )?;
-            let (m, v) = optimizer.moments()?;
-            let m = consolidate(&world, &state, model.registry(), &m, full_model.registry())?;
-            let v = consolidate(&world, &state, model.registry(), &v, full_model.registry())?;
             let training_state = TrainingState {
                 step,
                 consumed_samples: step * t.global_batch as u64,
                 config_toml: config.to_toml(),
             };
-            if leader {
-                let moments = AdamW {
-                    config: t.adamw,
-                    m,
-                    v,
-                    step: optimizer.steps(),
-                };
-                last_checkpoint = Some(checkpoint::save(
-                    &run_dir,
-                    &full_model,
-                    &full_params,
-                    &moments,
-                    &training_state,
-                    config.checkpoint.keep,
-                )?);
-            } else {
-                last_checkpoint = Some(run_dir.join(checkpoint::step_dir_name(step)));
-            }
-            world.barrier()?;
+            let contribution = Contribution {
+                registry: model.registry(),
+                params: &params,
+                moments: moment_shards(&optimizer),
+                ownership: Ownership::of(&state),
+            };
+            last_checkpoint = Some(checkpoint::save(
+                &world,
+                &run_dir,
+                &contribution,
+                full_model.registry(),
+                &training_state,
+                config.checkpoint.keep,
+            )?);
         }
         if stop_requested && step < t.steps {
             interrupted = true;
@@ -399,6 +380,44 @@ pub fn train_on(
         checkpoint,
         interrupted,
     })
+}
+
+/// This rank's optimizer state as a checkpoint takes it.
+fn moment_shards(optimizer: &ParallelOptimizer) -> MomentShards<'_> {
+    let owned = |group| {
+        let (range, m, v) = optimizer.owned_moments(group);
+        OwnedMoments { range, m, v }
+    };
+    MomentShards {
+        dense: owned(ParamGroup::Dense),
+        expert: owned(ParamGroup::Expert),
+        distributed: optimizer.is_distributed(),
+    }
+}
+
+/// Loads checkpoint `dir` into this rank's parameters and optimizer state (fresh moments when
+/// the checkpoint holds none); returns the parameters and the step reached. Collective.
+fn resume(
+    world: &Arc<dyn Communicator>,
+    dir: &std::path::Path,
+    model: &GptModel,
+    optimizer: &mut ParallelOptimizer,
+) -> anyhow::Result<(Buffers, u64)> {
+    let ranges = [ParamGroup::Dense, ParamGroup::Expert].map(|g| optimizer.owned_moments(g).0);
+    let loaded = checkpoint::load(
+        world,
+        dir,
+        &Targets {
+            registry: model.registry(),
+            moments: Some(ranges),
+        },
+    )?;
+    let step = loaded.state.step;
+    if let Some([(dense_m, dense_v), (expert_m, expert_v)]) = loaded.moments {
+        optimizer.restore_owned(ParamGroup::Dense, dense_m, dense_v, step);
+        optimizer.restore_owned(ParamGroup::Expert, expert_m, expert_v, step);
+    }
+    Ok((loaded.params, step))
 }
 
 /// Whether any rank says yes (so every rank stops at the same step).
