@@ -58,9 +58,11 @@ impl Index {
     /// Reads `dir/index.json`.
     pub fn read(dir: &Path) -> Result<Self, CheckpointError> {
         let path = dir.join(INDEX_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| CheckpointError::Io {
-            path: path.display().to_string(),
-            source,
+        let text = std::fs::read_to_string(&path).map_err(|source| {
+            CheckpointError::File(crate::tensor_files::TensorFileError::Io {
+                path: path.display().to_string(),
+                source,
+            })
         })?;
         serde_json::from_str(&text).map_err(|e| CheckpointError::Corrupt {
             path: path.display().to_string(),

@@ -20,7 +20,6 @@
 //! (`model.safetensors` + `optimizer.safetensors`, format 1) is read as an index of whole
 //! pieces.
 
-pub mod files;
 pub mod index;
 pub mod region;
 pub mod shards;
@@ -33,7 +32,7 @@ use anyhow::{bail, ensure, Context};
 use origami_comm::{Communicator, ReduceOp};
 use serde::{Deserialize, Serialize};
 
-use self::files::{sha256_of, write_pieces, write_synced, TensorFile};
+use crate::tensor_files::{sha256_of, write_pieces, write_synced, TensorFile, TensorFileError};
 use self::index::{FileEntry, Index, Piece, TensorEntry, INDEX_FILE};
 use self::region::{for_each_row, placed_blocks, Block};
 use self::shards::{Contribution, Needed, Slot, Targets, MOMENTS};
@@ -48,28 +47,15 @@ const LEGACY_FILES: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
 /// Why a checkpoint could not be written or read; every variant names the file or tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// A file's contents are not what the checkpoint says.
+    /// A file could not be read or written, or is damaged.
+    #[error(transparent)]
+    File(#[from] TensorFileError),
+    /// A file of the checkpoint that is not what its index says.
     #[error("{path} is corrupt or truncated: {detail}")]
     Corrupt {
         /// The file.
         path: String,
         /// What is wrong.
-        detail: String,
-    },
-    /// A tensor file could not be written.
-    #[error("writing {path}: {detail}")]
-    Write {
-        /// The file.
-        path: String,
-        /// The cause.
         detail: String,
     },
     /// The index has no entry for a tensor the model needs.

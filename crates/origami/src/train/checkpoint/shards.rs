@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use origami_parallel::ParallelState;
 
-use super::files::PieceData;
+use crate::tensor_files::{PieceData, Precision};
 use super::region::{for_each_row, placed_blocks, Block, Placed};
 use crate::params::{Buffers, ParamGroup, ParamInfo, ParamRegistry, Shard};
 
@@ -155,6 +155,7 @@ fn pieces_of<'a>(
                 tensor_shape: shape.clone(),
                 data: PieceData {
                     shape: block.shape.clone(),
+                    precision: Precision::F32,
                     fill: Box::new(move |out: &mut Vec<f32>| {
                         for_each_row(
                             &source,
