@@ -84,7 +84,11 @@ impl View for PieceData<'_> {
         let elements: usize = self.shape.iter().product();
         let mut values = Vec::with_capacity(elements);
         (self.fill)(&mut values);
-        assert_eq!(values.len(), elements, "a tensor filled with the wrong length");
+        assert_eq!(
+            values.len(),
+            elements,
+            "a tensor filled with the wrong length"
+        );
         Cow::Owned(match self.precision {
             Precision::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Precision::Bf16 => values

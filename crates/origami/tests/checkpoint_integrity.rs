@@ -59,7 +59,13 @@ fn small_config(dir: &Path) -> RunConfig {
 
 /// A world-4 checkpoint in `dir`; returns its directory.
 fn saved(dir: &Path) -> PathBuf {
-    let outcome = train(&small_config(dir), &Synthetic, None, &TrainOptions::default()).unwrap();
+    let outcome = train(
+        &small_config(dir),
+        &Synthetic,
+        None,
+        &TrainOptions::default(),
+    )
+    .unwrap();
     outcome.checkpoint
 }
 
@@ -247,20 +253,21 @@ fn write_format_1(dir: &Path, model: &GptModel, seeds: [u64; 3], config: &RunCon
     std::fs::create_dir_all(dir).unwrap();
     let [p, m, v] = seeds.map(|s| model.init_params(s));
     let registry = model.registry();
-    let tensors = |prefix: &str, b: &origami::params::Buffers| -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        registry
-            .params()
-            .iter()
-            .map(|i| {
-                let name = if prefix.is_empty() {
-                    i.name.clone()
-                } else {
-                    format!("{prefix}.{}", i.name)
-                };
-                (name, i.shape.clone(), b.get(i.id).to_vec())
-            })
-            .collect()
-    };
+    let tensors =
+        |prefix: &str, b: &origami::params::Buffers| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+            registry
+                .params()
+                .iter()
+                .map(|i| {
+                    let name = if prefix.is_empty() {
+                        i.name.clone()
+                    } else {
+                        format!("{prefix}.{}", i.name)
+                    };
+                    (name, i.shape.clone(), b.get(i.id).to_vec())
+                })
+                .collect()
+        };
     let mut hashes = serde_json::Map::new();
     for (file, parts) in [
         ("model.safetensors", tensors("", &p)),
@@ -321,7 +328,10 @@ fn a_whole_tensor_checkpoint_of_format_1_still_loads_at_any_layout() {
     bytes[middle] ^= 1;
     std::fs::write(&file, bytes).unwrap();
     let error = load_error(&dir);
-    assert!(error.contains("model.safetensors") && error.contains("corrupt"), "{error}");
+    assert!(
+        error.contains("model.safetensors") && error.contains("corrupt"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -372,7 +382,14 @@ fn a_rank_failing_mid_save_fails_it_everywhere_and_keeps_the_previous_checkpoint
                 consumed_samples: 8,
                 config_toml: config.to_toml(),
             };
-            checkpoint::save(&world, tmp.path(), &contribution, full.registry(), &state, 3)?;
+            checkpoint::save(
+                &world,
+                tmp.path(),
+                &contribution,
+                full.registry(),
+                &state,
+                3,
+            )?;
             Ok(())
         },
     );

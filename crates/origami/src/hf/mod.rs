@@ -2,6 +2,7 @@
 //! and the next-token loss exactly as transformers computes it for `labels = input_ids`.
 
 pub mod config;
+pub mod names;
 pub mod weights;
 
 use crate::model::gpt::{GptModel, MicroBatch};
@@ -27,6 +28,10 @@ pub enum HfError {
     /// A tensor is present but unusable.
     #[error("{0}")]
     Weights(String),
+    /// A safetensors file is damaged, or a tensor in it has another shape than the config
+    /// implies.
+    #[error(transparent)]
+    File(#[from] crate::tensor_files::TensorFileError),
 }
 
 /// Loads `config.json` and the safetensors weights of `dir` into a model and its parameters.

@@ -9,6 +9,7 @@
 
 mod buffers;
 pub mod init;
+pub mod region;
 mod registry;
 mod shard;
 

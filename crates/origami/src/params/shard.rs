@@ -40,6 +40,20 @@ impl Shard {
         &self.ranges
     }
 
+    /// The shard as one block, when it keeps a single range of every dimension.
+    pub fn as_block(&self) -> Option<super::region::Block> {
+        let ranges: Option<Vec<&Range<usize>>> = self
+            .ranges
+            .iter()
+            .map(|r| (r.len() == 1).then(|| &r[0]))
+            .collect();
+        let ranges = ranges?;
+        Some(super::region::Block {
+            offset: ranges.iter().map(|r| r.start).collect(),
+            shape: ranges.iter().map(|r| r.len()).collect(),
+        })
+    }
+
     /// Shape of the local part.
     pub fn local_shape(&self) -> Vec<usize> {
         self.ranges

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::region::Block;
 use super::CheckpointError;
+use crate::params::region::Block;
 
 /// Name of the index file.
 pub const INDEX_FILE: &str = "index.json";

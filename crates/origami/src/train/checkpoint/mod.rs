@@ -21,7 +21,6 @@
 //! pieces.
 
 pub mod index;
-pub mod region;
 pub mod shards;
 
 use std::collections::HashMap;
@@ -32,11 +31,11 @@ use anyhow::{bail, ensure, Context};
 use origami_comm::{Communicator, ReduceOp};
 use serde::{Deserialize, Serialize};
 
-use crate::tensor_files::{sha256_of, write_pieces, write_synced, TensorFile, TensorFileError};
 use self::index::{FileEntry, Index, Piece, TensorEntry, INDEX_FILE};
-use self::region::{for_each_row, placed_blocks, Block};
 use self::shards::{Contribution, Needed, Slot, Targets, MOMENTS};
+use crate::params::region::{for_each_row, placed_blocks, Block};
 use crate::params::{Buffers, ParamGroup, ParamRegistry};
+use crate::tensor_files::{sha256_of, write_pieces, write_synced, TensorFile, TensorFileError};
 
 /// Version of the layout written here (1: whole tensors, read only).
 const FORMAT_VERSION: u32 = 2;

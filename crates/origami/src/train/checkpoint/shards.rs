@@ -12,9 +12,9 @@ use std::ops::Range;
 
 use origami_parallel::ParallelState;
 
-use crate::tensor_files::{PieceData, Precision};
-use super::region::{for_each_row, placed_blocks, Block, Placed};
+use crate::params::region::{for_each_row, placed_blocks, Block, Placed};
 use crate::params::{Buffers, ParamGroup, ParamInfo, ParamRegistry, Shard};
+use crate::tensor_files::{PieceData, Precision};
 
 /// Prefixes of the two AdamW moments' tensor names.
 pub const MOMENTS: [&str; 2] = ["exp_avg", "exp_avg_sq"];

@@ -4,13 +4,14 @@
 //! laid out row-major in its buffer; the distributed optimizer keeps only a contiguous range of
 //! that local layout. [`placed_blocks`] cuts such a part into global blocks, each contiguous
 //! along every dimension in both the global tensor and the local buffer, so that a block and a
-//! checkpoint piece (also a block) meet in a block, copied row by row.
+//! checkpoint piece (also a block) meet in a block, copied row by row. A shard that keeps one
+//! range per dimension is a block itself ([`Shard::as_block`]).
 
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::params::Shard;
+use super::Shard;
 
 /// A hyper-rectangle of a tensor: `offset[d] .. offset[d] + shape[d]` in each dimension.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
