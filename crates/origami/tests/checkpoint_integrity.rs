@@ -124,7 +124,7 @@ fn load_error_world(dir: &Path) -> String {
             Ok(())
         },
     );
-    format!("{:?}", result.err().expect("the damage is detected"))
+    format!("{:?}", result.expect_err("the damage is detected"))
 }
 
 #[test]
