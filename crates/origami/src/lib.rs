@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_moe;
+pub mod convert;
 pub mod equivalence;
 pub mod generate;
 pub mod hf;

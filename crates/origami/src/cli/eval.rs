@@ -1,9 +1,11 @@
-//! `origami eval`: the next-token loss of a HuggingFace checkpoint on given token ids, or the
-//! validation loss of an origami checkpoint on an indexed dataset.
+//! `origami eval`: the next-token loss of a HuggingFace or origami checkpoint on given token
+//! ids (as transformers computes it for `labels = input_ids`), or the validation loss of an
+//! origami checkpoint on an indexed dataset.
 
 use anyhow::{ensure, Context};
 use clap::Args;
 use origami::model::gpt::GptModel;
+use origami::params::Buffers;
 use origami::train::checkpoint;
 use origami::train::config::RunConfig;
 use origami::train::step::StepGroups;
@@ -23,13 +25,13 @@ pub struct EvalArgs {
         required_unless_present = "checkpoint"
     )]
     pub hf_checkpoint: Option<PathBuf>,
-    /// JSON file `{"input_ids": [[...], ...]}`, rows of equal length (with --hf-checkpoint).
-    #[arg(long)]
+    /// JSON file `{"input_ids": [[...], ...]}`, rows of equal length.
+    #[arg(long, conflicts_with = "data")]
     pub input_ids: Option<PathBuf>,
     /// origami checkpoint or run directory.
-    #[arg(long, requires = "data")]
+    #[arg(long, required_unless_present = "hf_checkpoint")]
     pub checkpoint: Option<PathBuf>,
-    /// Indexed dataset prefix to evaluate on (with --checkpoint).
+    /// Indexed dataset prefix whose validation split to evaluate on (with --checkpoint).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Micro-batches of the validation split to evaluate (0: the whole split).
@@ -50,18 +52,29 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.checkpoint,
         args.data,
     ) {
-        (Some(hf), Some(ids), None, None) => eval_hf(hf, ids),
+        (Some(hf), Some(ids), None, None) => {
+            let (model, params) = origami::hf::load_checkpoint(&hf)
+                .with_context(|| format!("loading HuggingFace checkpoint {}", hf.display()))?;
+            eval_input_ids(&model, &params, ids)
+        }
+        (None, Some(ids), Some(path), None) => {
+            let dir = checkpoint::resolve(&path)?;
+            let config = RunConfig::from_toml(&checkpoint::read_state(&dir)?.config_toml, &[])?;
+            let model = GptModel::new(config.model)?;
+            let params = checkpoint::load_params(&dir, model.registry())?.params;
+            eval_input_ids(&model, &params, ids)
+        }
         (None, None, Some(checkpoint), Some(data)) => {
             eval_checkpoint(checkpoint, data, args.batches)
         }
         _ => anyhow::bail!(
-            "give either --hf-checkpoint DIR --input-ids FILE, or --checkpoint DIR --data PREFIX"
+            "give --input-ids FILE with --hf-checkpoint DIR or --checkpoint DIR, or --checkpoint DIR --data PREFIX"
         ),
     }
 }
 
 /// Mean next-token cross-entropy over all positions, as transformers returns for `labels = input_ids`.
-fn eval_hf(dir: PathBuf, input_ids: PathBuf) -> anyhow::Result<()> {
+fn eval_input_ids(model: &GptModel, params: &Buffers, input_ids: PathBuf) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&input_ids)
         .with_context(|| format!("reading {}", input_ids.display()))?;
     let ids: InputIds =
@@ -75,8 +88,6 @@ fn eval_hf(dir: PathBuf, input_ids: PathBuf) -> anyhow::Result<()> {
         ids.input_ids.iter().all(|r| r.len() == seq),
         "every input_ids row must have {seq} tokens, as the first"
     );
-    let (model, params) = origami::hf::load_checkpoint(&dir)
-        .with_context(|| format!("loading HuggingFace checkpoint {}", dir.display()))?;
     let vocab = model.config().vocab_size;
     ensure!(
         ids.input_ids
@@ -90,7 +101,7 @@ fn eval_hf(dir: PathBuf, input_ids: PathBuf) -> anyhow::Result<()> {
         "rows of {seq} tokens exceed max_position_embeddings {}",
         model.config().max_seq_len
     );
-    let report = model.loss(&params, &origami::hf::next_token_batch(&ids.input_ids));
+    let report = model.loss(params, &origami::hf::next_token_batch(&ids.input_ids));
     println!(
         "{}",
         serde_json::json!({ "loss": report.cross_entropy, "tokens": report.tokens })

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_comm;
 mod bench_moe;
+mod convert;
 mod eval;
 mod generate;
 mod prepare;
@@ -34,6 +35,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Show the dense and expert rank groups of a parallel configuration (folding layout).
     Topology(topology::TopologyArgs),
+    /// Export a checkpoint to HuggingFace (Mixtral / Qwen2-MoE) or import one.
+    Convert(convert::ConvertArgs),
     /// Draw a pipeline schedule (1F1B or interleaved): each stage's timeline and the bubble.
     Schedule(schedule::ScheduleArgs),
 }
@@ -49,5 +52,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Topology(args) => topology::run(args),
         Command::Schedule(args) => schedule::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }

@@ -55,6 +55,22 @@ impl HfTensors {
         Ok(self.files[file].read(name, shape)?)
     }
 
+    /// Checks that tensor `name` exists with `shape` (headers only); the error names the file.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<(), HfError> {
+        let &file = self
+            .file_of
+            .get(name)
+            .ok_or_else(|| HfError::MissingTensor(name.to_string()))?;
+        let file = &self.files[file];
+        match file.shape(name) {
+            Some(found) if found == shape => Ok(()),
+            found => Err(HfError::Weights(format!(
+                "{}: tensor {name} has shape {found:?}, but config.json implies {shape:?}",
+                file.path()
+            ))),
+        }
+    }
+
     /// Whether the checkpoint holds tensor `name`.
     pub fn has(&self, name: &str) -> bool {
         self.file_of.contains_key(name)

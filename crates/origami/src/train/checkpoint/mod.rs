@@ -358,6 +358,96 @@ fn prune(run_dir: &Path, keep: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One whole tensor to write into a one-rank checkpoint, its values made when written.
+pub struct WholeTensor<'a> {
+    /// Global name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Makes its values.
+    pub fill: crate::tensor_files::Fill<'a>,
+}
+
+/// Writes a checkpoint directory `out` (which must not exist) holding `tensors` whole in one
+/// rank file, without optimizer state, streaming one tensor at a time; written under a
+/// temporary name and renamed into place when complete.
+pub fn write_whole(
+    out: &Path,
+    tensors: Vec<WholeTensor<'_>>,
+    state: &TrainingState,
+) -> anyhow::Result<()> {
+    ensure!(
+        !out.exists(),
+        "{} already exists; nothing was overwritten (choose another output)",
+        out.display()
+    );
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name()
+            .map_or("checkpoint".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    prepare_tmp(tmp.parent().unwrap_or(Path::new(".")), &tmp)?;
+    let file = rank_file(0);
+    let mut index = Index::default();
+    let mut data = Vec::with_capacity(tensors.len());
+    for tensor in tensors {
+        let block = Block {
+            offset: vec![0; tensor.shape.len()],
+            shape: tensor.shape.clone(),
+        };
+        let key = format!(
+            "{}@{}",
+            tensor.name,
+            vec!["0"; tensor.shape.len()].join(",")
+        );
+        index.tensors.insert(
+            tensor.name,
+            TensorEntry {
+                shape: tensor.shape.clone(),
+                pieces: vec![Piece {
+                    file: file.clone(),
+                    key: key.clone(),
+                    block,
+                }],
+            },
+        );
+        data.push((
+            key,
+            crate::tensor_files::PieceData {
+                shape: tensor.shape,
+                precision: crate::tensor_files::Precision::F32,
+                fill: tensor.fill,
+            },
+        ));
+    }
+    let metadata = HashMap::from([("origami.format".to_string(), FORMAT_VERSION.to_string())]);
+    let written = write_pieces(&tmp.join(&file), data, metadata).map_err(anyhow::Error::from);
+    let finished = written.and_then(|(bytes, sha256)| {
+        index.files.insert(file, FileEntry { bytes, sha256 });
+        write_synced(
+            &tmp.join(INDEX_FILE),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )?;
+        let state_file = StateFile {
+            format: FORMAT_VERSION,
+            state: state.clone(),
+            sha256: None,
+        };
+        write_synced(
+            &tmp.join(STATE_FILE),
+            serde_json::to_string_pretty(&state_file)?.as_bytes(),
+        )?;
+        sync_dir(&tmp);
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("moving the checkpoint into {}", out.display()))
+    });
+    if finished.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    finished
+}
+
 /// Whether `run_dir` already holds a run's checkpoints (its `latest` pointer exists).
 pub fn has_checkpoints(run_dir: &Path) -> bool {
     run_dir.join(LATEST_FILE).exists()
