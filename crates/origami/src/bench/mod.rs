@@ -10,6 +10,7 @@
 //! activations against one micro-batch's, and its measured bubble (time waiting in pipeline
 //! exchanges over the step time) against the schedule's simulated one.
 
+pub mod checkpoint;
 pub mod traffic;
 
 use std::sync::atomic::Ordering;

@@ -71,6 +71,35 @@ pub enum BenchTarget {
     Comm(super::bench_comm::CommBenchArgs),
     /// One MoE layer across expert-parallel ranks: dispatch + combine against expert time.
     Moe(super::bench_moe::MoeBenchArgs),
+    /// Sharded checkpoint save and load (and HuggingFace export and import) against plain
+    /// sequential I/O of the same bytes, with the extra memory of each.
+    Checkpoint(CheckpointArgs),
+}
+
+/// Arguments of `origami bench checkpoint`.
+#[derive(Args, Debug)]
+pub struct CheckpointArgs {
+    /// Model preset: tiny, small or medium.
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    /// Local ranks saving and loading.
+    #[arg(long, default_value_t = 4)]
+    pub world: usize,
+    /// Tensor-parallel size.
+    #[arg(long, default_value_t = 2)]
+    pub tp: usize,
+    /// Expert-parallel size.
+    #[arg(long, default_value_t = 4)]
+    pub ep: usize,
+    /// Pipeline stages.
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Shard the optimizer state over data-parallel ranks.
+    #[arg(long)]
+    pub distributed_optimizer: bool,
+    /// Scratch directory (emptied first).
+    #[arg(long, default_value = "runs/bench-checkpoint")]
+    pub dir: std::path::PathBuf,
 }
 
 /// Runs the chosen benchmark; the model benchmark prints one JSON line.
@@ -78,6 +107,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         Some(BenchTarget::Comm(comm)) => return super::bench_comm::run(comm),
         Some(BenchTarget::Moe(moe)) => return super::bench_moe::run(moe),
+        Some(BenchTarget::Checkpoint(c)) => {
+            let report = origami::bench::checkpoint::run(
+                &origami::bench::checkpoint::CheckpointBenchSettings {
+                    preset: c.preset,
+                    layout: BenchLayout {
+                        world: c.world,
+                        tp: c.tp,
+                        ep: c.ep,
+                        etp: 1,
+                        pp: c.pp,
+                        distributed_optimizer: c.distributed_optimizer,
+                        ..BenchLayout::default()
+                    },
+                    dir: c.dir,
+                },
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(());
+        }
         None => {}
     }
     let report = origami::bench::run(&origami::bench::BenchSettings {
