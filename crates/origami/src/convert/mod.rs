@@ -280,8 +280,10 @@ pub fn from_hf(hf: &Path, out: &Path) -> anyhow::Result<Converted> {
     for m in &table {
         tensors.check(&m.hf, &m.shape)?;
     }
-    let mut run = RunConfig::default();
-    run.model = model_config;
+    let mut run = RunConfig {
+        model: model_config,
+        ..RunConfig::default()
+    };
     let p = &mut run.parallel;
     (p.world, p.tp, p.cp, p.pp, p.vpp, p.ep, p.etp) = (1, 1, 1, 1, 1, 1, None);
     run.train.seq_len = run.train.seq_len.min(run.model.max_seq_len);
