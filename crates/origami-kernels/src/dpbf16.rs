@@ -34,9 +34,9 @@ const MR: usize = 8;
 const NV: usize = 3;
 const NR: usize = 16 * NV;
 /// Depth of one k-block (even, so only the last block can have an odd tail).
-const KC: usize = 256;
+const KC: usize = 512;
 /// Most rows of one packed A block.
-const MC: usize = 192;
+const MC: usize = 384;
 /// Most columns of one packed B block.
 const NC: usize = 64 * NR;
 
@@ -134,15 +134,17 @@ unsafe fn pack<const W: usize>(
     if src.row_stride == 1 && W.is_multiple_of(8) {
         // Rows contiguous: each pair interleaves two k-rows, 8 rows at a time.
         for p in 0..kp {
-            let lo = src.ptr.add((k0 + 2 * p) * src.col_stride + r0);
-            let hi = src.ptr.add((k0 + 2 * p + 1) * src.col_stride + r0);
+            // Masked-off rows may lie past the slice: the pointers wrap, the loads skip them.
+            let lo = src.ptr.wrapping_add((k0 + 2 * p) * src.col_stride + r0);
+            let hi = src.ptr.wrapping_add((k0 + 2 * p + 1) * src.col_stride + r0);
             let has_hi = 2 * p + 1 < kc;
             for c in 0..W / 8 {
                 let live = rn.saturating_sub(8 * c).min(8);
                 let mask = ((1u32 << live) - 1) as __mmask8;
-                let l = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, lo.add(8 * c) as _));
+                let l =
+                    _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, lo.wrapping_add(8 * c) as _));
                 let h = if has_hi {
-                    _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, hi.add(8 * c) as _))
+                    _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, hi.wrapping_add(8 * c) as _))
                 } else {
                     _mm256_setzero_si256()
                 };
@@ -152,25 +154,103 @@ unsafe fn pack<const W: usize>(
         }
         return;
     }
+    if src.col_stride == 1 && W.is_multiple_of(8) {
+        pack_k_contiguous::<W>(dst, src, r0, rn, k0, kc);
+        return;
+    }
     if rn < W {
         dst.fill(0);
     }
     let full = kc / 2;
     for r in 0..rn {
-        if src.col_stride == 1 {
-            // k contiguous: a pair is one unaligned u32.
-            let row = src.ptr.add((r0 + r) * src.row_stride + k0);
-            for p in 0..full {
-                dst[p * W + r] = (row.add(2 * p) as *const u32).read_unaligned();
-            }
-        } else {
-            for p in 0..full {
-                let k = k0 + 2 * p;
-                dst[p * W + r] = src.at(r0 + r, k) | src.at(r0 + r, k + 1) << 16;
-            }
+        for p in 0..full {
+            let k = k0 + 2 * p;
+            dst[p * W + r] = src.at(r0 + r, k) | src.at(r0 + r, k + 1) << 16;
         }
         if kc % 2 == 1 {
             dst[full * W + r] = src.at(r0 + r, k0 + kc - 1);
+        }
+    }
+}
+
+/// [`pack`] when k is contiguous (a pair is one unaligned `u32`): a transpose of 8 rows × 16
+/// pairs at a time in registers.
+///
+/// # Safety
+/// As for [`pack`]; `src.col_stride == 1` and `W` is a multiple of 8.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_k_contiguous<const W: usize>(
+    dst: &mut [u32],
+    src: Source,
+    r0: usize,
+    rn: usize,
+    k0: usize,
+    kc: usize,
+) {
+    let full = kc / 2;
+    let out = dst.as_mut_ptr();
+    // Picks 128-bit lanes (l0 of a, l0 of b, l1 of a, l1 of b) and the same for l2, l3.
+    let low_lanes = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    let high_lanes = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    for g in 0..W / 8 {
+        let live_rows = rn.saturating_sub(8 * g).min(8);
+        for p0 in (0..full).step_by(16) {
+            let live = (full - p0).min(16);
+            let mask = ((1u32 << live) - 1) as __mmask16;
+            let mut r = [_mm512_setzero_si512(); 8];
+            for (i, reg) in r.iter_mut().enumerate().take(live_rows) {
+                let row = src.ptr.add((r0 + 8 * g + i) * src.row_stride + k0) as *const i32;
+                *reg = _mm512_maskz_loadu_epi32(mask, row.add(p0));
+            }
+            // Per 128-bit lane l: t = pairs 4l..4l+4 of two rows interleaved; u, v = pair
+            // 4l+q of rows 0..4 and 4..8.
+            let t = [
+                _mm512_unpacklo_epi32(r[0], r[1]),
+                _mm512_unpackhi_epi32(r[0], r[1]),
+                _mm512_unpacklo_epi32(r[2], r[3]),
+                _mm512_unpackhi_epi32(r[2], r[3]),
+                _mm512_unpacklo_epi32(r[4], r[5]),
+                _mm512_unpackhi_epi32(r[4], r[5]),
+                _mm512_unpacklo_epi32(r[6], r[7]),
+                _mm512_unpackhi_epi32(r[6], r[7]),
+            ];
+            for q in 0..4 {
+                let (x, y) = (q / 2, q / 2 + 2);
+                let (u, v) = if q % 2 == 0 {
+                    (
+                        _mm512_unpacklo_epi64(t[x], t[y]),
+                        _mm512_unpacklo_epi64(t[x + 4], t[y + 4]),
+                    )
+                } else {
+                    (
+                        _mm512_unpackhi_epi64(t[x], t[y]),
+                        _mm512_unpackhi_epi64(t[x + 4], t[y + 4]),
+                    )
+                };
+                let lo = _mm512_permutex2var_epi64(u, low_lanes, v);
+                let hi = _mm512_permutex2var_epi64(u, high_lanes, v);
+                let halves = [
+                    _mm512_castsi512_si256(lo),
+                    _mm512_extracti64x4_epi64::<1>(lo),
+                    _mm512_castsi512_si256(hi),
+                    _mm512_extracti64x4_epi64::<1>(hi),
+                ];
+                for (l, half) in halves.into_iter().enumerate() {
+                    let p = 4 * l + q;
+                    if p < live {
+                        _mm256_storeu_si256(out.add((p0 + p) * W + 8 * g) as *mut __m256i, half);
+                    }
+                }
+            }
+        }
+    }
+    if kc % 2 == 1 {
+        for r in 0..W {
+            dst[full * W + r] = if r < rn {
+                src.at(r0 + r, k0 + kc - 1)
+            } else {
+                0
+            };
         }
     }
 }
@@ -186,17 +266,43 @@ struct Tile {
     add: bool,
 }
 
-/// `tile (+)= Apanel·Bpanel` over `kp` pairs.
+/// `tile (+)= Apanel·Bpanel` over `kp` pairs, with the microkernel sized to the tile.
+///
+/// # Safety
+/// As for [`microkernel`].
+unsafe fn run_tile(kp: usize, a: *const u32, b: *const u32, tile: Tile) {
+    macro_rules! sized {
+        ($($rows:literal),*) => {
+            match (tile.rows, tile.cols.div_ceil(16)) {
+                $(
+                    ($rows, 1) => microkernel::<$rows, 1>(kp, a, b, tile),
+                    ($rows, 2) => microkernel::<$rows, 2>(kp, a, b, tile),
+                    ($rows, 3) => microkernel::<$rows, 3>(kp, a, b, tile),
+                )*
+                shape => unreachable!("tile {shape:?} exceeds {MR}x{NV} registers"),
+            }
+        };
+    }
+    sized!(1, 2, 3, 4, 5, 6, 7, 8)
+}
+
+/// `tile (+)= Apanel·Bpanel` over `kp` pairs, for the first `ROWS` rows and `16·VECS` columns
+/// of the panels (the full tile, or a narrower one at the edges of C).
 ///
 /// # Safety
 /// `a` holds `kp·MR` pairs, `b` holds `kp·NR` pairs (64-byte aligned), and the tile's elements
 /// are valid for reads and writes by this thread alone.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn microkernel(kp: usize, a: *const u32, b: *const u32, tile: Tile) {
-    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+unsafe fn microkernel<const ROWS: usize, const VECS: usize>(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    tile: Tile,
+) {
+    let mut acc = [[_mm512_setzero_ps(); VECS]; ROWS];
     for p in 0..kp {
         let bp = b.add(p * NR);
-        let mut bv = [_mm512_setzero_si512(); NV];
+        let mut bv = [_mm512_setzero_si512(); VECS];
         for (v, reg) in bv.iter_mut().enumerate() {
             *reg = _mm512_load_si512(bp.add(16 * v) as *const __m512i);
         }
@@ -212,14 +318,16 @@ unsafe fn microkernel(kp: usize, a: *const u32, b: *const u32, tile: Tile) {
         for (i, row) in acc.iter().enumerate().take(tile.rows) {
             let out = tile.ptr.add(i * tile.row_stride);
             for (v, reg) in row.iter().enumerate() {
+                // Columns past the tile are masked off (their addresses may lie past C).
                 let live = tile.cols.saturating_sub(16 * v).min(16);
                 let mask = ((1u32 << live) - 1) as __mmask16;
+                let at = out.wrapping_add(16 * v);
                 let value = if tile.add {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out.add(16 * v)), *reg)
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), *reg)
                 } else {
                     *reg
                 };
-                _mm512_mask_storeu_ps(out.add(16 * v), mask, value);
+                _mm512_mask_storeu_ps(at, mask, value);
             }
         }
     } else {
@@ -256,8 +364,17 @@ pub(crate) unsafe fn gemm(
     let (asrc, bsrc) = (Source::of(a), Source::of(b).t());
     let out = SharedOut(c.ptr);
     let (c_rs, c_cs) = (c.row_stride, c.col_stride);
-    let mc = MC.min(m.div_ceil(threads).div_ceil(MR) * MR);
-    let row_blocks = m.div_ceil(mc);
+    // Row blocks of whole panels, as even as possible, a multiple of the thread count.
+    let m_panels = m.div_ceil(MR);
+    let row_blocks = m_panels
+        .div_ceil(MC / MR)
+        .div_ceil(threads)
+        .saturating_mul(threads)
+        .min(m_panels);
+    let block_rows = |rb: usize| {
+        let (p0, p1) = (rb * m_panels / row_blocks, (rb + 1) * m_panels / row_blocks);
+        (p0 * MR, (p1 * MR).min(m) - p0 * MR)
+    };
     let mut bbuf = take_buffer(|b| &mut b.b, NC.min(n.div_ceil(NR) * NR) * KC.div_ceil(2));
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
@@ -284,8 +401,7 @@ pub(crate) unsafe fn gemm(
             let add = accumulate || pc > 0;
             let task = |t: usize| {
                 let (rb, g) = (t / col_groups, t % col_groups);
-                let i0 = rb * mc;
-                let rows = mc.min(m - i0);
+                let (i0, rows) = block_rows(rb);
                 let row_panels = rows.div_ceil(MR);
                 let mut abuf = take_buffer(|b| &mut b.a, row_panels * kp * MR);
                 let apack = as_pairs(&mut abuf);
@@ -308,7 +424,7 @@ pub(crate) unsafe fn gemm(
                             cols: NR.min(nc - j),
                             add,
                         };
-                        microkernel(kp, apack.as_ptr().add(r * kp * MR), bp, tile);
+                        run_tile(kp, apack.as_ptr().add(r * kp * MR), bp, tile);
                     }
                 }
                 give_buffer(|b| &mut b.a, abuf);

@@ -339,16 +339,18 @@ pub(crate) mod tests {
         }
     }
 
-    /// Shapes around the tile (8 × 48), the k-block (256) and the row and column blocks.
-    const SHAPES: [(usize, usize, usize); 9] = [
+    /// Shapes around the tile (8 × 48), the k-block (512), the 16-pair transpose of the packer
+    /// and the row (384) and column (3072) blocks.
+    const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (7, 5, 9),
         (8, 2, 48),
         (9, 3, 49),
-        (16, 256, 96),
-        (13, 257, 47),
-        (31, 519, 100),
+        (16, 64, 96),
+        (13, 97, 47),
+        (31, 1025, 100),
         (200, 33, 17),
+        (389, 12, 33),
         (3, 7, 3100),
     ];
 
