@@ -12,11 +12,15 @@
 //!
 //! The microkernel keeps an `MR × NR` tile of C in 24 zmm accumulators (8 rows × 3 registers),
 //! and per k-pair issues 3 loads of B, 8 broadcasts of A and 24 `vdpbf16ps`, which two FMA pipes
-//! retire in 12 cycles. Blocking (Goto/BLIS order): columns in blocks of `NC`, k in blocks of
-//! `KC` (a packed B panel, 24 KiB, stays in L1 while every A panel of the block streams by),
-//! rows in blocks of at most `MC` (a packed A block, ≤ 96 KiB, stays in L2). Work is split over
-//! rayon tasks by row blocks (and column panels when there are fewer row blocks than threads);
-//! each task writes only its own tile of C.
+//! retire in 12 cycles; tiles at the edges of C run a microkernel sized to them (fewer rows or
+//! registers). Blocking (Goto/BLIS order): columns in blocks of `NC = 3072`, k in blocks of
+//! `KC = 512` (every k of the presets' forward GEMMs is one pass over C), rows in blocks of at
+//! most `MC = 384` (a packed A block, ≤ 384 KiB, stays in L2); each packed B panel (48 KiB, in
+//! L1 and L2) is used by every 8 KiB A panel of the block before the next one is read. Packing transposes 8 × 16 pairs in
+//! registers when k is contiguous (`x`, `W` read as `Wᵀ`) and interleaves two k-rows when it is
+//! not (`W` in `dy·W`, `dyᵀ` and `x` in `dyᵀ·x`). Work is split over rayon tasks by row blocks of
+//! whole tiles, a multiple of the thread count (and column panels when there are fewer row
+//! blocks than threads); each task writes only its own tiles of C.
 //!
 //! Memory rule: C is written (`=`) on the first k-block unless `accumulate`, added to (`+=`)
 //! otherwise; A and B are only read.

@@ -7,11 +7,13 @@
 //! it). Each round times every (shape, candidate) once, candidates interleaved, so a slow spell
 //! of the shared machine hits all of them; the table gives the median over rounds and the
 //! spread (min–max), in GFLOP/s. Every candidate's result is checked against the f32 GEMM of the
-//! same (bf16-rounded) inputs before it is timed.
+//! same (bf16-rounded) inputs before it is timed. First it prints the instruction peak of
+//! `vdpbf16ps` and of the f32 FMA on all threads, the roof the GEMMs are measured against.
 
 use origami_kernels::bf16::{to_bf16_vec, to_f32_vec, Bf16};
 use origami_kernels::matmul::{matmul, Par, View, ViewMut};
 use origami_kernels::matmul_bf16::{matmul_bf16_with, Bf16Kernel};
+use rayon::prelude::*;
 use std::ffi::{c_char, c_int, c_void};
 use std::time::{Duration, Instant};
 
@@ -253,6 +255,42 @@ fn time(s: &Shape, mut f: impl FnMut()) -> f64 {
     s.flops() * calls as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
+/// The instruction peak: `vdpbf16ps` (64 flops) or `vfmadd231ps` (32 flops) on zmm, 24
+/// independent accumulators, on every rayon thread at once; GFLOP/s of all threads together.
+fn peak(bf16: bool) -> f64 {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn spin(bf16: bool, iters: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 24];
+        let (x, y) = (_mm512_set1_ps(1e-3), _mm512_set1_ps(1e-3));
+        let (xb, yb): (__m512bh, __m512bh) = (std::mem::transmute(x), std::mem::transmute(y));
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = if bf16 {
+                    _mm512_dpbf16_ps(*a, xb, yb)
+                } else {
+                    _mm512_fmadd_ps(x, y, *a)
+                };
+            }
+        }
+        acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum()
+    }
+    let iters = 4_000_000;
+    let flops_per = if bf16 { 64.0 } else { 32.0 } * 24.0 * iters as f64;
+    let threads = rayon::current_num_threads();
+    let start = Instant::now();
+    let sink: f32 = (0..threads)
+        .into_par_iter()
+        .map(|_| unsafe { spin(bf16, iters) })
+        .sum();
+    std::hint::black_box(sink);
+    flops_per * threads as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(|_| "?".into(), |s| s.trim().to_string())
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let h = v.len() / 2;
@@ -395,8 +433,13 @@ fn main() {
         }
     }
 
+    println!("load average before: {}", load_average());
     let mut results = vec![vec![Vec::new(); cands.len()]; shapes.len()];
+    let (mut bf16_peak, mut f32_peak) = (Vec::new(), Vec::new());
     for round in 0..rounds {
+        // The roof of this round: a busy machine lowers it and every candidate alike.
+        bf16_peak.push(peak(true));
+        f32_peak.push(peak(false));
         for (si, (s, d)) in shapes.iter().zip(&data).enumerate() {
             let mut c = vec![0.0; s.m * s.n];
             for (ci, &cand) in cands.iter().enumerate() {
@@ -408,21 +451,25 @@ fn main() {
         eprintln!("round {}/{rounds} done", round + 1);
     }
 
+    println!("load average after: {}", load_average());
+    let spread = |v: &mut Vec<f64>| {
+        let (lo, hi) = (
+            v.iter().cloned().fold(f64::INFINITY, f64::min),
+            v.iter().cloned().fold(0.0, f64::max),
+        );
+        format!("{:.0} ({lo:.0}–{hi:.0})", median(v))
+    };
+    println!(
+        "instruction peak, all threads, per round: vdpbf16ps {} GFLOP/s, f32 FMA {} GFLOP/s",
+        spread(&mut bf16_peak),
+        spread(&mut f32_peak)
+    );
     println!("\nGFLOP/s, median of {rounds} interleaved rounds (min–max)\n");
     let header: Vec<&str> = cands.iter().map(|c| c.name()).collect();
     println!("| shape (m×k×n) | {} |", header.join(" | "));
     println!("|---|{}", "---|".repeat(cands.len()));
     for (s, per) in shapes.iter().zip(&mut results) {
-        let cells: Vec<String> = per
-            .iter_mut()
-            .map(|v| {
-                let (lo, hi) = (
-                    v.iter().cloned().fold(f64::INFINITY, f64::min),
-                    v.iter().cloned().fold(0.0, f64::max),
-                );
-                format!("{:.0} ({:.0}–{:.0})", median(v), lo, hi)
-            })
-            .collect();
+        let cells: Vec<String> = per.iter_mut().map(spread).collect();
         println!("| {} | {} |", s.name, cells.join(" | "));
     }
 }
