@@ -256,7 +256,7 @@ fn time(s: &Shape, mut f: impl FnMut()) -> f64 {
 }
 
 /// The instruction peak: `vdpbf16ps` (64 flops) or `vfmadd231ps` (32 flops) on zmm, 24
-/// independent accumulators, on every rayon thread at once; GFLOP/s of all threads together.
+/// independent accumulators, on all rayon threads; GFLOP/s of all threads together.
 fn peak(bf16: bool) -> f64 {
     use std::arch::x86_64::*;
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -275,16 +275,16 @@ fn peak(bf16: bool) -> f64 {
         }
         acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum()
     }
-    let iters = 4_000_000;
+    // Many small chunks, so that work stealing gives a busy core less (as for the GEMMs).
+    let (chunks, iters) = (32 * rayon::current_num_threads(), 250_000);
     let flops_per = if bf16 { 64.0 } else { 32.0 } * 24.0 * iters as f64;
-    let threads = rayon::current_num_threads();
     let start = Instant::now();
-    let sink: f32 = (0..threads)
+    let sink: f32 = (0..chunks)
         .into_par_iter()
         .map(|_| unsafe { spin(bf16, iters) })
         .sum();
     std::hint::black_box(sink);
-    flops_per * threads as f64 / start.elapsed().as_secs_f64() / 1e9
+    flops_per * chunks as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
 fn load_average() -> String {
