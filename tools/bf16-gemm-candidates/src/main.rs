@@ -255,33 +255,45 @@ fn time(s: &Shape, mut f: impl FnMut()) -> f64 {
     s.flops() * calls as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// The instruction peak: `vdpbf16ps` (64 flops) or `vfmadd231ps` (32 flops) on zmm, 24
+/// The instruction peak: `vdpbf16ps` (64 flops) or `vfmadd231ps` (32 flops) on zmm, 16
 /// independent accumulators, on all rayon threads; GFLOP/s of all threads together.
 fn peak(bf16: bool) -> f64 {
     use std::arch::x86_64::*;
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn spin(bf16: bool, iters: usize) -> f32 {
-        let mut acc = [_mm512_setzero_ps(); 24];
-        let (x, y) = (_mm512_set1_ps(1e-3), _mm512_set1_ps(1e-3));
-        let (xb, yb): (__m512bh, __m512bh) = (std::mem::transmute(x), std::mem::transmute(y));
+    unsafe fn spin<const BF16: bool>(iters: usize, seed: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let x = _mm512_set1_ps(1e-3 + seed as f32 * 1e-9);
+        let xb: __m512bh = std::mem::transmute(x);
         for _ in 0..iters {
             for a in acc.iter_mut() {
-                *a = if bf16 {
-                    _mm512_dpbf16_ps(*a, xb, yb)
+                *a = if BF16 {
+                    _mm512_dpbf16_ps(*a, xb, xb)
                 } else {
-                    _mm512_fmadd_ps(x, y, *a)
+                    _mm512_fmadd_ps(x, x, *a)
                 };
             }
         }
-        acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum()
+        let mut sum = _mm512_setzero_ps();
+        for a in acc {
+            sum = _mm512_add_ps(sum, a);
+        }
+        _mm512_reduce_add_ps(sum)
     }
     // Many small chunks, so that work stealing gives a busy core less (as for the GEMMs).
-    let (chunks, iters) = (32 * rayon::current_num_threads(), 250_000);
-    let flops_per = if bf16 { 64.0 } else { 32.0 } * 24.0 * iters as f64;
+    let (chunks, iters) = (32 * rayon::current_num_threads(), 400_000);
+    let flops_per = if bf16 { 64.0 } else { 32.0 } * 16.0 * iters as f64;
     let start = Instant::now();
     let sink: f32 = (0..chunks)
         .into_par_iter()
-        .map(|_| unsafe { spin(bf16, iters) })
+        // black_box: every call must run (identical pure calls could be merged).
+        .map(|i| unsafe {
+            let (iters, i) = std::hint::black_box((iters, i));
+            if bf16 {
+                spin::<true>(iters, i)
+            } else {
+                spin::<false>(iters, i)
+            }
+        })
         .sum();
     std::hint::black_box(sink);
     flops_per * chunks as f64 / start.elapsed().as_secs_f64() / 1e9
