@@ -20,7 +20,9 @@
 //! registers when k is contiguous (`x`, `W` read as `Wᵀ`) and interleaves two k-rows when it is
 //! not (`W` in `dy·W`, `dyᵀ` and `x` in `dyᵀ·x`). Work is split over rayon tasks by row blocks of
 //! whole tiles, a multiple of the thread count (and column panels when there are fewer row
-//! blocks than threads); each task writes only its own tiles of C.
+//! blocks than threads); each task writes only its own tiles of C. A call runs inside one
+//! `rayon::scope`, so its parallel regions start from a pool thread, and a call smaller than
+//! `PARALLEL_MIN_MACS` stays on the calling thread.
 //!
 //! Memory rule: C is written (`=`) on the first k-block unless `accumulate`, added to (`+=`)
 //! otherwise; A and B are only read.
@@ -43,6 +45,9 @@ const KC: usize = 512;
 const MC: usize = 384;
 /// Most columns of one packed B block.
 const NC: usize = 64 * NR;
+/// Below this many multiply-adds (≈ 34 µs on one core) a call stays on the calling thread:
+/// handing work to a second thread costs 10–20 µs on this machine.
+const PARALLEL_MIN_MACS: usize = 1 << 23;
 
 /// Whether this CPU runs the kernel.
 pub(crate) fn available() -> bool {
@@ -363,11 +368,40 @@ pub(crate) unsafe fn gemm(
     accumulate: bool,
     threads: usize,
 ) {
+    let out = SharedOut(c.ptr);
+    let (c_rs, c_cs) = (c.row_stride, c.col_stride);
+    let ((m, k), n) = (a.shape(), b.shape().1);
+    let threads = if m * n * k < PARALLEL_MIN_MACS {
+        1
+    } else {
+        threads
+    };
+    let run = || blocked(out, c_rs, c_cs, a, b, accumulate, threads);
+    if threads > 1 && rayon::current_thread_index().is_none() {
+        // One hop into the pool per call: the parallel regions inside then start from a worker
+        // (a cheap push to its own queue) instead of each waking the caller across threads.
+        rayon::scope(|_| run());
+    } else {
+        run();
+    }
+}
+
+/// The blocked loops of [`gemm`], C given as its pointer and strides.
+///
+/// # Safety
+/// As for [`gemm`].
+unsafe fn blocked(
+    out: SharedOut,
+    c_rs: usize,
+    c_cs: usize,
+    a: View<'_, Bf16>,
+    b: View<'_, Bf16>,
+    accumulate: bool,
+    threads: usize,
+) {
     let (m, k) = a.shape();
     let n = b.shape().1;
     let (asrc, bsrc) = (Source::of(a), Source::of(b).t());
-    let out = SharedOut(c.ptr);
-    let (c_rs, c_cs) = (c.row_stride, c.col_stride);
     // Row blocks of whole panels, as even as possible, a multiple of the thread count.
     let m_panels = m.div_ceil(MR);
     let row_blocks = m_panels

@@ -339,9 +339,10 @@ pub(crate) mod tests {
         }
     }
 
-    /// Shapes around the tile (8 × 48), the k-block (512), the 16-pair transpose of the packer
-    /// and the row (384) and column (3072) blocks.
-    const SHAPES: [(usize, usize, usize); 10] = [
+    /// Shapes around the tile (8 × 48), the k-block (512), the 16-pair transpose of the packer,
+    /// the row (384) and column (3072) blocks, and the last two above the size from which a
+    /// call uses every thread (split by rows, and by columns when there is one row block).
+    const SHAPES: [(usize, usize, usize); 12] = [
         (1, 1, 1),
         (7, 5, 9),
         (8, 2, 48),
@@ -352,6 +353,8 @@ pub(crate) mod tests {
         (200, 33, 17),
         (389, 12, 33),
         (3, 7, 3100),
+        (100, 701, 130),
+        (5, 1100, 1601),
     ];
 
     #[test]
