@@ -140,6 +140,7 @@ impl<'a> ViewMut<'a> {
     }
 
     /// The output as a raw matrix, for kernels that split it over threads.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn into_raw(self) -> RawMatrix {
         RawMatrix {
             ptr: self.data.as_mut_ptr(),
