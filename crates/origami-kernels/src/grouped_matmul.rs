@@ -10,7 +10,7 @@ use crate::matmul::{matmul, Par, View, ViewMut};
 use rayon::prelude::*;
 
 /// Splits `data` into the per-group row blocks given by `offsets` (width elements per row).
-fn split_groups<'a>(
+pub(crate) fn split_groups<'a>(
     mut data: &'a mut [f32],
     offsets: &[usize],
     width: usize,
@@ -24,7 +24,7 @@ fn split_groups<'a>(
     parts
 }
 
-fn inner_par(groups: usize) -> Par {
+pub(crate) fn inner_par(groups: usize) -> Par {
     if groups >= 2 * rayon::current_num_threads() {
         Par::Seq
     } else {

@@ -1,19 +1,26 @@
 //! CPU kernels of origami: dense and grouped GEMM, norms, RoPE, attention, losses and the
 //! optimizer step. Kernels work on plain `f32` slices with explicit dimensions and know nothing
 //! about ranks or models, so a GPU backend can later sit beside them behind the same signatures.
+//! The GEMMs also have a bf16 path (bf16 inputs, f32 accumulation and output): `bf16`,
+//! `matmul_bf16`, `grouped_matmul_bf16`.
 //!
 //! Memory rule (as in llm.c): parameter gradients accumulate (`+=`), activation gradients are
 //! written (`=`), unless a function says otherwise (the residual stream adds).
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod cross_entropy;
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
 pub mod embedding;
 pub mod grad_norm;
 pub mod grouped_matmul;
+pub mod grouped_matmul_bf16;
 pub mod masked_attention;
 pub mod math;
 pub mod matmul;
+pub mod matmul_bf16;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;

@@ -33,24 +33,25 @@ impl Par {
 }
 
 /// A read-only matrix view over a slice, with element `(i, j)` at `i·row_stride + j·col_stride`.
+/// The element type is `f32` unless named (the bf16 GEMM reads `View<'_, Bf16>`).
 #[derive(Clone, Copy, Debug)]
-pub struct View<'a> {
-    data: &'a [f32],
+pub struct View<'a, T = f32> {
+    data: &'a [T],
     rows: usize,
     cols: usize,
     row_stride: usize,
     col_stride: usize,
 }
 
-impl<'a> View<'a> {
+impl<'a, T> View<'a, T> {
     /// A contiguous row-major `rows × cols` matrix.
-    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self::strided(data, rows, cols, cols, 1)
     }
 
     /// A view with explicit strides; panics if the last element lies outside `data`.
     pub fn strided(
-        data: &'a [f32],
+        data: &'a [T],
         rows: usize,
         cols: usize,
         row_stride: usize,
@@ -75,6 +76,16 @@ impl<'a> View<'a> {
             col_stride: self.row_stride,
             ..self
         }
+    }
+
+    /// Rows and columns.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The underlying slice and the row and column strides.
+    pub(crate) fn raw(&self) -> (&'a [T], usize, usize) {
+        (self.data, self.row_stride, self.col_stride)
     }
 }
 
@@ -120,6 +131,23 @@ impl<'a> ViewMut<'a> {
             row_stride: self.col_stride,
             col_stride: self.row_stride,
             ..self
+        }
+    }
+
+    /// Rows and columns.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The output as a raw matrix, for kernels that split it over threads.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn into_raw(self) -> RawMatrix {
+        RawMatrix {
+            ptr: self.data.as_mut_ptr(),
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
         }
     }
 }
@@ -258,7 +286,7 @@ pub fn linear_forward(
     }
 }
 
-fn add_bias(y: &mut [f32], bias: &[f32], width: usize) {
+pub(crate) fn add_bias(y: &mut [f32], bias: &[f32], width: usize) {
     y.par_chunks_mut(width * 64).for_each(|rows| {
         for row in rows.chunks_mut(width) {
             for (v, b) in row.iter_mut().zip(bias) {
