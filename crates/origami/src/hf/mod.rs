@@ -4,7 +4,7 @@
 pub mod config;
 pub mod weights;
 
-use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use crate::params::Buffers;
 use origami_kernels::cross_entropy::IGNORE_TARGET;
 use std::path::Path;
@@ -60,5 +60,6 @@ pub fn next_token_batch(input_ids: &[Vec<u32>]) -> MicroBatch {
         targets,
         batch,
         seq,
+        keys: SequenceKeys::default(),
     }
 }
