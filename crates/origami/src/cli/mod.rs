@@ -3,11 +3,14 @@
 mod bench;
 mod bench_comm;
 mod bench_moe;
+mod check;
 mod eval;
 mod generate;
 mod prepare;
 mod topology;
 mod train;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -33,17 +36,35 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Show the dense and expert rank groups of a parallel configuration (folding layout).
     Topology(topology::TopologyArgs),
+    /// Train a few steps at the config's layout and on one rank, and compare (PASS / FAIL).
+    Check(check::CheckArgs),
 }
 
-/// Parses the command line and runs the chosen subcommand.
-pub fn run() -> anyhow::Result<()> {
+/// A run config that cannot be read or is invalid (or names data that cannot be opened):
+/// commands that promise it exit with status 2 on it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0:#}")]
+pub struct ConfigError(pub anyhow::Error);
+
+/// Whether this process was started by `mpirun` (Open MPI or a PMI launcher such as MPICH's).
+fn launched_by_mpirun() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// Parses the command line (a usage error exits with status 2) and runs the chosen
+/// subcommand, returning its exit status.
+pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Topology(args) => topology::run(args),
-    }
+        Command::Check(args) => return check::run(args),
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }

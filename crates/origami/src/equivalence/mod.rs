@@ -7,9 +7,10 @@
 //! the reference, so a test can demand ≤ 1e-4 on every rank. The same functions run on the
 //! local backend (tests) and under `mpirun` (the MPI check binaries). [`training`] compares
 //! whole training runs of folded layouts, the reference trained once (by rank 0, or by the
-//! caller).
+//! caller); [`check`] runs that comparison for a user's run config (`origami check`).
 
 mod allowance;
+pub mod check;
 pub mod training;
 
 use std::error::Error;
