@@ -2,13 +2,14 @@
 //! same ranks — against one rank (DESIGN.md §2): losses and gradient norms every step and every
 //! parameter's movement at the end within 1e-4, dropless routing with aux and z losses, for
 //! both dispatchers, both context-parallel exchanges and the distributed optimizer on and off;
-//! and sigmoid and sqrtsoftplus routers with expert bias and group-limited routing.
+//! sigmoid and sqrtsoftplus routers with expert bias and group-limited routing; and the
+//! global-batch load-balancing loss across data-parallel replicas.
 
 use std::sync::Arc;
 
 use origami::equivalence::training::{training, TrainingCase};
 use origami::layers::context_parallel::CpCommType;
-use origami::layers::moe::config::{DispatcherKind, MoeConfig, ScoreFunction};
+use origami::layers::moe::config::{AuxLossScope, DispatcherKind, MoeConfig, ScoreFunction};
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
 
@@ -104,5 +105,21 @@ fn expert_bias_and_groups_with_sigmoid_and_sqrtsoftplus() {
             };
             check(world, case);
         }
+    }
+}
+
+#[test]
+fn global_batch_balancing_across_data_parallel_replicas() {
+    // The replicas' j-th micro-batches count their loads together, so the single-rank run
+    // that equals the layout takes them as one micro-batch (`TrainingCase::reference_merges`).
+    for (world, (tp, cp), (ep, etp)) in [
+        (4, (1, 1), (2, 1)),
+        (8, (2, 1), (4, 1)),
+        (8, (1, 2), (8, 1)),
+    ] {
+        let mut case = TrainingCase::new(tp, cp, ep, etp);
+        case.model.moe.aux_loss_scope = AuxLossScope::GlobalBatch;
+        assert_eq!(case.reference_merges(world), case.data_parallel(world));
+        check(world, case);
     }
 }

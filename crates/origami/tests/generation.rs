@@ -3,7 +3,7 @@
 use origami::generate::{generate, SamplingSettings};
 use origami::layers::moe::config::MoeConfig;
 use origami::model::config::ModelConfig;
-use origami::model::gpt::{DecodeState, GptModel, MicroBatch};
+use origami::model::gpt::{DecodeState, GptModel, MicroBatch, SequenceKeys};
 use origami_kernels::testing::assert_close;
 
 fn model() -> GptModel {
@@ -41,6 +41,7 @@ fn cached_decoding_matches_full_forward_logits() {
             targets: vec![0; 70],
             batch: 1,
             seq: 70,
+            keys: SequenceKeys::default(),
         },
     );
     let mut state = DecodeState::default();

@@ -1,15 +1,16 @@
 //! Finite-difference gradient checks of every layer and of the whole model, over the router's
 //! score functions, the auxiliary losses, expert bias and group-limited routing, the (gated)
-//! shared expert, biases and tied embeddings.
+//! shared expert, biases, tied embeddings and the router's input jitter.
 
 use origami::layers::attention::{Attention, AttentionDims, Positions};
 use origami::layers::block::{Block, FeedForward};
 use origami::layers::mlp::Mlp;
 use origami::layers::moe::config::{AuxLossScope, DropPolicy, MoeConfig, ScoreFunction};
+use origami::layers::moe::jitter::{TokenKey, TokenKeys};
 use origami::layers::moe::MoeLayer;
 use origami::layers::tensor_parallel::TensorParallel;
 use origami::model::config::ModelConfig;
-use origami::model::gpt::{GptModel, MicroBatch};
+use origami::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use origami::params::init::initialise;
 use origami::params::{Buffers, ParamRegistry};
 use origami_kernels::cross_entropy::IGNORE_TARGET;
@@ -381,11 +382,11 @@ fn transformer_block_with_moe() {
     let x = random_vec(BATCH * SEQ * HIDDEN, 11);
     let probe = random_vec(x.len(), 12);
     let loss = |p: &Buffers, x: &[f32]| {
-        let (y, _, stats) = block.forward(p, x.to_vec(), BATCH, SEQ, &pos);
+        let (y, _, stats) = block.forward(p, x.to_vec(), BATCH, SEQ, &pos, None);
         let stats = stats.expect("moe block reports stats");
         probe_loss(&y, &probe) + stats.losses.load_balancing + stats.losses.z
     };
-    let (_, saved, _) = block.forward(&params, x.clone(), BATCH, SEQ, &pos);
+    let (_, saved, _) = block.forward(&params, x.clone(), BATCH, SEQ, &pos, None);
     let mut grads = registry.zeros();
     let dx = block.backward(
         &params,
@@ -453,6 +454,7 @@ fn check_model_with(
         targets,
         batch: BATCH,
         seq: SEQ,
+        keys: SequenceKeys::default(),
     };
     let mut grads = model.registry().zeros();
     let report = model.forward_backward(&params, &mut grads, &batch, 1.0);
@@ -556,4 +558,109 @@ fn whole_model_sigmoid_router() {
             None,
         ),
     );
+}
+
+/// Keys of `BATCH` sequences of `SEQ` tokens, one after the other.
+fn jitter_keys() -> TokenKeys {
+    TokenKeys {
+        seed: 21,
+        step: 3,
+        tokens: (0..BATCH * SEQ)
+            .map(|r| TokenKey {
+                sequence: (r / SEQ) as u64,
+                position: (r % SEQ) as u64,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn moe_layer_with_router_input_jitter() {
+    // The jitter multiplies the router's input only: the router weight's gradient takes the
+    // jittered input, the input's gradient through the router is multiplied by the noise, and
+    // the experts' path is untouched.
+    for score_function in [ScoreFunction::Softmax, ScoreFunction::Sigmoid] {
+        let settings = MoeConfig {
+            input_jitter_eps: Some(0.3),
+            ..moe_settings(score_function, false, 10, true)
+        };
+        let mut registry = ParamRegistry::default();
+        let layer = MoeLayer::new(&mut registry, "moe", HIDDEN, &settings, 0.4, 0.4);
+        let params = initialise(&registry, 7);
+        let x = random_vec(BATCH * SEQ * HIDDEN, 8);
+        let probe = random_vec(x.len(), 9);
+        let keys = jitter_keys();
+        let loss_scale = 0.7;
+        let loss = |p: &Buffers, x: &[f32]| {
+            let (y, _, stats) = layer.forward_with_jitter(p, x, BATCH, Some(&keys));
+            probe_loss(&y, &probe)
+                + loss_scale as f64 * (stats.losses.load_balancing + stats.losses.z)
+        };
+        let (y, saved, _) = layer.forward_with_jitter(&params, &x, BATCH, Some(&keys));
+        let (plain, _, _) = layer.forward_batch(&params, &x, BATCH);
+        assert!(
+            y.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-4),
+            "{score_function:?}: the jitter must change the output for this test to mean anything"
+        );
+        let mut grads = registry.zeros();
+        let dx = layer.backward(&params, &mut grads, saved, &x, &probe, loss_scale);
+        check_layer(
+            &format!("moe {score_function:?} jitter"),
+            &registry,
+            &params,
+            &x,
+            &loss,
+            (dx, grads),
+        );
+    }
+}
+
+#[test]
+fn whole_model_with_router_input_jitter_in_training() {
+    // Evaluation does not jitter, so the finite differences take the training forward's loss.
+    let config = small_model(
+        MoeConfig {
+            input_jitter_eps: Some(0.2),
+            ..moe_settings(ScoreFunction::Softmax, false, 0, false)
+        },
+        false,
+        false,
+        None,
+    );
+    let model = GptModel::new(config).expect("valid config");
+    let params = model.init_params(13);
+    let tokens: Vec<u32> = random_vec(BATCH * SEQ, 14)
+        .iter()
+        .map(|v| ((v + 1.0) * 12.0) as u32 % 24)
+        .collect();
+    let batch = MicroBatch {
+        targets: tokens.iter().map(|t| (t * 7 + 3) % 24).collect(),
+        tokens,
+        batch: BATCH,
+        seq: SEQ,
+        keys: SequenceKeys::consecutive(21, 3, 4, BATCH),
+    };
+    let mut grads = model.registry().zeros();
+    let report = model.forward_backward(&params, &mut grads, &batch, 1.0);
+    assert!(
+        (report.total() - model.loss(&params, &batch).total()).abs() > 1e-6,
+        "training jitters, evaluation does not"
+    );
+    let mut scratch = model.registry().zeros();
+    for info in model.registry().params().iter().filter(|p| p.trainable) {
+        let mut perturbed = params.clone();
+        check_gradient_with(
+            params.get(info.id),
+            grads.get(info.id),
+            &mut |v| {
+                perturbed.get_mut(info.id).copy_from_slice(v);
+                model
+                    .forward_backward(&perturbed, &mut scratch, &batch, 1.0)
+                    .total()
+            },
+            STEP,
+            TOLERANCE,
+            &format!("jitter {}", info.name),
+        );
+    }
 }

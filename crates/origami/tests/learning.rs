@@ -2,7 +2,7 @@
 //! drive the training loss (cross-entropy + aux + z) below 0.1.
 
 use origami::model::config::ModelConfig;
-use origami::model::gpt::{GptModel, MicroBatch};
+use origami::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use origami::optim::adamw::{AdamW, AdamWConfig};
 use origami::optim::lr_schedule::LrSchedule;
 
@@ -24,6 +24,7 @@ fn tiny_preset_memorises_one_batch_in_300_steps() {
         targets,
         batch,
         seq,
+        keys: SequenceKeys::default(),
     };
     let model = GptModel::new(ModelConfig::preset("tiny").unwrap()).unwrap();
     let mut params = model.init_params(42);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use origami::bench::{run, BenchLayout, BenchSettings};
 use origami::model::config::ModelConfig;
-use origami::model::gpt::{GptModel, MicroBatch};
+use origami::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use origami::model::parallel::ModelParallel;
 use origami::train::config::{RunConfig, DEFAULT_CONFIG};
 use origami::train::pipeline::{run_schedule, stage_schedule};
@@ -76,6 +76,7 @@ fn a_failing_stage_ends_every_rank_with_an_error() {
                 targets: vec![1; 16],
                 batch: 1,
                 seq: 16,
+                keys: SequenceKeys::consecutive(0, 0, 0, 1),
             };
             let schedule = stage_schedule(&gpt, 1, None).map_err(|e| e.to_string())?;
             run_schedule(

@@ -94,11 +94,14 @@ fn world_16_all_five_dimensions() {
 #[test]
 fn global_batch_balancing_and_expert_bias_along_a_pipeline() {
     // Loads counted over the step's micro-batches on each stage, gathered over the pipeline for
-    // the expert-bias update of every stage's routers. (One data-parallel replica: with more,
-    // the global-batch loss counts the replicas' micro-batches together, see docs/moe.md.)
-    let mut case = TrainingCase::new(2, 1, 2, 1).pipeline(2, 1, 4);
-    case.model.moe.aux_loss_scope = AuxLossScope::GlobalBatch;
-    case.model.moe.score_function = ScoreFunction::Sigmoid;
-    case.model.moe.expert_bias_update_rate = Some(0.05);
-    check_dispatchers(4, case);
+    // the expert-bias update of every stage's routers: TP2·PP2 (one data-parallel replica) and
+    // DP2·PP2, whose replicas count their j-th micro-batches together (the reference takes them
+    // as one, see docs/moe.md).
+    for tp in [2, 1] {
+        let mut case = TrainingCase::new(tp, 1, 2, 1).pipeline(2, 1, 4);
+        case.model.moe.aux_loss_scope = AuxLossScope::GlobalBatch;
+        case.model.moe.score_function = ScoreFunction::Sigmoid;
+        case.model.moe.expert_bias_update_rate = Some(0.05);
+        check_dispatchers(4, case);
+    }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::layers::context_parallel::CpCommType;
 use crate::model::config::ModelConfig;
 use crate::model::flops::training_flops_per_token;
-use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use crate::model::parallel::ModelParallel;
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
@@ -235,6 +235,12 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
                 targets: whole.targets[rows].to_vec(),
                 batch: per_rank,
                 seq,
+                keys: SequenceKeys::consecutive(
+                    0,
+                    0,
+                    (m * micro_batch + dp.rank() * per_rank) as u64,
+                    per_rank,
+                ),
             }
         })
         .collect();
@@ -453,6 +459,7 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, salt: u64) -> MicroBatch
         targets,
         batch,
         seq,
+        keys: SequenceKeys::consecutive(0, 0, salt * batch as u64, batch),
     }
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_comm;
 mod bench_moe;
+mod check;
 mod convert;
 mod eval;
 mod generate;
@@ -10,6 +11,8 @@ mod prepare;
 mod schedule;
 mod topology;
 mod train;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -39,12 +42,28 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Draw a pipeline schedule (1F1B or interleaved): each stage's timeline and the bubble.
     Schedule(schedule::ScheduleArgs),
+    /// Train a few steps at the config's layout and on one rank, and compare (PASS / FAIL).
+    Check(check::CheckArgs),
 }
 
-/// Parses the command line and runs the chosen subcommand.
-pub fn run() -> anyhow::Result<()> {
+/// A run config that cannot be read or is invalid (or names data that cannot be opened):
+/// commands that promise it exit with status 2 on it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0:#}")]
+pub struct ConfigError(pub anyhow::Error);
+
+/// Whether this process was started by `mpirun` (Open MPI or a PMI launcher such as MPICH's).
+fn launched_by_mpirun() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// Parses the command line (a usage error exits with status 2) and runs the chosen
+/// subcommand, returning its exit status.
+pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Generate(args) => generate::run(args),
@@ -53,5 +72,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Topology(args) => topology::run(args),
         Command::Schedule(args) => schedule::run(args),
         Command::Convert(args) => convert::run(args),
-    }
+        Command::Check(args) => return check::run(args),
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }

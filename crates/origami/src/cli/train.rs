@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use super::launched_by_mpirun;
+
 /// Arguments of `origami train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -50,13 +52,6 @@ fn with_model(text: &str, args: &TrainArgs) -> anyhow::Result<String> {
     let mut config = RunConfig::from_toml(text, &[])?;
     config.model = model;
     Ok(config.to_toml())
-}
-
-/// Whether this process was started by `mpirun` (Open MPI or a PMI launcher such as MPICH's).
-fn launched_by_mpirun() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
 }
 
 /// Trains with one process per rank when started by `mpirun` (MPI builds), otherwise with the

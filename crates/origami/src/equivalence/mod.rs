@@ -1,12 +1,16 @@
 //! The equivalence harness (DESIGN.md §2): runs a computation on one rank of a parallel layout
 //! and compares it with the same computation on a single rank holding everything.
 //!
-//! Every rank computes the single-rank reference itself (it is deterministic), then its own
-//! part of the parallel run, and reports the largest discrepancy of each quantity relative to
-//! the largest magnitude of the reference, so a test can demand ≤ 1e-4 on every rank. The same
-//! functions run on the local backend (tests) and under `mpirun` (the MPI check binary).
-//! [`training`] compares whole training runs of folded layouts.
+//! For a layer or one micro-batch ([`moe_layer`], [`model`]) every rank computes the
+//! single-rank reference itself (it is deterministic), then its own part of the parallel run,
+//! and reports the largest discrepancy of each quantity relative to the largest magnitude of
+//! the reference, so a test can demand ≤ 1e-4 on every rank. The same functions run on the
+//! local backend (tests) and under `mpirun` (the MPI check binaries). [`training`] compares
+//! whole training runs of folded layouts, the reference trained once (by rank 0, or by the
+//! caller); [`check`] runs that comparison for a user's run config (`origami check`).
 
+mod allowance;
+pub mod check;
 pub mod training;
 
 use std::error::Error;
@@ -21,7 +25,7 @@ use crate::layers::moe::config::{AuxLossScope, DispatcherKind, MoeConfig};
 use crate::layers::moe::parallel::MoeParallel;
 use crate::layers::moe::MoeLayer;
 use crate::model::config::ModelConfig;
-use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use crate::model::parallel::ModelParallel;
 use crate::params::init::initialise;
 use crate::params::{Buffers, ParamRegistry};
@@ -324,6 +328,7 @@ impl ModelCase {
             (self.batch, self.seq),
             self.model.vocab_size,
             self.seed * 1000 + rank as u64 * 10,
+            SequenceKeys::consecutive(self.seed, 0, (rank * self.batch) as u64, self.batch),
         )
     }
 }
@@ -359,11 +364,12 @@ pub(crate) fn two_layer_model(
 }
 
 /// A micro-batch of `batch` sequences of `seq` random tokens and targets below `vocab`,
-/// determined by `salt`.
+/// determined by `salt`, with the sequence keys `keys`.
 pub(crate) fn random_micro_batch(
     (batch, seq): (usize, usize),
     vocab: usize,
     salt: u64,
+    keys: SequenceKeys,
 ) -> MicroBatch {
     let draw = |offset: u64| -> Vec<u32> {
         random_vec(batch * seq, salt + offset)
@@ -376,6 +382,7 @@ pub(crate) fn random_micro_batch(
         targets: draw(2),
         batch,
         seq,
+        keys,
     }
 }
 
@@ -404,6 +411,13 @@ pub fn model(world: &Arc<dyn Communicator>, case: &ModelCase) -> HarnessResult<D
             targets: parts.iter().flat_map(|b| b.targets.clone()).collect(),
             batch: case.batch * ranks,
             seq: case.seq,
+            keys: SequenceKeys {
+                sequences: parts
+                    .iter()
+                    .flat_map(|b| b.keys.sequences.clone())
+                    .collect(),
+                ..parts[0].keys.clone()
+            },
         };
         full.begin_global_batch();
         full.forward_backward(&full_params, &mut grads_ref, &all, 1.0)

@@ -5,7 +5,7 @@ pub mod config;
 pub mod names;
 pub mod weights;
 
-use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use crate::params::Buffers;
 use origami_kernels::cross_entropy::IGNORE_TARGET;
 use std::path::Path;
@@ -65,5 +65,6 @@ pub fn next_token_batch(input_ids: &[Vec<u32>]) -> MicroBatch {
         targets,
         batch,
         seq,
+        keys: SequenceKeys::default(),
     }
 }

@@ -10,6 +10,7 @@
 
 use crate::layers::attention::{Attention, AttentionSaved, KvCache, Positions};
 use crate::layers::mlp::{Mlp, MlpSaved};
+use crate::layers::moe::jitter::TokenKeys;
 use crate::layers::moe::{MoeLayer, MoeSaved, MoeStats};
 use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
@@ -101,6 +102,8 @@ impl Block {
 
     /// Runs the block on this rank's slice `x` of `batch` sequences (whose context-parallel part
     /// has `seq` tokens each); returns the output, saved state, and MoE stats for MoE blocks.
+    /// In training `jitter` holds the keys of the slice's tokens, for an MoE router's input
+    /// jitter (`None` in evaluation).
     pub fn forward(
         &self,
         params: &Buffers,
@@ -108,6 +111,7 @@ impl Block {
         batch: usize,
         seq: usize,
         positions: &Positions,
+        jitter: Option<&TokenKeys>,
     ) -> (Vec<f32>, BlockSaved, Option<MoeStats>) {
         let mut attention_norm_out = vec![0.0; x.len()];
         let attention_rstd = rmsnorm_forward(
@@ -141,7 +145,8 @@ impl Block {
                 (y, FeedForwardSaved::Dense(saved), None, gathered)
             }
             FeedForward::Moe(moe) => {
-                let (y, saved, stats) = moe.forward_batch(params, &ffn_norm_out, batch);
+                let (y, saved, stats) =
+                    moe.forward_with_jitter(params, &ffn_norm_out, batch, jitter);
                 (
                     y,
                     FeedForwardSaved::Moe(Box::new(saved)),

@@ -13,11 +13,14 @@
 
 use crate::layers::attention::Positions;
 use crate::layers::block::{Block, BlockSaved};
-use crate::layers::moe::MoeStats;
+use crate::layers::moe::jitter::{TokenKey, TokenKeys};
+use crate::layers::moe::{MoeLayer, MoeStats};
 use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::layers::vocab_parallel::VocabParallel;
 use crate::params::{Buffers, ParamId};
+
+use super::gpt::SequenceKeys;
 use origami_kernels::cross_entropy::{
     cross_entropy_forward_backward, cross_entropy_rows, CrossEntropySums, IGNORE_TARGET,
 };
@@ -60,6 +63,8 @@ pub(super) struct ChunkContext<'a> {
 pub struct LocalBatch {
     pub(super) tokens: Vec<u32>,
     pub(super) targets: Vec<u32>,
+    /// Where the micro-batch's sequences sit in the run.
+    pub(super) keys: SequenceKeys,
     /// Global positions of one sequence's local tokens.
     pub(super) in_sequence: Vec<usize>,
     /// Global position of every local token.
@@ -69,17 +74,47 @@ pub struct LocalBatch {
     pub(super) seq: usize,
 }
 
+impl LocalBatch {
+    /// The jitter keys of this rank's sequence-parallel slice of the residual stream (the rows
+    /// of its MoE layers): tp rank `r` holds the `r`-th run of `seq / tp` local tokens of each
+    /// sequence.
+    fn token_keys(&self, tp: &TensorParallel) -> TokenKeys {
+        assert_eq!(
+            self.keys.sequences.len(),
+            self.batch,
+            "router jitter needs every sequence's key (MicroBatch::keys)"
+        );
+        let part = self.seq / tp.size();
+        let positions = &self.in_sequence[tp.rank() * part..(tp.rank() + 1) * part];
+        TokenKeys {
+            seed: self.keys.seed,
+            step: self.keys.step,
+            tokens: self
+                .keys
+                .sequences
+                .iter()
+                .flat_map(|&sequence| {
+                    positions.iter().map(move |&p| TokenKey {
+                        sequence,
+                        position: p as u64,
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Whether a chunk's forward is followed by a backward.
 pub enum ForwardMode<'a> {
     /// Training: the head accumulates the output layer's gradient into `grads`, the losses
-    /// entering with `loss_scale`.
+    /// entering with `loss_scale`; routers with `input_jitter_eps` jitter their input.
     Train {
         /// Gradient buffers.
         grads: &'a mut Buffers,
         /// Factor of this micro-batch's loss in the step's objective.
         loss_scale: f32,
     },
-    /// Evaluation: losses only, nothing kept.
+    /// Evaluation: losses only, nothing kept, no router jitter.
     Evaluate,
 }
 
@@ -160,8 +195,20 @@ impl ModelChunk {
             head: None,
         };
         let mut losses = ChunkLosses::default();
+        let jitters = self
+            .blocks
+            .iter()
+            .any(|b| b.moe().is_some_and(MoeLayer::jitters));
+        let jitter = (training && jitters).then(|| local.token_keys(ctx.tp));
         for block in &self.blocks {
-            let (y, s, stats) = block.forward(params, x, local.batch, local.seq, positions);
+            let (y, s, stats) = block.forward(
+                params,
+                x,
+                local.batch,
+                local.seq,
+                positions,
+                jitter.as_ref(),
+            );
             if training {
                 saved.blocks.push(s);
             }

@@ -52,6 +52,35 @@ pub struct MicroBatch {
     pub batch: usize,
     /// Tokens per sequence.
     pub seq: usize,
+    /// Where the sequences sit in the training run (the router jitter's key; unused without
+    /// jitter and in evaluation).
+    pub keys: SequenceKeys,
+}
+
+/// Where a micro-batch's sequences sit in the training run: the run's seed, the optimizer
+/// step, and each sequence's index in the step's global batch. With each token's position they
+/// key the router's input jitter, so the noise a token gets does not depend on the rank that
+/// holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SequenceKeys {
+    /// The run's seed.
+    pub seed: u64,
+    /// The optimizer step.
+    pub step: u64,
+    /// Index of each sequence in the step's global batch.
+    pub sequences: Vec<u64>,
+}
+
+impl SequenceKeys {
+    /// `count` consecutive sequences of step `step`, the first at index `first` of the step's
+    /// global batch.
+    pub fn consecutive(seed: u64, step: u64, first: u64, count: usize) -> Self {
+        SequenceKeys {
+            seed,
+            step,
+            sequences: (first..first + count as u64).collect(),
+        }
+    }
 }
 
 /// Losses and routing statistics of one micro-batch.
@@ -204,6 +233,7 @@ impl GptModel {
         LocalBatch {
             tokens: pick(&batch.tokens),
             targets: pick(&batch.targets),
+            keys: batch.keys.clone(),
             of_row: (0..batch.batch)
                 .flat_map(|_| in_sequence.iter().copied())
                 .collect(),
@@ -379,7 +409,7 @@ impl GptModel {
         let mut x = self.vocab.embed(params.get(table), &local.tokens, h);
         for block in &whole.blocks {
             x = block
-                .forward(params, x, local.batch, local.seq, &positions)
+                .forward(params, x, local.batch, local.seq, &positions, None)
                 .0;
         }
         let mut normed = vec![0.0; x.len()];

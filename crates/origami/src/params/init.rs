@@ -1,19 +1,20 @@
 //! Parameter initialisation that depends only on (seed, parameter name, global element index),
 //! never on how a tensor is sharded: each element's value comes from a counter-based hash, so
-//! any rank can produce exactly its own slice of any parameter.
+//! any rank can produce exactly its own slice of any parameter. The same hash keys the other
+//! draws that must not depend on the layout (the router's input jitter).
 
 use super::{Buffers, Init, ParamRegistry, Shard};
 use rayon::prelude::*;
 
-/// 64-bit FNV-1a of a name, the per-parameter stream id.
-fn name_hash(name: &str) -> u64 {
+/// 64-bit FNV-1a of a name, the per-parameter (or per-layer) stream id.
+pub fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
-/// SplitMix64 finaliser: a strong 64-bit mixing function.
-fn mix(mut z: u64) -> u64 {
+/// SplitMix64 finaliser: a strong 64-bit mixing function, the counter-based generator's core.
+pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

@@ -4,7 +4,8 @@
 //! and when asked to stop (Ctrl-C).
 //!
 //! Sample `i` of step `s` is global sample `s·global_batch + i`, so the data order depends only
-//! on (seed, global sample index) and a resumed run sees exactly the batches it would have seen.
+//! on (seed, global sample index) and a resumed run sees exactly the batches it would have seen;
+//! its micro-batch carries (seed, s, i) as the key of the router jitter.
 //! Across ranks, data-parallel rank `d` of `D` takes the `d`-th contiguous `1/D` of the step's
 //! micro-batches; the tensor- and context-parallel ranks of a replica read the same ones.
 //! Checkpoints hold whole tensors (gathered from the shards), so any layout resumes any other.
@@ -20,7 +21,7 @@ use super::pipeline::{evaluate_pipeline, stage_schedule};
 use super::step::{train_step, StepGroups};
 use crate::bench::peak_gemm_gflops;
 use crate::model::flops::training_flops_per_token;
-use crate::model::gpt::{GptModel, MicroBatch};
+use crate::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use crate::model::parallel::ModelParallel;
 use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
 use crate::params::{Buffers, ParamGroup};
@@ -79,12 +80,44 @@ pub struct TrainOutcome {
     pub interrupted: bool,
 }
 
+/// The shape of a step's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchShape {
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Sequences per step.
+    pub global_batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Token ids must lie below this.
+    pub vocab: usize,
+}
+
+/// Micro-batch `index` of step `step` of a run seeded `seed`: sequences
+/// `index·micro_batch ..` of the step's global batch, which are the samples
+/// `step·global_batch + index·micro_batch ..` of `source`.
+pub fn step_micro_batch(
+    source: &dyn SampleSource,
+    seed: u64,
+    step: u64,
+    index: usize,
+    shape: &BatchShape,
+) -> anyhow::Result<MicroBatch> {
+    let in_step = (index * shape.micro_batch) as u64;
+    micro_batch(
+        source,
+        step * shape.global_batch as u64 + in_step,
+        (shape.micro_batch, shape.seq, shape.vocab),
+        SequenceKeys::consecutive(seed, step, in_step, shape.micro_batch),
+    )
+}
+
+/// `batch` samples of `source` from sample `first` on, as a micro-batch with `keys`.
 fn micro_batch(
     source: &dyn SampleSource,
     first: u64,
-    batch: usize,
-    seq: usize,
-    vocab: usize,
+    (batch, seq, vocab): (usize, usize, usize),
+    keys: SequenceKeys,
 ) -> anyhow::Result<MicroBatch> {
     let mut tokens = Vec::with_capacity(batch * seq);
     let mut targets = Vec::with_capacity(batch * seq);
@@ -105,6 +138,7 @@ fn micro_batch(
         targets,
         batch,
         seq,
+        keys,
     })
 }
 
@@ -119,7 +153,14 @@ pub fn evaluate(
 ) -> anyhow::Result<f64> {
     let vocab = model.config().vocab_size;
     let batches = (0..batches)
-        .map(|b| micro_batch(valid, (b * micro) as u64, micro, seq, vocab))
+        .map(|b| {
+            micro_batch(
+                valid,
+                (b * micro) as u64,
+                (micro, seq, vocab),
+                SequenceKeys::default(),
+            )
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (total, tokens) = evaluate_pipeline(model, params, &batches, &groups.pipeline)?;
     let (mut total, mut tokens) = ([total as f32], [tokens as u64]);
@@ -159,7 +200,7 @@ pub fn train(
 
 /// How long a rank waits in one collective before the job fails: long enough for a slow step or
 /// a checkpoint written by rank 0, short enough that a hung peer is reported.
-const RANK_TIMEOUT: Duration = Duration::from_secs(600);
+pub const RANK_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Trains as one rank of `world` (the local backend's threads or MPI processes all call this).
 /// Every rank returns the whole model and its parameters; rank 0 logs and writes files.
@@ -235,6 +276,12 @@ pub fn train_on(
     let dp = state.dp();
     let per_rank = micro_batches / dp.size();
     let schedule = stage_schedule(&model, per_rank, p.microbatch_group_size)?;
+    let shape = BatchShape {
+        micro_batch: t.micro_batch,
+        global_batch: t.global_batch,
+        seq: t.seq_len,
+        vocab: config.model.vocab_size,
+    };
     let tokens_per_step = t.global_batch * t.seq_len;
     let flops_per_token = training_flops_per_token(&config.model, t.seq_len);
     // The best GEMM rate seen so far: re-measured at each evaluation, so a start-up measurement
@@ -250,17 +297,7 @@ pub fn train_on(
         let started = Instant::now();
         let lr = t.lr.at(step);
         let batches = (0..per_rank)
-            .map(|j| {
-                let index = dp.rank() * per_rank + j;
-                let first = step * t.global_batch as u64 + (index * t.micro_batch) as u64;
-                micro_batch(
-                    train,
-                    first,
-                    t.micro_batch,
-                    t.seq_len,
-                    config.model.vocab_size,
-                )
-            })
+            .map(|j| step_micro_batch(train, t.seed, step, dp.rank() * per_rank + j, &shape))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let outcome = train_step(
             &model,

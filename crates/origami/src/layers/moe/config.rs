@@ -49,6 +49,11 @@ pub struct MoeConfig {
     /// `bias += rate · sign(mean(load) − load)` from the experts chosen. Absent: no bias. Needs
     /// `score_function = "sigmoid"` or `"sqrtsoftplus"`.
     pub expert_bias_update_rate: Option<f32>,
+    /// Router input jitter: in training the router's logits are computed from its input
+    /// multiplied elementwise by noise uniform in `[1 − eps, 1 + eps]` (the experts see the input
+    /// unjittered), drawn from (seed, step, token, layer) so every layout draws the same noise.
+    /// Absent: no jitter. Must lie in (0, 1).
+    pub input_jitter_eps: Option<f32>,
     /// Group-limited routing: experts form this many equal groups, and each token's top-k is
     /// taken inside its best `group_topk` groups (DeepSeek-style). Absent: no groups.
     pub num_groups: Option<usize>,
@@ -118,6 +123,7 @@ impl Default for MoeConfig {
             shared_expert_ffn_hidden_size: 0,
             shared_expert_gate: false,
             expert_bias_update_rate: None,
+            input_jitter_eps: None,
             num_groups: None,
             group_topk: None,
             capacity_factor: None,
@@ -153,6 +159,9 @@ pub enum MoeConfigError {
     /// Group-limited routing settings that do not fit together.
     #[error("group-limited routing: {0}")]
     BadGroups(String),
+    /// A jitter band that is not in (0, 1).
+    #[error("model.moe.input_jitter_eps = {0} must lie in (0, 1)")]
+    BadJitter(f32),
     /// A capacity factor that is not a positive number.
     #[error("model.moe.capacity_factor = {0} must be positive")]
     BadCapacityFactor(f32),
@@ -187,6 +196,9 @@ impl MoeConfig {
             .filter(|f| !(*f > 0.0 && f.is_finite()))
         {
             return Err(MoeConfigError::BadCapacityFactor(factor));
+        }
+        if let Some(eps) = self.input_jitter_eps.filter(|e| !(*e > 0.0 && *e < 1.0)) {
+            return Err(MoeConfigError::BadJitter(eps));
         }
         if self.layer_freq == 0 && self.layer_pattern.is_none() {
             return Err(MoeConfigError::Zero {

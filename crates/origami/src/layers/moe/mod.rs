@@ -1,7 +1,7 @@
 //! The Mixture-of-Experts layer: router → permute → dispatch to the experts' ranks → grouped
 //! experts → combine → weighted un-permute, plus an optional shared expert. Dropless by
 //! default; with a capacity factor an expert computes at most its capacity of a rank's tokens
-//! (see [`capacity`]). Across ranks ([`parallel`]) the experts are split over ep (and their
+//! (see [`capacity`]). In training the router may see its input jittered ([`jitter`]). Across ranks ([`parallel`]) the experts are split over ep (and their
 //! hidden units over etp) and tokens travel by the configured [`dispatch`]er.
 
 pub mod balance;
@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod config;
 pub mod dispatch;
 pub mod experts;
+pub mod jitter;
 pub mod parallel;
 pub mod permute;
 pub mod router;
@@ -26,6 +27,7 @@ use crate::params::{Buffers, ParamRegistry};
 use balance::{BalanceSettings, BalanceWeights, RunningLoad};
 use dispatch::{PhaseTimes, RouteInput, RouteSaved};
 use experts::GroupedExperts;
+use jitter::TokenKeys;
 use parallel::{MoeParallel, ShardingError};
 use permute::Permutation;
 use router::{AuxGradient, Router, RouterLosses, RouterSaved, Routing};
@@ -290,15 +292,33 @@ impl MoeLayer {
     }
 
     /// `y[tokens, hidden]` from the normalised input `x`, whose tokens are `sequences` equal
-    /// runs (this rank's part of each sequence of the micro-batch, in order).
+    /// runs (this rank's part of each sequence of the micro-batch, in order), routed without
+    /// jitter.
     pub fn forward_batch(
         &self,
         params: &Buffers,
         x: &[f32],
         sequences: usize,
     ) -> (Vec<f32>, MoeSaved, MoeStats) {
+        self.forward_with_jitter(params, x, sequences, None)
+    }
+
+    /// Whether the router jitters its input in training (`model.moe.input_jitter_eps`).
+    pub fn jitters(&self) -> bool {
+        self.router.jitters()
+    }
+
+    /// [`MoeLayer::forward_batch`] in training: `jitter` holds the keys of the rows, from which
+    /// the router draws its input jitter when the layer has one.
+    pub fn forward_with_jitter(
+        &self,
+        params: &Buffers,
+        x: &[f32],
+        sequences: usize,
+        jitter: Option<&TokenKeys>,
+    ) -> (Vec<f32>, MoeSaved, MoeStats) {
         let tokens = x.len() / self.hidden;
-        let (routing, router_saved) = self.router.forward(params, x);
+        let (routing, router_saved) = self.router.forward_with_jitter(params, x, jitter);
         let fixed_rows = self.capacity(tokens, routing.topk);
         let permutation = self.permutation(&routing, fixed_rows);
         let fixed_rows = fixed_rows.filter(|_| self.pad_to_capacity);

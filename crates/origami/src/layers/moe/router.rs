@@ -17,13 +17,17 @@
 //! (which tokens `N` and `T` count) is set by [`super::balance`] weights.
 //! z-loss `coeff · mean_t(logsumexp(logits_t)²)` over the micro-batch.
 //! With group-limited routing the choice is restricted to each token's best groups of experts.
+//! With input jitter ([`super::jitter`]) the logits are computed from the jittered input in
+//! training; everything after the logits is unchanged.
 
 use std::cmp::Ordering;
 
 use super::balance::BalanceWeights;
+use super::jitter::{jitter_noise, jittered, TokenKeys};
 use super::score::{ElementwiseScore, NORMALISATION_EPS};
 use crate::layers::moe::config::MoeConfig;
 use crate::layers::stored::Stored;
+use crate::params::init::name_hash;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::softmax::{logsumexp, softmax_rows, softmax_rows_backward};
@@ -67,11 +71,15 @@ pub struct Router {
     expert_bias: Option<ParamId>,
     hidden: usize,
     experts: usize,
+    /// The jitter's stream id: the hash of the router's (global) name.
+    jitter_stream: u64,
     settings: MoeConfig,
 }
 
 /// What the forward keeps for the backward, and the choices the load-balancing loss counts.
 pub struct RouterSaved {
+    /// The jitter's multipliers of the input, when it was jittered.
+    noise: Option<Vec<f32>>,
     logits: Vec<f32>,
     balancing_scores: Vec<f32>,
     balancing_choices: Vec<u32>,
@@ -114,22 +122,47 @@ impl Router {
             expert_bias,
             hidden,
             experts: settings.num_experts,
+            jitter_stream: name_hash(prefix),
             settings: settings.clone(),
         }
+    }
+
+    /// Whether the router jitters its input in training.
+    pub fn jitters(&self) -> bool {
+        self.settings.input_jitter_eps.is_some()
     }
 
     fn scale(&self) -> f32 {
         self.settings.topk_scaling_factor.unwrap_or(1.0)
     }
 
-    /// Routes the tokens `x[tokens, hidden]`.
+    /// Routes the tokens `x[tokens, hidden]` as they are (evaluation, or no jitter).
     pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Routing, RouterSaved) {
+        self.forward_with_jitter(params, x, None)
+    }
+
+    /// Routes the tokens `x[tokens, hidden]`; in training `jitter` holds the rows' keys, and
+    /// with `input_jitter_eps` set the logits come from the jittered input.
+    pub fn forward_with_jitter(
+        &self,
+        params: &Buffers,
+        x: &[f32],
+        jitter: Option<&TokenKeys>,
+    ) -> (Routing, RouterSaved) {
         let tokens = x.len() / self.hidden;
         let (e, k) = (self.experts, self.settings.topk);
+        let noise = match (self.settings.input_jitter_eps, jitter) {
+            (Some(eps), Some(keys)) => {
+                assert_eq!(keys.tokens.len(), tokens, "one jitter key per routed token");
+                Some(jitter_noise(eps, self.jitter_stream, keys, self.hidden))
+            }
+            _ => None,
+        };
+        let jittered_input = noise.as_ref().map(|n| jittered(x, n));
         let mut logits = vec![0.0; tokens * e];
         linear_forward(
             &mut logits,
-            x,
+            jittered_input.as_deref().unwrap_or(x),
             params.get(self.weight),
             None,
             tokens,
@@ -165,6 +198,7 @@ impl Router {
         (
             routing,
             RouterSaved {
+                noise,
                 logits,
                 balancing_scores,
                 balancing_choices,
@@ -418,21 +452,45 @@ impl Router {
                 }
             }
         }
+        let Some(noise) = &saved.noise else {
+            linear_backward(
+                LinearGrads {
+                    input: Some(dx),
+                    accumulate_input: true,
+                    weight: Some(grads.get_mut(self.weight)),
+                    bias: None,
+                },
+                &dlogits,
+                x,
+                params.get(self.weight),
+                tokens,
+                self.hidden,
+                e,
+                Par::All,
+            );
+            return;
+        };
+        // Jittered: the weight saw x ⊙ noise, and the input's gradient is the jittered
+        // input's times the noise.
+        let mut d_jittered = vec![0.0; x.len()];
         linear_backward(
             LinearGrads {
-                input: Some(dx),
-                accumulate_input: true,
+                input: Some(&mut d_jittered),
+                accumulate_input: false,
                 weight: Some(grads.get_mut(self.weight)),
                 bias: None,
             },
             &dlogits,
-            x,
+            &jittered(x, noise),
             params.get(self.weight),
             tokens,
             self.hidden,
             e,
             Par::All,
         );
+        for ((d, g), n) in dx.iter_mut().zip(&d_jittered).zip(noise) {
+            *d += g * n;
+        }
     }
 
     fn chosen_weights_backward(
@@ -501,7 +559,8 @@ fn top_k(order: &mut [u32], k: usize, better: impl Fn(usize, usize) -> Ordering)
 
 impl Stored for RouterSaved {
     fn stored_bytes(&self) -> usize {
-        self.logits.stored_bytes()
+        self.noise.stored_bytes()
+            + self.logits.stored_bytes()
             + self.balancing_scores.stored_bytes()
             + self.balancing_choices.stored_bytes()
     }
