@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context};
 use serde_json::{json, Value};
 
 use crate::hf::names::{mapped_tensors, ExpertLayout, HfFamily};
-use crate::hf::weights::{assemble, detect_layout, HfTensors};
+use crate::hf::weights::{assemble_into, detect_layout, HfTensors};
 use crate::layers::moe::config::ScoreFunction;
 use crate::model::config::ModelConfig;
 use crate::model::gpt::GptModel;
@@ -300,12 +300,9 @@ pub fn from_hf(hf: &Path, out: &Path) -> anyhow::Result<Converted> {
                 name: info.name.clone(),
                 shape: info.shape.clone(),
                 fill: Box::new(move |values: &mut Vec<f32>| {
-                    match assemble(table, tensors, &info.name, &info.shape) {
-                        Ok(assembled) => values.extend(assembled),
-                        Err(e) => {
-                            failure.borrow_mut().get_or_insert(e.into());
-                            values.resize(info.shape.iter().product(), 0.0);
-                        }
+                    if let Err(e) = assemble_into(table, tensors, &info.name, &info.shape, values)
+                    {
+                        failure.borrow_mut().get_or_insert(e.into());
                     }
                 }),
             }

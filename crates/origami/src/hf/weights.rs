@@ -113,7 +113,21 @@ pub fn assemble(
     name: &str,
     shape: &[usize],
 ) -> Result<Vec<f32>, HfError> {
-    let mut values = vec![0.0f32; shape.iter().product()];
+    let mut values = Vec::new();
+    assemble_into(table, tensors, name, shape, &mut values)?;
+    Ok(values)
+}
+
+/// [`assemble`] into `values` (cleared first), so a caller's buffer is filled without a copy.
+pub fn assemble_into(
+    table: &[Mapped],
+    tensors: &HfTensors,
+    name: &str,
+    shape: &[usize],
+    values: &mut Vec<f32>,
+) -> Result<(), HfError> {
+    values.clear();
+    values.resize(shape.iter().product(), 0.0);
     for m in table.iter().filter(|m| m.origami == name) {
         let part = tensors.get(&m.hf, &m.shape)?;
         let block = m.region.as_block().expect("table regions are blocks");
@@ -121,7 +135,7 @@ pub fn assemble(
             values[to..to + len].copy_from_slice(&part[from..from + len]);
         });
     }
-    Ok(values)
+    Ok(())
 }
 
 /// Every parameter of `model` (one rank, whole tensors) from the HF tensors.
