@@ -88,7 +88,7 @@ impl ParallelSection {
 
     /// The two mappings in one line, e.g.
     /// `world 4 | attention TP2 CP1 DP2 | MoE ETP1 EP4 EDP1`; with a pipeline both mappings
-    /// show its size, then the schedule, e.g. `… DP2 PP2 | MoE … EDP1 PP2 | pipeline VPP2`.
+    /// show its size, then the schedule, e.g. `… DP2 PP2 | MoE … EDP1 PP2 | pipeline 1F1B`.
     pub fn describe(&self) -> String {
         let etp = self.etp.unwrap_or(self.tp);
         let pp = if self.pp > 1 {
@@ -107,7 +107,11 @@ impl ParallelSection {
             self.world / (etp * self.ep * self.pp).max(1),
         );
         if self.pp > 1 {
-            line += &format!(" | pipeline VPP{}", self.vpp);
+            line += &if self.vpp > 1 {
+                format!(" | pipeline interleaved, VPP{}", self.vpp)
+            } else {
+                " | pipeline 1F1B".to_string()
+            };
             let count = |n: Option<usize>| n.map_or("even".to_string(), |n| n.to_string());
             if self.pp_first_stage_layers.is_some() || self.pp_last_stage_layers.is_some() {
                 line += &format!(
