@@ -55,6 +55,9 @@ pub enum PlanError {
         /// `--gpus`, `--global-batch` or `--seq`.
         what: &'static str,
     },
+    /// An expert-imbalance margin below 1.
+    #[error("expert imbalance {0} must be a number of at least 1 (the busiest rank's expert rows over the mean)")]
+    ExpertImbalance(f64),
     /// A hardware description that does not parse.
     #[error("hardware description {source_name}: {message}")]
     HardwareFile {

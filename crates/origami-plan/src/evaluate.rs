@@ -6,7 +6,7 @@ use origami_parallel::{GroupKind, Topology};
 use origami_schedule::{StageLayers, StageTimes};
 use serde::Serialize;
 
-use crate::memory::{rank_memory, MemoryBreakdown, Sharding};
+use crate::memory::{rank_memory, MemoryBreakdown, Overheads, Sharding};
 use crate::network::Spans;
 use crate::pipeline::{PipelineCache, PipelineRun};
 use crate::stage::{stages, LayerKinds, Stage};
@@ -49,6 +49,10 @@ impl PlanInputs {
             if value == 0 {
                 return Err(PlanError::ZeroRun { what });
             }
+        }
+        let margin = self.expert_imbalance;
+        if margin.is_nan() || margin.is_infinite() || margin < 1.0 {
+            return Err(PlanError::ExpertImbalance(margin));
         }
         self.hardware.peak_flops(self.precision)?;
         Ok(())
@@ -194,7 +198,10 @@ impl Planner {
             sharding,
             &slowest,
         );
-        let runtime = hardware.runtime.per_rank_mib;
+        let overheads = Overheads {
+            runtime_mib: hardware.runtime.per_rank_mib,
+            heap_retention_cap_mib: hardware.runtime.heap_retention_cap_mib,
+        };
         let memories: Vec<MemoryBreakdown> = stages
             .iter()
             .map(|s| {
@@ -204,7 +211,7 @@ impl Planner {
                     bytes,
                     sharding,
                     (layout.vpp, pipeline.peak_in_flight[s.index]),
-                    runtime,
+                    overheads,
                 )
             })
             .collect();

@@ -133,8 +133,13 @@ pub struct Engine {
 pub struct Runtime {
     /// Per device: context, communication buffers, workspaces, allocator reserve. MiB.
     pub per_rank_mib: f64,
-    /// Per process holding the ranks of a node (binary, libraries, allocator arenas). MiB.
+    /// Per process holding the ranks of a node (binary, libraries, thread pools). MiB.
     pub per_process_mib: f64,
+    /// Heap the allocator keeps after freeing, per rank, at most this many MiB: glibc's malloc
+    /// raises its mmap threshold to the largest block freed (up to 32 MiB) and keeps up to
+    /// twice that at the top of the heap, so a rank retains `min(2 × largest tensor, cap)`;
+    /// 64 for glibc, 0 where a caching allocator's reserve is in `per_rank_mib`.
+    pub heap_retention_cap_mib: f64,
 }
 
 impl Hardware {
@@ -244,7 +249,10 @@ impl Hardware {
                 value: self.engine.dispatch_overhead_per_byte,
             });
         }
-        if self.runtime.per_rank_mib < 0.0 || self.runtime.per_process_mib < 0.0 {
+        if self.runtime.per_rank_mib < 0.0
+            || self.runtime.per_process_mib < 0.0
+            || self.runtime.heap_retention_cap_mib < 0.0
+        {
             return Err(PlanError::HardwareValue {
                 source_name: source.to_string(),
                 key: "runtime",

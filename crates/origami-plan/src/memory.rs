@@ -10,6 +10,8 @@
 //!   the simulated schedule, each chunk holding `1/vpp` of the stage's layers;
 //! - **largest transient**: the biggest working set of one backward (expert gradients and
 //!   dispatch buffers, the logits and their gradient);
+//! - **allocator**: heap the allocator keeps after frees (glibc: up to twice the largest tensor,
+//!   capped by the hardware);
 //! - **runtime**: the hardware's fixed cost per rank.
 
 use serde::Serialize;
@@ -19,6 +21,8 @@ use crate::stage::{LayerKinds, Stage};
 
 /// Bytes in one GiB.
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+/// Bytes in one MiB.
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// One rank's memory, GiB per term.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -39,6 +43,8 @@ pub struct MemoryBreakdown {
     pub in_flight_chunks: usize,
     /// The largest transient buffer set of one backward.
     pub largest_transient: f64,
+    /// Heap the allocator retains after frees.
+    pub allocator: f64,
     /// Fixed runtime cost of a rank.
     pub runtime: f64,
 }
@@ -51,6 +57,7 @@ impl MemoryBreakdown {
             + self.optimizer_states
             + self.activations
             + self.largest_transient
+            + self.allocator
             + self.runtime
     }
 
@@ -71,6 +78,15 @@ pub struct Sharding {
     pub expert_replicas: usize,
 }
 
+/// Fixed and allocator costs of a rank, MiB.
+#[derive(Clone, Copy, Debug)]
+pub struct Overheads {
+    /// Runtime cost per rank.
+    pub runtime_mib: f64,
+    /// Cap of the heap the allocator retains.
+    pub heap_retention_cap_mib: f64,
+}
+
 /// The memory of one rank of `stage`, which holds `in_flight_chunks` chunk forwards at peak.
 pub fn rank_memory(
     stage: &Stage,
@@ -78,7 +94,7 @@ pub fn rank_memory(
     bytes: Bytes,
     sharding: Sharding,
     (vpp, in_flight_chunks): (usize, usize),
-    runtime_mib: f64,
+    overheads: Overheads,
 ) -> MemoryBreakdown {
     let p = stage.params;
     let (dense_shard, expert_shard) = if sharding.distributed {
@@ -98,6 +114,11 @@ pub fn rank_memory(
         .iter()
         .map(|(work, _)| work.backward_working_bytes)
         .fold(0.0, f64::max);
+    let largest = layers
+        .iter()
+        .map(|(work, _)| work.largest_stored())
+        .fold(0.0, f64::max);
+    let retained = (2.0 * largest / MIB).min(overheads.heap_retention_cap_mib);
     MemoryBreakdown {
         stage: stage.index,
         parameters: p.total(),
@@ -107,7 +128,8 @@ pub fn rank_memory(
         activations: stored_per_micro_batch / vpp as f64 * in_flight_chunks as f64 / GIB,
         in_flight_chunks,
         largest_transient: transient / GIB,
-        runtime: runtime_mib / 1024.0,
+        allocator: retained / 1024.0,
+        runtime: overheads.runtime_mib / 1024.0,
     }
 }
 
@@ -175,13 +197,17 @@ mod tests {
             dense_replicas: 8,
             expert_replicas: 2,
         };
+        let overheads = Overheads {
+            runtime_mib: 0.0,
+            heap_retention_cap_mib: 0.0,
+        };
         let memory = rank_memory(
             stage,
             &kinds,
             Precision::Bf16.bytes(),
             sharding,
             (1, 8),
-            0.0,
+            overheads,
         );
         assert!((memory.weights_and_optimizer() * GIB / bytes - 1.0).abs() < 1e-12);
         // 28.42 GB, the research note's worked example (28.4 GB).

@@ -21,9 +21,9 @@ pub struct PipelineRun {
     pub peak_in_flight: Vec<usize>,
 }
 
-/// The backward/forward ratio is rounded to `1 / RATIO_STEPS` for the cache: a bubble of
-/// `(p − 1)(F + B)/v` moves by less than 0.5 % of itself.
-const RATIO_STEPS: f64 = 100.0;
+/// The backward/forward ratio is rounded to `1 / RATIO_STEPS` for the cache; the cached bubble,
+/// in units of `F + B`, barely moves over one step (exactly not at all under 1F1B).
+const RATIO_STEPS: f64 = 20.0;
 
 /// Simulations already run, keyed by shape and the backward/forward ratio (makespans scale
 /// with the forward time at a fixed ratio).
@@ -35,7 +35,7 @@ pub struct PipelineCache {
 /// pp, vpp, micro-batches and the rounded backward/forward ratio.
 type ShapeKey = (usize, usize, usize, u64);
 
-/// Makespan at unit forward time, and each stage's peak in-flight chunk forwards.
+/// Bubble in units of one micro-batch's `F + B`, and each stage's peak in-flight chunk forwards.
 type UnitRun = (f64, Vec<usize>);
 
 impl PipelineCache {
@@ -52,7 +52,7 @@ impl PipelineCache {
         config.validate()?;
         let ratio = times.backward / times.forward;
         let key = (pp, vpp, micro_batches, (ratio * RATIO_STEPS).round() as u64);
-        let (unit_makespan, peak_in_flight) = match self.runs.get(&key) {
+        let (unit_bubble, peak_in_flight) = match self.runs.get(&key) {
             Some(run) => run.clone(),
             None => {
                 let unit = StageTimes {
@@ -63,8 +63,10 @@ impl PipelineCache {
                     .map(|stage| schedule(&config, stage))
                     .collect::<Result<Vec<Schedule>, _>>()?;
                 let simulation = simulate(&schedules, unit)?;
+                let per_micro_batch = unit.forward + unit.backward;
+                let busy = micro_batches as f64 * per_micro_batch;
                 let run = (
-                    simulation.makespan,
+                    (simulation.makespan - busy).max(0.0) / per_micro_batch,
                     simulation
                         .stages
                         .iter()
@@ -75,12 +77,13 @@ impl PipelineCache {
                 run
             }
         };
-        let makespan = unit_makespan * times.forward;
-        let busy = micro_batches as f64 * (times.forward + times.backward);
+        let per_micro_batch = times.forward + times.backward;
+        let bubble = unit_bubble * per_micro_batch;
+        let busy = micro_batches as f64 * per_micro_batch;
         Ok(PipelineRun {
             schedule: config.kind().name(),
-            makespan: makespan.max(busy),
-            bubble: (makespan - busy).max(0.0),
+            makespan: busy + bubble,
+            bubble,
             peak_in_flight,
         })
     }

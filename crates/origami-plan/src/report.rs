@@ -106,6 +106,7 @@ pub fn explain(e: &Evaluation, hardware: &Hardware) -> String {
         ("optimizer states", m.optimizer_states),
         ("activations", m.activations),
         ("largest transient", m.largest_transient),
+        ("allocator", m.allocator),
         ("runtime", m.runtime),
     ] {
         let _ = writeln!(out, "  {name:<18} {gib:>9.3} GiB");

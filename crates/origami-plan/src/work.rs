@@ -180,6 +180,11 @@ impl LayerWork {
     pub fn stored_bytes(&self) -> f64 {
         self.stored.iter().map(|s| s.bytes).sum()
     }
+
+    /// The largest single tensor kept for the backward.
+    pub fn largest_stored(&self) -> f64 {
+        self.stored.iter().map(|s| s.bytes).fold(0.0, f64::max)
+    }
 }
 
 /// What sets a rank's work: the model, the layout, the sequence and the run's numerics.
