@@ -10,4 +10,5 @@ pub mod layers;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod plan;
 pub mod train;

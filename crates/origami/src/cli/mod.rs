@@ -5,6 +5,7 @@ mod bench_comm;
 mod bench_moe;
 mod eval;
 mod generate;
+mod plan;
 mod prepare;
 mod topology;
 mod train;
@@ -33,6 +34,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Show the dense and expert rank groups of a parallel configuration (folding layout).
     Topology(topology::TopologyArgs),
+    /// Memory and step time of every folded layout of a model on a cluster, fastest first.
+    Plan(plan::PlanArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -45,5 +48,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Topology(args) => topology::run(args),
+        Command::Plan(args) => plan::run(args),
     }
 }

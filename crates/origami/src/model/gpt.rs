@@ -32,7 +32,7 @@ use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use origami_kernels::rope::RopeTable;
 
 /// Rows of the output layer computed at once, bounding the logits buffer to `rows × vocab`.
-const OUTPUT_CHUNK_ROWS: usize = 1024;
+pub const OUTPUT_CHUNK_ROWS: usize = 1024;
 
 /// Token ids and targets of one micro-batch, `[batch, seq]` row-major.
 #[derive(Clone, Debug, PartialEq)]
