@@ -153,6 +153,10 @@ impl Planner {
             } else {
                 1.0
             },
+            serial_sharing: match (hardware.device.shared_by_ranks, hardware.device.cores) {
+                (true, Some(cores)) => (node_ranks as f64 / cores as f64).max(1.0),
+                _ => 1.0,
+            },
             spans: &spans,
         };
         let transfer = work_inputs.pipeline_transfer_bytes();

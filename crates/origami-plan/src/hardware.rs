@@ -48,6 +48,11 @@ pub struct Device {
     /// Whether the ranks of a node share one pool of cores and one memory (the local backend:
     /// threads of one process): the rates above are then the node's, shared by its ranks.
     pub shared_by_ranks: bool,
+    /// Cores of a node whose ranks share them (absent: one device per rank).
+    pub cores: Option<usize>,
+    /// Memory bandwidth of one core, bytes/s, for work that runs on one thread (absent: none
+    /// does).
+    pub core_memory_bandwidth: Option<f64>,
 }
 
 /// Achieved fractions of the device's peaks.
@@ -122,6 +127,9 @@ pub struct Engine {
     /// routed tokens (forward and backward together): host synchronisation on split sizes,
     /// unfused permutation and sorting, all-to-all-v below the link's collective rate.
     pub dispatch_overhead_per_byte: f64,
+    /// The element-wise glue between kernels (residual adds, router scores, permutation) runs
+    /// on each rank's own thread, one core, rather than as parallel kernels.
+    pub serial_glue: bool,
     /// Rows of the output layer whose logits exist at once (origami computes them in chunks);
     /// absent: the whole micro-batch's logits (Megatron-Core).
     pub output_chunk_rows: Option<usize>,
@@ -220,6 +228,23 @@ impl Hardware {
         }
         positive("device.memory_gib", self.device.memory_gib)?;
         positive("device.memory_bandwidth", self.device.memory_bandwidth)?;
+        if let Some(rate) = self.device.core_memory_bandwidth {
+            positive("device.core_memory_bandwidth", rate)?;
+        }
+        if self.engine.serial_glue && self.device.core_memory_bandwidth.is_none() {
+            return Err(PlanError::HardwareValue {
+                source_name: source.to_string(),
+                key: "device.core_memory_bandwidth (needed by engine.serial_glue)",
+                value: 0.0,
+            });
+        }
+        if self.device.cores == Some(0) {
+            return Err(PlanError::HardwareValue {
+                source_name: source.to_string(),
+                key: "device.cores",
+                value: 0.0,
+            });
+        }
         fraction("efficiency.gemm", self.efficiency.gemm)?;
         fraction("efficiency.grouped_gemm", self.efficiency.grouped_gemm)?;
         fraction("efficiency.attention", self.efficiency.attention)?;

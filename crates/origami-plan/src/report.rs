@@ -29,9 +29,14 @@ pub fn assumptions(hardware: &Hardware) -> Vec<String> {
         overlap(e.overlap_param_gather, "the distributed optimizer's parameter all-gather", "one micro-batch's forward"),
         "the pipeline is simulated with the slowest stage's forward and backward times for every stage".into(),
         if hardware.device.shared_by_ranks {
-            "the ranks of a node share its cores: a rank's compute takes as long as all of the node's ranks' work".into()
+            "the ranks of a node share its cores: a rank's kernels take as long as all of the node's ranks' kernels".into()
         } else {
             "each rank has its own device".into()
+        },
+        if e.serial_glue {
+            "element-wise glue between kernels (residual adds, router scores, permutation) runs on each rank's own thread at one core's bandwidth".into()
+        } else {
+            "element-wise glue between kernels runs as kernels at the memory bandwidth".into()
         },
     ]
 }
@@ -42,15 +47,15 @@ pub fn table(evaluations: &[&Evaluation]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<40} {:>3} {:>3} {:>4} {:>11} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>6}",
+        "{:<40} {:>3} {:>3} {:>4} {:>11} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>6}",
         "layout", "dp", "edp", "M", "schedule", "mem GiB", "step s", "compute", "tp", "cp", "ep", "etp",
-        "dp", "pp", "bubble", "MFU"
+        "dp", "pp", "bubble", "tokens/s", "MFU"
     );
     for e in evaluations {
         let c = &e.time.communication;
         let _ = writeln!(
             out,
-            "{:<40} {:>3} {:>3} {:>4} {:>11} {:>8.1} {:>8.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>10.3} {:>5.1}%",
+            "{:<40} {:>3} {:>3} {:>4} {:>11} {:>8.1} {:>8.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>10.0} {:>5.1}%",
             e.layout.to_string(),
             e.dp,
             e.edp,
@@ -66,21 +71,11 @@ pub fn table(evaluations: &[&Evaluation]) -> String {
             c.dp_grad + c.dp_param,
             c.pp,
             e.time.bubble,
+            e.tokens_per_s,
             e.mfu * 100.0,
         );
     }
     out
-}
-
-/// Tokens per second of each row, for the table's readers who want throughput.
-pub fn throughput_line(e: &Evaluation) -> String {
-    format!(
-        "{}: {:.0} tokens/s, {:.3} s per step, {:.1} % MFU",
-        e.layout,
-        e.tokens_per_s,
-        e.step_time_s,
-        e.mfu * 100.0
-    )
 }
 
 /// One layout term by term: memory, time, hidden communication, pipeline.

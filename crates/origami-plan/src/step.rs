@@ -3,8 +3,11 @@
 //! - **Compute** of a micro-batch on a stage: each GEMM at the device's GEMM (or grouped-GEMM)
 //!   efficiency, or at its operands' memory traffic if that is slower (roofline); the
 //!   backward runs two GEMMs of each forward shape; the attention core at the attention
-//!   efficiency; element-wise kernels at the memory bandwidth's efficiency. On hardware whose
-//!   ranks share a node's cores, a rank's compute takes as long as all the node's ranks' work.
+//!   efficiency; element-wise kernels at the memory bandwidth's efficiency, and the glue between
+//!   them (residual adds, router scores, permutation) too, or at one core's bandwidth where the
+//!   engine runs it on the rank's own thread. On hardware whose ranks share a node's cores, a
+//!   rank's kernels take as long as all the node's ranks' kernels (they share the cores), and
+//!   its single-thread glue `max(1, ranks / cores)` times as long.
 //! - **Communication** of each collective over the link its group uses ([`crate::network`]).
 //!   Tensor-parallel collectives hide under the layer's GEMMs and the context-parallel ring
 //!   under the attention core when the engine overlaps them (what exceeds the window stays
@@ -147,8 +150,11 @@ pub struct Rates<'a> {
     pub peak: f64,
     /// Bytes per element.
     pub bytes: Bytes,
-    /// Ranks sharing one device's compute (1 unless the node's ranks share its cores).
+    /// How many times longer a rank's parallel kernels take because the node's other ranks
+    /// run theirs on the same cores at once: the node's ranks (1 with a device per rank).
     pub sharing: f64,
+    /// The same for work on the rank's own thread: `max(1, ranks / cores)`.
+    pub serial_sharing: f64,
     /// Where each group lies.
     pub spans: &'a Spans,
 }
@@ -170,47 +176,65 @@ impl Rates<'_> {
         compute.max(traffic)
     }
 
+    /// Bytes/s and sharing factor of the element-wise glue: one core's bandwidth on the rank's
+    /// thread when the engine runs it there, else the kernels' rate.
+    fn glue(&self) -> (f64, f64) {
+        match (
+            self.hardware.engine.serial_glue,
+            self.hardware.device.core_memory_bandwidth,
+        ) {
+            (true, Some(rate)) => (rate, self.serial_sharing),
+            _ => (self.memory_rate(), self.sharing),
+        }
+    }
+
     /// One micro-batch of `work` run `count` times.
     fn layer(&self, work: &LayerWork, count: f64) -> StageTime {
         let engine = &self.hardware.engine;
-        let mut compute = ComputeTime::default();
-        let mut dense_gemm_forward = 0.0;
+        let share = self.sharing;
+        let (mut dense_forward, mut expert_forward) = (0.0, 0.0);
         for gemm in &work.gemms {
-            let forward = self.gemm_seconds(gemm);
+            let forward = self.gemm_seconds(gemm) * share;
             if gemm.grouped {
-                compute.expert_gemm += 3.0 * forward;
+                expert_forward += forward;
             } else {
-                compute.dense_gemm += 3.0 * forward;
-                dense_gemm_forward += forward;
+                dense_forward += forward;
             }
         }
-        let attention_rate = self.peak * self.hardware.efficiency.attention;
-        let attention = Passes {
-            forward: work.attention_flops.forward / attention_rate,
-            backward: work.attention_flops.backward / attention_rate,
+        let per_pass = |quantity: Passes, rate: f64, factor: f64| Passes {
+            forward: quantity.forward / rate * factor,
+            backward: quantity.backward / rate * factor,
         };
-        compute.attention = attention.total();
-        let memory = Passes {
-            forward: work.memory_bytes.forward / self.memory_rate(),
-            backward: work.memory_bytes.backward / self.memory_rate(),
-        };
-        compute.memory_bound = memory.total();
+        let attention = per_pass(
+            work.attention_flops,
+            self.peak * self.hardware.efficiency.attention,
+            share,
+        );
+        let memory = per_pass(work.memory_bytes, self.memory_rate(), share);
+        let (glue_rate, glue_share) = self.glue();
+        let glue = per_pass(work.glue_bytes, glue_rate, glue_share);
         // The dispatcher's overhead, split over the passes like its all-to-alls (half each).
-        let dispatch = work.routed_bytes * engine.dispatch_overhead_per_byte;
-        compute.dispatch_overhead = dispatch;
-        compute = compute.scaled(self.sharing);
-        let expert_forward = compute.expert_gemm / 3.0;
+        let dispatch = work.routed_bytes * engine.dispatch_overhead_per_byte * share;
+        let compute = ComputeTime {
+            dense_gemm: 3.0 * dense_forward,
+            expert_gemm: 3.0 * expert_forward,
+            attention: attention.total(),
+            memory_bound: memory.total() + glue.total(),
+            optimizer: 0.0,
+            dispatch_overhead: dispatch,
+        };
         let mut passes = Passes {
-            forward: (dense_gemm_forward * self.sharing
+            forward: dense_forward
                 + expert_forward
-                + attention.forward * self.sharing
-                + memory.forward * self.sharing
-                + dispatch / 2.0 * self.sharing),
-            backward: (2.0 * dense_gemm_forward * self.sharing
-                + 2.0 * expert_forward
-                + attention.backward * self.sharing
-                + memory.backward * self.sharing
-                + dispatch / 2.0 * self.sharing),
+                + attention.forward
+                + memory.forward
+                + glue.forward
+                + dispatch / 2.0,
+            backward: 2.0 * (dense_forward + expert_forward)
+                + attention.backward
+                + memory.backward
+                + glue.backward
+                + dispatch / 2.0,
         };
         let mut exposed = CommTime::default();
         let mut hidden = CommTime::default();
@@ -218,13 +242,10 @@ impl Rates<'_> {
             let seconds = comm_seconds(self.hardware, self.spans, comm);
             let window = match comm.kind {
                 CommKind::TensorParallel if engine.overlap_tensor_parallel => Passes {
-                    forward: dense_gemm_forward * self.sharing,
-                    backward: 2.0 * dense_gemm_forward * self.sharing,
+                    forward: dense_forward,
+                    backward: 2.0 * dense_forward,
                 },
-                CommKind::ContextParallel if engine.overlap_context_parallel => Passes {
-                    forward: attention.forward * self.sharing,
-                    backward: attention.backward * self.sharing,
-                },
+                CommKind::ContextParallel if engine.overlap_context_parallel => attention,
                 _ => Passes::default(),
             };
             let shown = Passes {
@@ -303,15 +324,16 @@ impl Rates<'_> {
     }
 
     /// The optimizer update of `shard` parameters (reading and writing state and weight,
-    /// reading the gradient) and the zeroing of `held` gradients.
+    /// reading the gradient; a kernel) and the zeroing of `held` gradients (glue).
     pub fn optimizer_seconds(&self, shard: f64, held: f64) -> f64 {
         let b = self.bytes;
-        let bytes = shard * (2.0 * b.optimizer + b.gradient + 2.0 * b.weight) + held * b.gradient;
-        bytes / self.memory_rate() * self.sharing
+        let update = shard * (2.0 * b.optimizer + b.gradient + 2.0 * b.weight);
+        let (glue_rate, glue_share) = self.glue();
+        update / self.memory_rate() * self.sharing + held * b.gradient / glue_rate * glue_share
     }
 }
 
-/// The whole step, GiB-free: seconds by part.
+/// One training step, seconds by part.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct StepTime {
     /// Seconds per step.
@@ -376,6 +398,7 @@ mod tests {
             peak: 989.5e12,
             bytes: Precision::Bf16.bytes(),
             sharing: 1.0,
+            serial_sharing: 1.0,
             spans: &spans,
         };
         let e = &hardware.efficiency;
@@ -398,6 +421,7 @@ mod tests {
         // Sharing a node's cores between 4 ranks makes each rank's compute 4 times longer.
         let shared = Rates {
             sharing: 4.0,
+            serial_sharing: 2.0,
             ..rates
         };
         let work = LayerWork {

@@ -162,8 +162,12 @@ pub struct LayerWork {
     pub gemms: Vec<Gemm>,
     /// Attention-core FLOPs (causal scores and weighted values).
     pub attention_flops: Passes,
-    /// Bytes read and written by element-wise kernels.
+    /// Bytes read and written by element-wise kernels (norms, RoPE, SwiGLU, loss, embedding).
     pub memory_bytes: Passes,
+    /// Bytes read and written by the element-wise glue between kernels: residual adds, router
+    /// scores and top-k, permutation and weighted un-permutation, the etp re-sort. origami's
+    /// CPU engine runs it on the rank's own thread (see `Engine::serial_glue`).
+    pub glue_bytes: Passes,
     /// Collectives.
     pub comms: Vec<Comm>,
     /// Tensors kept for the backward.
@@ -316,13 +320,17 @@ impl WorkInputs<'_> {
             forward: core,
             backward: 2.0 * core,
         });
-        // Two norms (forward reads x, writes y; backward reads x and dy, writes dx) and two
-        // residual adds (read two, write one, both passes): 22 h per slice token. RoPE rotates
-        // q and k in place both ways.
+        // Two norms (forward reads x, writes y; backward reads x and dy, writes dx); RoPE
+        // rotates q and k in place both ways. Glue: two residual adds (read two, write one)
+        // in each pass.
         let rope = 2.0 * (m.heads + m.query_groups) as f64 * m.head_dim as f64 / tp;
         work.memory_bytes.add(Passes {
-            forward: (2.0 * 2.0 * h + 2.0 * 3.0 * h) * slice * a + rope * region * a,
-            backward: (2.0 * 3.0 * h + 2.0 * 3.0 * h) * slice * a + rope * region * a,
+            forward: 2.0 * 2.0 * h * slice * a + rope * region * a,
+            backward: 2.0 * 3.0 * h * slice * a + rope * region * a,
+        });
+        work.glue_bytes.add(Passes {
+            forward: 2.0 * 3.0 * h * slice * a,
+            backward: 2.0 * 3.0 * h * slice * a,
         });
         work.comms.extend(self.region_comm());
         self.context_parallel(work);
@@ -514,14 +522,19 @@ impl WorkInputs<'_> {
                 grouped: true,
             });
         }
-        // Router scores (softmax, top-k) over E per token; permute and weighted un-permute of
-        // each routed copy (read h, write h, both passes); etp re-sorts the gathered rows;
-        // SwiGLU over the expert rows.
+        // SwiGLU over the expert rows. Glue: router scores (softmax, top-k) over E per token;
+        // permute and weighted un-permute of each routed copy (read h, write h, both passes);
+        // the etp re-sort of the gathered rows.
         let slots = slice * k;
         let resort = if etp > 1 { 2.0 * h * rows } else { 0.0 };
         work.memory_bytes.add(Passes {
-            forward: 3.0 * e * slice * F32 + 4.0 * h * slots * a + resort * a + 3.0 * f * rows * a,
-            backward: 3.0 * e * slice * F32 + 4.0 * h * slots * a + resort * a + 5.0 * f * rows * a,
+            forward: 3.0 * f * rows * a,
+            backward: 5.0 * f * rows * a,
+        });
+        let glue = 3.0 * e * slice * F32 + (4.0 * h * slots + resort) * a;
+        work.glue_bytes.add(Passes {
+            forward: glue,
+            backward: glue,
         });
         let routed_bytes = slots * h * a * self.expert_imbalance;
         work.routed_bytes = routed_bytes;
