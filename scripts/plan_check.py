@@ -5,7 +5,8 @@ Each round calibrates this machine (`origami plan --calibrate`, into a private d
 for every layout asks the planner for its step time and the process's memory, and runs the
 benchmark. Prints every round and the medians, and the ratios predicted / measured.
 
-Run from the repository root after `cargo build --release -p origami`:
+Run from the repository root after `cargo build --release -p origami` (or point ORIGAMI at
+another binary):
     python3 scripts/plan_check.py [--rounds 3] [--steps 3] [--preset small]
 """
 import argparse
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import tempfile
 
-ORIGAMI = "./target/release/origami"
+ORIGAMI = os.environ.get("ORIGAMI", "./target/release/origami")
 
 # (name, bench flags, planner layout, world); bench trains its preset's 4 sequences per step
 # over the layout's data-parallel ranks, so each rank's micro-batch is 4 / dp sequences.

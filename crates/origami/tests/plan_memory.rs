@@ -75,6 +75,8 @@ fn tiny_step_peak_memory_is_what_the_planner_predicts() {
     hardware.device.shared_by_ranks = true;
     hardware.device.devices_per_node = None;
     hardware.engine = origami_engine();
+    hardware.device.cores = Some(2);
+    hardware.device.core_memory_bandwidth = Some(10e9);
     hardware.runtime.per_rank_mib = 0.0;
     hardware.runtime.per_process_mib = baseline;
     hardware.runtime.heap_retention_cap_mib = GLIBC_HEAP_RETENTION_CAP_MIB;

@@ -8,7 +8,8 @@
 //! - **GEMM, grouped GEMM, attention efficiencies**: forward + backward of the kernels the
 //!   layers call, at shapes of the presets, as FLOPs over `peak × time`;
 //! - **memory bandwidth**: SwiGLU, RMSNorm and AdamW forward/backward, as the bytes the
-//!   planner counts for them over their time;
+//!   planner counts for them over their time; and one thread's rate for the glue the layers
+//!   run outside kernels (a residual add, a row permutation);
 //! - **collectives**: all-reduce, all-gather, all-to-all and point-to-point of the local backend
 //!   on four ranks, as bytes each rank sends over the time (bandwidth) and the time of a
 //!   4 KiB call (latency);
@@ -233,6 +234,27 @@ fn memory_rate() -> f64 {
     bytes / (swiglu + norm + adamw)
 }
 
+/// Bytes/s of the glue the layers run on their own thread, counted as the planner counts it:
+/// a residual add (read two, write one) and a row permutation (read one, write one).
+fn core_memory_rate() -> f64 {
+    let (rows, width) = (8192, 512);
+    let x = filled(rows * width, 0.1);
+    let mut y = filled(rows * width, 0.2);
+    let add = median_seconds(|| {
+        y.iter_mut().zip(&x).for_each(|(y, x)| *y += x);
+        std::hint::black_box(&mut y);
+    });
+    let order: Vec<usize> = (0..rows).map(|r| r * 4099 % rows).collect();
+    let mut permuted = vec![0.0f32; rows * width];
+    let permute = median_seconds(|| {
+        for (row, &from) in permuted.chunks_mut(width).zip(&order) {
+            row.copy_from_slice(&x[from * width..(from + 1) * width]);
+        }
+        std::hint::black_box(&mut permuted);
+    });
+    4.0 * (5 * rows * width) as f64 / (add + permute)
+}
+
 /// The local backend's collectives on [`COMM_RANKS`] ranks: bandwidth and latency of each.
 fn collective_rates() -> anyhow::Result<LinkRates> {
     let rates = LocalWorld::new(COMM_RANKS)
@@ -340,8 +362,10 @@ pub fn resident_mib() -> f64 {
 }
 
 /// How origami's CPU engine trains: every collective blocks (nothing overlaps), tensor-parallel
-/// regions keep their gathered input, the dispatcher has no cost beyond its all-to-alls and
-/// copies, and the output layer computes [`OUTPUT_CHUNK_ROWS`] rows of logits at a time.
+/// regions keep their gathered input, the glue between kernels (residual adds, router,
+/// permutation) runs on the rank's own thread, the dispatcher has no cost beyond its
+/// all-to-alls and copies, and the output layer computes [`OUTPUT_CHUNK_ROWS`] rows of logits
+/// at a time.
 pub fn origami_engine() -> Engine {
     Engine {
         overlap_tensor_parallel: false,
@@ -350,6 +374,7 @@ pub fn origami_engine() -> Engine {
         overlap_param_gather: false,
         overlap_interleaved_pipeline: false,
         regather_sequence_parallel_inputs: false,
+        serial_glue: true,
         dispatch_overhead_per_byte: 0.0,
         output_chunk_rows: Some(OUTPUT_CHUNK_ROWS),
     }
@@ -378,6 +403,9 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
     progress(&format!("causal attention {:.1} GFLOP/s", attention / 1e9));
     let memory = memory_rate();
     progress(&format!("memory-bound kernels {:.2} GB/s", memory / 1e9));
+    let core_memory = core_memory_rate();
+    progress(&format!("one-thread glue {:.2} GB/s", core_memory / 1e9));
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let link = collective_rates()?;
     for (name, r) in [
         ("all-reduce", link.all_reduce),
@@ -405,6 +433,8 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
             memory_bandwidth: memory,
             devices_per_node: None,
             shared_by_ranks: true,
+            cores: Some(cores),
+            core_memory_bandwidth: Some(core_memory),
         },
         efficiency: Efficiency {
             gemm: fraction(gemm),
