@@ -65,6 +65,9 @@ pub struct Efficiency {
     pub grouped_gemm: f64,
     /// Attention core (scores, softmax, weighted values), forward and backward together.
     pub attention: f64,
+    /// The attention core under context parallelism: masked blocks, one per key/value block
+    /// of the ring, and their merges.
+    pub context_attention: f64,
     /// Element-wise and memory-bound kernels: fraction of the memory bandwidth.
     pub memory: f64,
 }
@@ -248,6 +251,10 @@ impl Hardware {
         fraction("efficiency.gemm", self.efficiency.gemm)?;
         fraction("efficiency.grouped_gemm", self.efficiency.grouped_gemm)?;
         fraction("efficiency.attention", self.efficiency.attention)?;
+        fraction(
+            "efficiency.context_attention",
+            self.efficiency.context_attention,
+        )?;
         fraction("efficiency.memory", self.efficiency.memory)?;
         let links = std::iter::once(("network.intra_node", &self.network.intra_node)).chain(
             self.network

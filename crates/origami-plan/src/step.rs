@@ -205,9 +205,15 @@ impl Rates<'_> {
             forward: quantity.forward / rate * factor,
             backward: quantity.backward / rate * factor,
         };
+        let efficiency = &self.hardware.efficiency;
+        let attention_efficiency = if work.context_parallel_attention {
+            efficiency.context_attention
+        } else {
+            efficiency.attention
+        };
         let attention = per_pass(
             work.attention_flops,
-            self.peak * self.hardware.efficiency.attention,
+            self.peak * attention_efficiency,
             share,
         );
         let memory = per_pass(work.memory_bytes, self.memory_rate(), share);

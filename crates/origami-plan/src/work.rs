@@ -162,6 +162,8 @@ pub struct LayerWork {
     pub gemms: Vec<Gemm>,
     /// Attention-core FLOPs (causal scores and weighted values).
     pub attention_flops: Passes,
+    /// Whether the attention core runs as context-parallel blocks.
+    pub context_parallel_attention: bool,
     /// Bytes read and written by element-wise kernels (norms, RoPE, SwiGLU, loss, embedding).
     pub memory_bytes: Passes,
     /// Bytes read and written by the element-wise glue between kernels: residual adds, router
@@ -320,6 +322,7 @@ impl WorkInputs<'_> {
             forward: core,
             backward: 2.0 * core,
         });
+        work.context_parallel_attention = self.layout.cp > 1;
         // Two norms (forward reads x, writes y; backward reads x and dy, writes dx); RoPE
         // rotates q and k in place both ways. Glue: two residual adds (read two, write one)
         // in each pass.
