@@ -1,9 +1,15 @@
 """Predicted against measured: `origami plan --hardware local` beside `origami bench` on the same
 layouts, in one sitting, interleaved.
 
-Each round calibrates this machine (`origami plan --calibrate`, into a private directory), then
-for every layout asks the planner for its step time and the process's memory, and runs the
-benchmark. Prints every round and the medians, and the ratios predicted / measured.
+For every layout of every round the script calibrates this machine (`origami plan --calibrate`,
+into a private directory) and asks the planner for the step time and the process's memory, runs
+the benchmark, then calibrates and predicts again: the prediction is the mean of the two, so
+that prediction and measurement see the same load. Prints
+every run with two gauges of the machine's speed at the time — the GEMM peak the calibration
+measured and the one the benchmark measured in its own process — the medians, and the ratios
+predicted / measured. This machine's speed changes by up to 2× within a minute (other
+tenants); the second table rescales each prediction by the benchmark's peak over the
+calibration's, which cancels a change between the two.
 
 Run from the repository root after `cargo build --release -p origami` (or point ORIGAMI at
 another binary):
@@ -32,6 +38,14 @@ def run(args, env):
     return out.stdout
 
 
+def calibration_peak(directory):
+    with open(os.path.join(directory, "local.toml")) as f:
+        for line in f:
+            if line.startswith("peak_flops_f32"):
+                return float(line.split("=")[1]) / 1e9
+    raise RuntimeError("no peak_flops_f32 in the local description")
+
+
 def predict(preset, layout, world, env):
     out = run([ORIGAMI, "plan", "--model", preset, "--gpus", str(world), "--global-batch", "4",
                "--seq", "1024", "--precision", "f32", "--hardware", "local",
@@ -43,7 +57,7 @@ def predict(preset, layout, world, env):
 def measure(preset, flags, steps, env):
     out = run([ORIGAMI, "bench", "--preset", preset, "--steps", str(steps)] + flags, env)
     row = json.loads(out)
-    return row["median_step_s"], row["peak_rss_mib"]
+    return row["median_step_s"], row["peak_rss_mib"], row["peak_gemm_gflops"]
 
 
 def main():
@@ -56,14 +70,22 @@ def main():
     with tempfile.TemporaryDirectory() as directory:
         env = dict(os.environ, ORIGAMI_HARDWARE_DIR=directory)
         for round_index in range(args.rounds):
-            run([ORIGAMI, "plan", "--calibrate"], env)
             for name, flags, layout, world in LAYOUTS:
-                predicted = predict(args.preset, layout, world, env)
+                run([ORIGAMI, "plan", "--calibrate"], env)
+                peak_before = calibration_peak(directory)
+                before = predict(args.preset, layout, world, env)
                 measured = measure(args.preset, flags, args.steps, env)
-                results[name].append((predicted, measured))
+                run([ORIGAMI, "plan", "--calibrate"], env)
+                peak_after = calibration_peak(directory)
+                after = predict(args.preset, layout, world, env)
+                peak = (peak_before + peak_after) / 2
+                predicted = ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
+                rescaled = predicted[0] * peak / measured[2]
+                results[name].append((predicted, measured, rescaled))
                 print(f"round {round_index + 1} {name:<15} step predicted {predicted[0]:7.3f} s "
                       f"measured {measured[0]:7.3f} s | memory predicted {predicted[1]:7.0f} MiB "
-                      f"measured {measured[1]:7.0f} MiB", flush=True)
+                      f"measured {measured[1]:7.0f} MiB | peak GEMM calibration {peak:.0f}, "
+                      f"bench {measured[2]:.0f} GFLOP/s", flush=True)
     print(f"\nmedians over {args.rounds} rounds ({args.preset}):")
     print(f"{'layout':<15} {'step pred s':>11} {'step meas s':>11} {'ratio':>6} "
           f"{'mem pred MiB':>12} {'mem meas MiB':>12} {'ratio':>6}")
@@ -74,6 +96,12 @@ def main():
         mem_m = statistics.median(r[1][1] for r in rows)
         print(f"{name:<15} {step_p:11.3f} {step_m:11.3f} {step_p / step_m:6.3f} "
               f"{mem_p:12.0f} {mem_m:12.0f} {mem_p / mem_m:6.3f}")
+    print("\nrescaled by the benchmark's GEMM peak over the calibration's:")
+    print(f"{'layout':<15} {'step pred s':>11} {'step meas s':>11} {'ratio':>6}")
+    for name, rows in results.items():
+        step_r = statistics.median(r[2] for r in rows)
+        step_m = statistics.median(r[1][0] for r in rows)
+        print(f"{name:<15} {step_r:11.3f} {step_m:11.3f} {step_r / step_m:6.3f}")
 
 
 if __name__ == "__main__":

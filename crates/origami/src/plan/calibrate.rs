@@ -6,7 +6,8 @@
 //! - **peak**: the best f32 GEMM rate over large square products (as `origami bench` reports
 //!   it, the MFU denominator);
 //! - **GEMM, grouped GEMM, attention efficiencies**: forward + backward of the kernels the
-//!   layers call, at shapes of the presets, as FLOPs over `peak × time`;
+//!   layers call, at shapes of the presets, as FLOPs over `peak × time` (attention also as the
+//!   masked blocks of a context-parallel ring);
 //! - **memory bandwidth**: SwiGLU, RMSNorm and AdamW forward/backward, as the bytes the
 //!   planner counts for them over their time; and one thread's rate for the glue the layers
 //!   run outside kernels (a residual add, a row permutation);
@@ -31,6 +32,10 @@ use origami_kernels::attention::{
     attention_backward, attention_forward, AttentionShape, QkvLayout,
 };
 use origami_kernels::grouped_matmul::{grouped_linear_backward, grouped_linear_forward};
+use origami_kernels::masked_attention::{
+    attention_row_dots, masked_attention_backward, masked_attention_forward,
+    merge_partial_attention, MaskedAttentionShape,
+};
 use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
@@ -38,6 +43,7 @@ use origami_plan::hardware::{Device, Efficiency, Engine, LinkRates, Network, Rat
 use origami_plan::Hardware;
 
 use crate::bench::peak_gemm_gflops;
+use crate::layers::context_parallel::local_positions;
 use crate::model::gpt::OUTPUT_CHUNK_ROWS;
 
 /// Timed repetitions of each measurement (after one untimed run); the median counts.
@@ -180,6 +186,55 @@ fn attention_rate() -> f64 {
         * shape.batch as f64
         * (shape.seq as f64).powi(2)
         * (shape.head_dim * shape.heads) as f64;
+    3.0 * forward / seconds
+}
+
+/// FLOP/s of one cp rank's attention under context parallelism 2 at small's shape (4 sequences
+/// of 1,024 tokens, 8 heads over 4 groups of dim 64), counted as the planner counts it (the
+/// rank's half of the causal work): the ring's two masked blocks and their merge forward, the
+/// row dots and two masked blocks backward. The exchange is left out (the planner charges it).
+fn context_attention_rate() -> f64 {
+    let (batch, seq, cp) = (4, 1024, 2);
+    let shape = MaskedAttentionShape {
+        batch,
+        q_len: seq / cp,
+        kv_len: seq / cp,
+        heads: 8,
+        kv_heads: 4,
+        head_dim: 64,
+    };
+    let mine = local_positions(seq, cp, 0);
+    let theirs = local_positions(seq, cp, 1);
+    let q = filled(shape.q_elements(), 0.05);
+    let kv = filled(shape.kv_elements(), 0.04);
+    let dout = filled(shape.q_elements(), 0.01);
+    let mut out = vec![0.0; shape.q_elements()];
+    let mut part = vec![0.0; shape.q_elements()];
+    let mut dq = vec![0.0; shape.q_elements()];
+    let mut dkv = vec![0.0; shape.kv_elements()];
+    let scale = 1.0 / 8.0;
+    let seconds = median_seconds(|| {
+        let mut lse = masked_attention_forward(&mut out, &q, &kv, &mine, &mine, shape, scale);
+        let part_lse = masked_attention_forward(&mut part, &q, &kv, &mine, &theirs, shape, scale);
+        merge_partial_attention(&mut out, &mut lse, &part, &part_lse, shape);
+        let dots = attention_row_dots(&dout, &out, shape);
+        for kv_positions in [&mine, &theirs] {
+            masked_attention_backward(
+                &mut dq,
+                &mut dkv,
+                &dout,
+                &q,
+                &kv,
+                &lse,
+                &dots,
+                &mine,
+                kv_positions,
+                shape,
+                scale,
+            );
+        }
+    });
+    let forward = 2.0 * batch as f64 * (seq as f64).powi(2) * (8 * 64) as f64 / cp as f64;
     3.0 * forward / seconds
 }
 
@@ -401,6 +456,11 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
     ));
     let attention = attention_rate();
     progress(&format!("causal attention {:.1} GFLOP/s", attention / 1e9));
+    let context_attention = context_attention_rate();
+    progress(&format!(
+        "context-parallel attention blocks {:.1} GFLOP/s",
+        context_attention / 1e9
+    ));
     let memory = memory_rate();
     progress(&format!("memory-bound kernels {:.2} GB/s", memory / 1e9));
     let core_memory = core_memory_rate();
@@ -440,6 +500,7 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
             gemm: fraction(gemm),
             grouped_gemm: fraction(grouped),
             attention: fraction(attention),
+            context_attention: fraction(context_attention),
             memory: 1.0,
         },
         network: Network {
