@@ -142,6 +142,16 @@ pub enum PlanError {
         /// Expert tensor parallel.
         etp: usize,
     },
+    /// An MLP hidden size that tp does not divide.
+    #[error("{what} {ffn} is not divisible by tp = {tp}")]
+    FfnNotDivisible {
+        /// `dense FFN` or `shared-expert FFN`.
+        what: &'static str,
+        /// Hidden size.
+        ffn: usize,
+        /// Tensor parallel.
+        tp: usize,
+    },
     /// A layout that breaks the no-folding rule.
     #[error("without folding etp must equal tp and the ep groups must lie inside the dp groups (ep divides dp, and cp = 1 when ep > 1): tp = {tp}, etp = {etp}, cp = {cp}, ep = {ep}, dp = {dp}")]
     NotUnfolded {

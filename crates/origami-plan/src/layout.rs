@@ -65,6 +65,19 @@ impl Layout {
                 1
             },
         })?;
+        let dense_layers = model.moe_layer_count() < model.layers;
+        for (what, ffn) in [
+            ("dense FFN", if dense_layers { model.dense_ffn } else { 0 }),
+            ("shared-expert FFN", model.shared_expert_ffn),
+        ] {
+            if !ffn.is_multiple_of(self.tp) {
+                return Err(PlanError::FfnNotDivisible {
+                    what,
+                    ffn,
+                    tp: self.tp,
+                });
+            }
+        }
         if model.has_experts() && !model.expert_ffn.is_multiple_of(self.etp) {
             return Err(PlanError::ExpertFfnNotDivisible {
                 ffn: model.expert_ffn,
@@ -225,6 +238,19 @@ mod tests {
         assert!(message("ep=3", 3, 3, 1024).contains("16 is not divisible by ep = 3"));
         assert!(message("tp=3 cp=1", 5, 5, 1024).contains("world size 5"));
         assert!(message("etp=3", 3, 3, 1023).contains("expert FFN 1024"));
+        let mut dense = model.clone();
+        dense.moe_layers[0] = false;
+        dense.dense_ffn = 1002;
+        let message = "tp=4"
+            .parse::<Layout>()
+            .unwrap()
+            .resolve(&dense, 4, 4, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("dense FFN 1002 is not divisible by tp = 4"),
+            "{message}"
+        );
     }
 
     #[test]
