@@ -11,5 +11,6 @@ pub mod layers;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod plan;
 pub mod tensor_files;
 pub mod train;

@@ -7,6 +7,7 @@ mod check;
 mod convert;
 mod eval;
 mod generate;
+mod plan;
 mod prepare;
 mod schedule;
 mod topology;
@@ -44,6 +45,8 @@ enum Command {
     Schedule(schedule::ScheduleArgs),
     /// Train a few steps at the config's layout and on one rank, and compare (PASS / FAIL).
     Check(check::CheckArgs),
+    /// Memory and step time of every folded layout of a model on a cluster, fastest first.
+    Plan(plan::PlanArgs),
 }
 
 /// A run config that cannot be read or is invalid (or names data that cannot be opened):
@@ -72,6 +75,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Topology(args) => topology::run(args),
         Command::Schedule(args) => schedule::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Check(args) => return check::run(args),
     };
     done.map(|()| ExitCode::SUCCESS)

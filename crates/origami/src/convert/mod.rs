@@ -300,8 +300,7 @@ pub fn from_hf(hf: &Path, out: &Path) -> anyhow::Result<Converted> {
                 name: info.name.clone(),
                 shape: info.shape.clone(),
                 fill: Box::new(move |values: &mut Vec<f32>| {
-                    if let Err(e) = assemble_into(table, tensors, &info.name, &info.shape, values)
-                    {
+                    if let Err(e) = assemble_into(table, tensors, &info.name, &info.shape, values) {
                         failure.borrow_mut().get_or_insert(e.into());
                     }
                 }),

@@ -28,7 +28,7 @@ use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par}
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 
 /// Rows of the output layer computed at once, bounding the logits buffer to `rows × vocab`.
-const OUTPUT_CHUNK_ROWS: usize = 1024;
+pub const OUTPUT_CHUNK_ROWS: usize = 1024;
 
 /// The parameters of the last virtual stage's head.
 #[derive(Clone, Debug)]

@@ -1,0 +1,156 @@
+//! `origami plan` end to end: the JSON of one layout, the ranked table with the no-folding
+//! comparison, the errors for bad input, and `--calibrate` writing the `local` description that
+//! `--hardware local` reads.
+
+use std::process::{Command, Output};
+
+fn origami() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_origami"))
+}
+
+fn stdout_of(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The command's error message; it must fail with status 1 and no panic.
+fn error_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn plan(model: &str, gpus: &str) -> Command {
+    let mut command = origami();
+    command.args([
+        "plan",
+        "--model",
+        model,
+        "--gpus",
+        gpus,
+        "--global-batch",
+        "256",
+        "--seq",
+        "4096",
+    ]);
+    command
+}
+
+#[test]
+fn one_layout_as_json_has_the_keys_scripts_read() {
+    let out = plan("mixtral-8x22b", "128")
+        .args([
+            "--layout",
+            "tp=2 cp=1 pp=8 vpp=1 ep=8 etp=1 mbs=1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let row: serde_json::Value = serde_json::from_str(stdout_of(&out).trim()).unwrap();
+    assert_eq!(row["layout"], "tp=2 cp=1 pp=8 vpp=1 ep=8 etp=1 mbs=1");
+    for key in [
+        "fits",
+        "memory_per_rank_gib",
+        "step_time_s",
+        "tokens_per_s",
+        "mfu",
+    ] {
+        assert!(!row[key].is_null(), "{key} missing: {row}");
+    }
+    assert_eq!(row["fits"], true);
+    assert!(row["time"]["compute"]["expert_gemm"].as_f64().unwrap() > 0.0);
+    assert!(row["memory"]["optimizer_states"].as_f64().unwrap() > 0.0);
+    assert_eq!(row["unfolded"], false);
+}
+
+#[test]
+fn the_table_ranks_layouts_and_compares_with_no_folding() {
+    let out = plan("qwen2-57b-a14b", "64")
+        .args(["--top", "3", "--no-folding"])
+        .output()
+        .unwrap();
+    let text = stdout_of(&out);
+    assert!(text.contains("fastest layouts that fit"), "{text}");
+    assert!(text.contains("best without folding"), "{text}");
+    assert!(text.contains("folding gains"), "{text}");
+    assert!(text.contains("assumptions:"), "{text}");
+}
+
+#[test]
+fn bad_input_names_the_numbers() {
+    let message = error_of(plan("mixtral-8x22b", "128").args(["--layout", "tp=3 pp=8"]));
+    assert!(
+        message.contains("128") && message.contains("3"),
+        "{message}"
+    );
+    let message = error_of(&mut plan("mixtral-8x22b", "1"));
+    assert!(
+        message.contains("no layout of mixtral-8x22b fits on 1 devices") && message.contains("GiB"),
+        "{message}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("odd.toml");
+    let text = format!("{}\nwarp_drive = 1\n", origami_plan::hardware::H100_DGX);
+    std::fs::write(&file, text).unwrap();
+    let message =
+        error_of(plan("mixtral-8x22b", "128").args(["--hardware", file.to_str().unwrap()]));
+    assert!(message.contains("warp_drive"), "{message}");
+    let message = error_of(
+        plan("small", "4")
+            .env("ORIGAMI_HARDWARE_DIR", dir.path())
+            .args(["--hardware", "local"]),
+    );
+    assert!(message.contains("origami plan --calibrate"), "{message}");
+    let message = error_of(plan("mixtral-8x22b", "128").args([
+        "--layout",
+        "tp=2 pp=8 ep=8 etp=1",
+        "--no-folding",
+    ]));
+    assert!(
+        message.contains("etp = 1") && message.contains("tp = 2"),
+        "{message}"
+    );
+}
+
+#[test]
+fn calibration_writes_the_local_description_that_plans_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = origami()
+        .env("ORIGAMI_HARDWARE_DIR", dir.path())
+        .args(["plan", "--calibrate"])
+        .output()
+        .unwrap();
+    assert!(stdout_of(&out).contains("local.toml"));
+    let local = origami_plan::Hardware::from_file(&dir.path().join("local.toml")).unwrap();
+    assert!(local.device.shared_by_ranks && local.peak_flops(origami_plan::Precision::F32).is_ok());
+    let out = origami()
+        .env("ORIGAMI_HARDWARE_DIR", dir.path())
+        .args([
+            "plan",
+            "--model",
+            "tiny",
+            "--gpus",
+            "4",
+            "--global-batch",
+            "8",
+            "--seq",
+            "256",
+            "--precision",
+            "f32",
+            "--hardware",
+            "local",
+            "--layout",
+            "tp=2 ep=4 mbs=4",
+        ])
+        .output()
+        .unwrap();
+    let text = stdout_of(&out);
+    assert!(text.contains("the node's ranks together"), "{text}");
+}
