@@ -2,7 +2,49 @@
 
 mod cli;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::ExitCode;
+use std::time::Instant;
+
+/// The system allocator, timed for `origami bench --profile` while the profiler is on.
+struct ProfiledAllocator;
+
+// SAFETY: every call forwards to the system allocator with the same arguments; the profiler's
+// bookkeeping neither allocates nor touches the memory.
+unsafe impl GlobalAlloc for ProfiledAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        timed(layout.size(), || unsafe { System.alloc(layout) })
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        timed(layout.size(), || unsafe { System.alloc_zeroed(layout) })
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        timed(0, || unsafe { System.dealloc(ptr, layout) })
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        timed(new_size, || unsafe {
+            System.realloc(ptr, layout, new_size)
+        })
+    }
+}
+
+/// Runs one allocator call, recording its time (and the bytes asked for) when profiling.
+#[inline]
+fn timed<T>(bytes: usize, call: impl FnOnce() -> T) -> T {
+    if !origami::profile::enabled() {
+        return call();
+    }
+    let started = Instant::now();
+    let value = call();
+    origami::profile::record_allocation(started.elapsed(), bytes);
+    value
+}
+
+#[global_allocator]
+static ALLOCATOR: ProfiledAllocator = ProfiledAllocator;
 
 /// Runs the CLI. A failure prints its chain of causes (no backtrace) and exits with status 1,
 /// or 2 for an invalid configuration ([`cli::ConfigError`]); a command may choose its status

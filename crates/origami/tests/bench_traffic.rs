@@ -3,6 +3,7 @@
 //! logits, no duplicated reductions).
 
 use origami::bench::{run, BenchLayout, BenchSettings};
+use origami::compute::Compute;
 use origami::layers::context_parallel::CpCommType;
 
 fn measured_over_theory(layout: BenchLayout, micro_batches: usize) -> f64 {
@@ -13,6 +14,8 @@ fn measured_over_theory(layout: BenchLayout, micro_batches: usize) -> f64 {
         micro_batches,
         seq: Some(32),
         layout,
+        compute: Compute::F32,
+        profile: false,
     })
     .unwrap();
     assert!(report.theory_bytes_per_rank_total > 0.0);

@@ -2,21 +2,21 @@
 //! grouped-query attention, output projection.
 //!
 //! The fused weight is `[(heads + 2·kv_heads)·head_dim, hidden]`, rows ordered q heads, k heads,
-//! v heads. Saved state: the rotated qkv, the attention context and its log-sum-exp.
+//! v heads. Saved state: the rotated qkv, the attention context and its log-sum-exp (f32; the
+//! caller keeps the input, in the compute precision).
 //!
 //! Under tensor parallelism a rank holds its slice of the q heads and of the query groups (the
 //! matching rows of the q, k and v blocks: column-parallel) and the matching columns of the
 //! output projection (row-parallel), so its output is a partial sum over the tp group.
 
+use crate::compute::{Activation, LinearGrads, LinearShape, Weights};
 use crate::layers::context_parallel::{ContextAttention, ContextAttentionSaved};
 use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
-use origami_kernels::attention::{
-    attention_backward, attention_forward, AttentionShape, QkvLayout,
-};
+use crate::profile::{scope, timed, Phase};
+use origami_kernels::attention::{AttentionShape, QkvLayout};
 use origami_kernels::masked_attention::MaskedAttentionShape;
-use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::rope::{rope_apply, HeadLayout, RopeTable};
 
 /// Dimensions of the attention sub-layer.
@@ -185,6 +185,7 @@ impl Attention {
     /// Splits fused rows into compact queries `[rows, heads·hd]` and keys/values
     /// `[rows, 2·kv_heads·hd]` (k then v: the tail of each fused row).
     fn split_qkv(&self, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let _phase = scope(Phase::Attention);
         let q_width = self.dims.heads * self.dims.head_dim;
         let mut q = Vec::with_capacity(qkv.len() / self.qkv_width() * q_width);
         let mut kv = Vec::with_capacity(qkv.len() - q.capacity());
@@ -197,6 +198,7 @@ impl Attention {
 
     /// The inverse of [`Attention::split_qkv`], writing into fused rows.
     fn join_qkv(&self, qkv: &mut [f32], q: &[f32], kv: &[f32]) {
+        let _phase = scope(Phase::Attention);
         let q_width = self.dims.heads * self.dims.head_dim;
         let kv_width = self.qkv_width() - q_width;
         for ((row, q), kv) in qkv
@@ -217,8 +219,8 @@ impl Attention {
     /// normalised input `x` (every token of the sequences' context-parallel part).
     pub fn forward(
         &self,
-        params: &Buffers,
-        x: &[f32],
+        params: &Weights,
+        x: &Activation,
         batch: usize,
         seq: usize,
         positions: &Positions,
@@ -226,32 +228,29 @@ impl Attention {
         let rows = batch * seq;
         let d = self.dims;
         let mut qkv = vec![0.0; rows * self.qkv_width()];
-        let bias = self.qkv_bias.map(|b| params.get(b));
-        linear_forward(
+        params.linear_forward(
             &mut qkv,
             x,
-            params.get(self.qkv_weight),
-            bias,
-            rows,
-            d.hidden,
-            self.qkv_width(),
-            Par::All,
+            self.qkv_weight,
+            self.qkv_bias,
+            LinearShape::new(rows, d.hidden, self.qkv_width()),
         );
-        rope_apply(
-            &mut qkv,
-            self.rotated_heads(),
-            positions.of_row,
-            positions.rope,
-            false,
-        );
+        timed(Phase::Attention, || {
+            rope_apply(
+                &mut qkv,
+                self.rotated_heads(),
+                positions.of_row,
+                positions.rope,
+                false,
+            )
+        });
         let (context, core) = match &self.context {
             None => {
                 let mut context = vec![0.0; rows * d.heads * d.head_dim];
-                let lse = attention_forward(
+                let lse = params.attention_forward(
                     &mut context,
                     &qkv,
-                    self.layout(),
-                    self.shape(batch, seq),
+                    (self.layout(), self.shape(batch, seq)),
                     self.scale(),
                 );
                 (context, CoreSaved::Local(lse))
@@ -269,15 +268,12 @@ impl Attention {
             }
         };
         let mut y = vec![0.0; rows * d.hidden];
-        linear_forward(
+        params.linear_forward(
             &mut y,
             &context,
-            params.get(self.out_weight),
+            self.out_weight,
             None,
-            rows,
-            d.heads * d.head_dim,
-            d.hidden,
-            Par::All,
+            LinearShape::new(rows, d.heads * d.head_dim, d.hidden),
         );
         (y, AttentionSaved { qkv, context, core })
     }
@@ -286,10 +282,10 @@ impl Attention {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: AttentionSaved,
-        x: &[f32],
+        x: &Activation,
         dy: &[f32],
         batch: usize,
         seq: usize,
@@ -299,7 +295,7 @@ impl Attention {
         let d = self.dims;
         let context_width = d.heads * d.head_dim;
         let mut dcontext = vec![0.0; rows * context_width];
-        linear_backward(
+        params.linear_backward(
             LinearGrads {
                 input: Some(&mut dcontext),
                 accumulate_input: false,
@@ -308,22 +304,18 @@ impl Attention {
             },
             dy,
             &saved.context,
-            params.get(self.out_weight),
-            rows,
-            context_width,
-            d.hidden,
-            Par::All,
+            self.out_weight,
+            LinearShape::new(rows, context_width, d.hidden),
         );
         let mut dqkv = vec![0.0; saved.qkv.len()];
         match (&self.context, saved.core) {
-            (None, CoreSaved::Local(lse)) => attention_backward(
+            (None, CoreSaved::Local(lse)) => params.attention_backward(
                 &mut dqkv,
                 &dcontext,
                 &saved.context,
                 &saved.qkv,
                 &lse,
-                self.layout(),
-                self.shape(batch, seq),
+                (self.layout(), self.shape(batch, seq)),
                 self.scale(),
             ),
             (Some(cp), CoreSaved::Context(core)) => {
@@ -342,16 +334,18 @@ impl Attention {
             _ => unreachable!("saved state matches the attention core"),
         }
         drop(dcontext);
-        rope_apply(
-            &mut dqkv,
-            self.rotated_heads(),
-            positions.of_row,
-            positions.rope,
-            true,
-        );
+        timed(Phase::Attention, || {
+            rope_apply(
+                &mut dqkv,
+                self.rotated_heads(),
+                positions.of_row,
+                positions.rope,
+                true,
+            )
+        });
         let mut dx = vec![0.0; rows * d.hidden];
         let mut dbias_storage = self.qkv_bias.map(|b| vec![0.0; b.len()]);
-        linear_backward(
+        params.linear_backward(
             LinearGrads {
                 input: Some(&mut dx),
                 accumulate_input: false,
@@ -360,11 +354,8 @@ impl Attention {
             },
             &dqkv,
             x,
-            params.get(self.qkv_weight),
-            rows,
-            d.hidden,
-            self.qkv_width(),
-            Par::All,
+            self.qkv_weight,
+            LinearShape::new(rows, d.hidden, self.qkv_width()),
         );
         if let (Some(id), Some(db)) = (self.qkv_bias, dbias_storage) {
             grads
@@ -380,7 +371,7 @@ impl Attention {
     /// and attends over every cached position. `x` is the normalised input `[hidden]`.
     pub fn decode(
         &self,
-        params: &Buffers,
+        params: &Weights,
         x: &[f32],
         position: usize,
         rope: &RopeTable,
@@ -389,18 +380,16 @@ impl Attention {
         let d = self.dims;
         let hd = d.head_dim;
         let mut qkv = vec![0.0; self.qkv_width()];
-        let bias = self.qkv_bias.map(|b| params.get(b));
-        linear_forward(
+        params.linear_forward(
             &mut qkv,
             x,
-            params.get(self.qkv_weight),
-            bias,
-            1,
-            d.hidden,
-            self.qkv_width(),
-            Par::Seq,
+            self.qkv_weight,
+            self.qkv_bias,
+            LinearShape::new(1, d.hidden, self.qkv_width()),
         );
-        rope_apply(&mut qkv, self.rotated_heads(), &[position], rope, false);
+        timed(Phase::Attention, || {
+            rope_apply(&mut qkv, self.rotated_heads(), &[position], rope, false)
+        });
         let layout = self.layout();
         let kv_width = d.kv_heads * hd;
         cache
@@ -427,15 +416,12 @@ impl Attention {
             }
         }
         let mut y = vec![0.0; d.hidden];
-        linear_forward(
+        params.linear_forward(
             &mut y,
             &context,
-            params.get(self.out_weight),
+            self.out_weight,
             None,
-            1,
-            d.heads * hd,
-            d.hidden,
-            Par::Seq,
+            LinearShape::new(1, d.heads * hd, d.hidden),
         );
         y
     }

@@ -8,6 +8,7 @@
 //! the tokens; attention and a dense MLP are tensor-parallel regions entered by an all-gather
 //! and left by a reduce-scatter over tp (both no-ops on one rank).
 
+use crate::compute::{Activation, Weights};
 use crate::layers::attention::{Attention, AttentionSaved, KvCache, Positions};
 use crate::layers::mlp::{Mlp, MlpSaved};
 use crate::layers::moe::jitter::TokenKeys;
@@ -15,6 +16,7 @@ use crate::layers::moe::{MoeLayer, MoeSaved, MoeStats};
 use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use crate::profile::{timed, Phase};
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use origami_kernels::rope::RopeTable;
 
@@ -47,13 +49,14 @@ pub struct Block {
 /// What the forward keeps for the backward.
 pub struct BlockSaved {
     input: Vec<f32>,
-    /// The normalised input gathered over tp (attention's input).
-    attention_norm_out: Vec<f32>,
+    /// The normalised input gathered over tp (attention's input, in the compute precision).
+    attention_norm_out: Activation,
     attention_rstd: Vec<f32>,
     attention: AttentionSaved,
     residual: Vec<f32>,
-    /// The normalised residual: gathered over tp for a dense MLP, this rank's slice for MoE.
-    ffn_norm_out: Vec<f32>,
+    /// The normalised residual: gathered over tp for a dense MLP (its input, in the compute
+    /// precision), this rank's slice for MoE (the router's input, f32).
+    ffn_norm_out: Activation,
     ffn_rstd: Vec<f32>,
     ffn: FeedForwardSaved,
 }
@@ -106,7 +109,7 @@ impl Block {
     /// jitter (`None` in evaluation).
     pub fn forward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         x: Vec<f32>,
         batch: usize,
         seq: usize,
@@ -114,32 +117,41 @@ impl Block {
         jitter: Option<&TokenKeys>,
     ) -> (Vec<f32>, BlockSaved, Option<MoeStats>) {
         let mut attention_norm_out = vec![0.0; x.len()];
-        let attention_rstd = rmsnorm_forward(
-            &mut attention_norm_out,
-            &x,
-            params.get(self.attention_norm),
+        let attention_rstd = timed(Phase::Elementwise, || {
+            rmsnorm_forward(
+                &mut attention_norm_out,
+                &x,
+                params.get(self.attention_norm),
+                self.hidden,
+                self.norm_eps,
+            )
+        });
+        let attention_norm_out = params.activation(self.tp.gather_sequence(
+            attention_norm_out,
+            batch,
             self.hidden,
-            self.norm_eps,
-        );
-        let attention_norm_out = self
-            .tp
-            .gather_sequence(attention_norm_out, batch, self.hidden);
+        ));
         let (partial, attention) =
             self.attention
                 .forward(params, &attention_norm_out, batch, seq, positions);
         let mut residual = self.tp.scatter_sequence(partial, batch, self.hidden);
-        residual.iter_mut().zip(&x).for_each(|(r, v)| *r += v);
+        timed(Phase::Elementwise, || {
+            residual.iter_mut().zip(&x).for_each(|(r, v)| *r += v)
+        });
         let mut ffn_norm_out = vec![0.0; x.len()];
-        let ffn_rstd = rmsnorm_forward(
-            &mut ffn_norm_out,
-            &residual,
-            params.get(self.ffn_norm),
-            self.hidden,
-            self.norm_eps,
-        );
+        let ffn_rstd = timed(Phase::Elementwise, || {
+            rmsnorm_forward(
+                &mut ffn_norm_out,
+                &residual,
+                params.get(self.ffn_norm),
+                self.hidden,
+                self.norm_eps,
+            )
+        });
         let (mut y, ffn, stats, ffn_norm_out) = match &self.ffn {
             FeedForward::Dense(mlp) => {
-                let gathered = self.tp.gather_sequence(ffn_norm_out, batch, self.hidden);
+                let gathered =
+                    params.activation(self.tp.gather_sequence(ffn_norm_out, batch, self.hidden));
                 let (partial, saved) = mlp.forward(params, &gathered);
                 let y = self.tp.scatter_sequence(partial, batch, self.hidden);
                 (y, FeedForwardSaved::Dense(saved), None, gathered)
@@ -151,11 +163,13 @@ impl Block {
                     y,
                     FeedForwardSaved::Moe(Box::new(saved)),
                     Some(stats),
-                    ffn_norm_out,
+                    Activation::F32(ffn_norm_out),
                 )
             }
         };
-        y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r);
+        timed(Phase::Elementwise, || {
+            y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r)
+        });
         let saved = BlockSaved {
             input: x,
             attention_norm_out,
@@ -173,7 +187,7 @@ impl Block {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: BlockSaved,
         dy: Vec<f32>,
@@ -197,22 +211,31 @@ impl Block {
                 );
                 self.tp.scatter_sequence(d, batch, self.hidden)
             }
-            (FeedForward::Moe(moe), FeedForwardSaved::Moe(s)) => {
-                moe.backward(params, grads, *s, &saved.ffn_norm_out, &dy, loss_scale)
-            }
+            (FeedForward::Moe(moe), FeedForwardSaved::Moe(s)) => moe.backward(
+                params,
+                grads,
+                *s,
+                saved.ffn_norm_out.as_f32(),
+                &dy,
+                loss_scale,
+            ),
             _ => unreachable!("saved state matches the block's feed-forward kind"),
         };
         let mut d_residual = vec![0.0; dy.len()];
-        rmsnorm_backward(
-            &mut d_residual,
-            grads.get_mut(self.ffn_norm),
-            &d_ffn_norm_out,
-            &saved.residual,
-            params.get(self.ffn_norm),
-            &saved.ffn_rstd,
-            self.hidden,
-        );
-        d_residual.iter_mut().zip(&dy).for_each(|(d, g)| *d += g);
+        timed(Phase::Elementwise, || {
+            rmsnorm_backward(
+                &mut d_residual,
+                grads.get_mut(self.ffn_norm),
+                &d_ffn_norm_out,
+                &saved.residual,
+                params.get(self.ffn_norm),
+                &saved.ffn_rstd,
+                self.hidden,
+            )
+        });
+        timed(Phase::Elementwise, || {
+            d_residual.iter_mut().zip(&dy).for_each(|(d, g)| *d += g)
+        });
         drop(dy);
         let d_residual_gathered = self
             .tp
@@ -230,52 +253,62 @@ impl Block {
         drop(d_residual_gathered);
         let d_attention_norm_out = self.tp.scatter_sequence(partial, batch, self.hidden);
         let mut dx = vec![0.0; d_residual.len()];
-        rmsnorm_backward(
-            &mut dx,
-            grads.get_mut(self.attention_norm),
-            &d_attention_norm_out,
-            &saved.input,
-            params.get(self.attention_norm),
-            &saved.attention_rstd,
-            self.hidden,
-        );
-        dx.iter_mut().zip(&d_residual).for_each(|(d, g)| *d += g);
+        timed(Phase::Elementwise, || {
+            rmsnorm_backward(
+                &mut dx,
+                grads.get_mut(self.attention_norm),
+                &d_attention_norm_out,
+                &saved.input,
+                params.get(self.attention_norm),
+                &saved.attention_rstd,
+                self.hidden,
+            )
+        });
+        timed(Phase::Elementwise, || {
+            dx.iter_mut().zip(&d_residual).for_each(|(d, g)| *d += g)
+        });
         dx
     }
 
     /// Incremental decoding of one token `x[hidden]` at `position`, using and extending `cache`.
     pub fn decode(
         &self,
-        params: &Buffers,
+        params: &Weights,
         x: &[f32],
         position: usize,
         rope: &RopeTable,
         cache: &mut KvCache,
     ) -> Vec<f32> {
         let mut normed = vec![0.0; x.len()];
-        rmsnorm_forward(
-            &mut normed,
-            x,
-            params.get(self.attention_norm),
-            self.hidden,
-            self.norm_eps,
-        );
+        timed(Phase::Elementwise, || {
+            rmsnorm_forward(
+                &mut normed,
+                x,
+                params.get(self.attention_norm),
+                self.hidden,
+                self.norm_eps,
+            )
+        });
         let mut residual = self
             .attention
             .decode(params, &normed, position, rope, cache);
         residual.iter_mut().zip(x).for_each(|(r, v)| *r += v);
-        rmsnorm_forward(
-            &mut normed,
-            &residual,
-            params.get(self.ffn_norm),
-            self.hidden,
-            self.norm_eps,
-        );
+        timed(Phase::Elementwise, || {
+            rmsnorm_forward(
+                &mut normed,
+                &residual,
+                params.get(self.ffn_norm),
+                self.hidden,
+                self.norm_eps,
+            )
+        });
         let mut y = match &self.ffn {
-            FeedForward::Dense(mlp) => mlp.forward(params, &normed).0,
+            FeedForward::Dense(mlp) => mlp.forward(params, &params.activation(normed)).0,
             FeedForward::Moe(moe) => moe.forward(params, &normed).0,
         };
-        y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r);
+        timed(Phase::Elementwise, || {
+            y.iter_mut().zip(&residual).for_each(|(a, r)| *a += r)
+        });
         y
     }
 }
