@@ -5,6 +5,7 @@
 use origami::bench::{run, BenchLayout, BenchSettings};
 use origami::compute::Compute;
 use origami::layers::context_parallel::CpCommType;
+use origami::layers::recompute::Recompute;
 
 fn measured_over_theory(layout: BenchLayout, micro_batches: usize) -> f64 {
     let report = run(&BenchSettings {
@@ -16,6 +17,7 @@ fn measured_over_theory(layout: BenchLayout, micro_batches: usize) -> f64 {
         layout,
         compute: Compute::F32,
         profile: false,
+        recompute: Recompute::None,
     })
     .unwrap();
     assert!(report.theory_bytes_per_rank_total > 0.0);

@@ -457,6 +457,7 @@ fn transformer_block_with_moe() {
         BATCH,
         SEQ,
         &pos,
+        None,
     );
     check_layer("block", &registry, &params, &x, &loss, (dx, grads));
 }

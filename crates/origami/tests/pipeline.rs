@@ -2,6 +2,7 @@
 //! bound, a failing stage ending every rank with an error, and the settings a pipeline refuses.
 
 use origami::compute::{Compute, Weights};
+use origami::layers::recompute::Recompute;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ fn one_f_one_b_stages_hold_at_most_pp_minus_rank_micro_batches() {
         },
         compute: Compute::F32,
         profile: false,
+        recompute: Recompute::None,
     })
     .unwrap();
     assert_eq!(report.schedule, "1F1B");

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use crate::compute::{Compute, WeightCopies};
 use crate::layers::context_parallel::CpCommType;
+use crate::layers::recompute::Recompute;
 use crate::model::config::ModelConfig;
 use crate::model::flops::training_flops_per_token;
 use crate::model::gpt::{GptModel, MicroBatch, SequenceKeys};
@@ -59,6 +60,8 @@ pub struct BenchSettings {
     pub compute: Compute,
     /// Profile the steps by phase ([`crate::profile`]).
     pub profile: bool,
+    /// What each block's backward recomputes.
+    pub recompute: Recompute,
 }
 
 /// A parallel layout for the benchmark (dp and edp follow).
@@ -114,6 +117,8 @@ pub struct BenchReport {
     pub threads: usize,
     /// GEMM precision: `f32` or `bf16`.
     pub precision: &'static str,
+    /// Activation recomputation: `none`, `selective` or `full`.
+    pub recompute: Recompute,
     /// Parameters of the model.
     pub params: usize,
     /// Tokens per step.
@@ -231,7 +236,8 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
     let model = GptModel::new_parallel(
         config.clone(),
         ModelParallel::from_state(&state, l.cp_comm_type),
-    )?;
+    )?
+    .with_recompute(settings.recompute);
     let mut params = model.init_params(0);
     let mut copies = WeightCopies::new(settings.compute, &params);
     let mut grads = model.registry().zeros();
@@ -355,6 +361,7 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
         layout: describe(l, dp.size(), state.edp().size()),
         threads: rayon::current_num_threads(),
         precision: settings.compute.name(),
+        recompute: settings.recompute,
         params: model.registry().total_len(),
         tokens_per_step: tokens,
         steps: settings.steps,

@@ -5,6 +5,7 @@ use clap::{Args, Subcommand};
 use origami::bench::BenchLayout;
 use origami::compute::{Compute, PrecisionSetting};
 use origami::layers::context_parallel::CpCommType;
+use origami::layers::recompute::Recompute;
 
 /// Arguments of `origami bench`.
 #[derive(Args, Debug)]
@@ -61,6 +62,9 @@ pub struct BenchArgs {
     /// Choose the precision as on a CPU without AVX512_BF16.
     #[arg(long)]
     pub disable_avx512_bf16: bool,
+    /// What each block's backward recomputes: none, selective or full.
+    #[arg(long, default_value = "none", value_parser = parse_recompute)]
+    pub recompute: Recompute,
     /// Time the steps by phase (GEMMs, attention, router, permutation, element-wise,
     /// optimizer, each communication kind, allocation) and print the median step's table.
     #[arg(long)]
@@ -73,6 +77,17 @@ fn parse_precision(value: &str) -> Result<PrecisionSetting, String> {
         "f32" => Ok(PrecisionSetting::F32),
         "bf16" => Ok(PrecisionSetting::Bf16),
         other => Err(format!("unknown precision {other:?} (auto, f32 or bf16)")),
+    }
+}
+
+fn parse_recompute(value: &str) -> Result<Recompute, String> {
+    match value {
+        "none" => Ok(Recompute::None),
+        "selective" => Ok(Recompute::Selective),
+        "full" => Ok(Recompute::Full),
+        other => Err(format!(
+            "unknown recompute {other:?} (none, selective or full)"
+        )),
     }
 }
 
@@ -167,6 +182,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         compute: Compute::resolve(args.precision, args.disable_avx512_bf16),
         profile: args.profile,
+        recompute: args.recompute,
     })?;
     if let Some(profile) = &report.profile {
         print!("{}", profile.table());

@@ -3,7 +3,8 @@
 //!
 //! The fused weight is `[(heads + 2·kv_heads)·head_dim, hidden]`, rows ordered q heads, k heads,
 //! v heads. Saved state: the rotated qkv, the attention context and its log-sum-exp (f32; the
-//! caller keeps the input, in the compute precision).
+//! caller keeps the input, in the compute precision). With [`Attention::set_recompute_core`]
+//! the context and log-sum-exp are recomputed from the qkv in the backward.
 //!
 //! Under tensor parallelism a rank holds its slice of the q heads and of the query groups (the
 //! matching rows of the q, k and v blocks: column-parallel) and the matching columns of the
@@ -43,13 +44,14 @@ pub struct Attention {
     /// Attention across the context-parallel group (`None`: every token of each sequence is
     /// on this rank).
     context: Option<ContextAttention>,
+    recompute_core: bool,
 }
 
 /// What the forward keeps for the backward.
 pub struct AttentionSaved {
     qkv: Vec<f32>,
-    context: Vec<f32>,
-    core: CoreSaved,
+    /// The core's output and saved state (`None` when the backward recomputes them).
+    core: Option<(Vec<f32>, CoreSaved)>,
 }
 
 /// The attention core's saved state: the log-sum-exp of the local kernel, or what the
@@ -133,6 +135,48 @@ impl Attention {
             qkv_bias,
             out_weight,
             context,
+            recompute_core: false,
+        }
+    }
+
+    /// Whether the backward recomputes the attention core's output instead of keeping it.
+    pub fn set_recompute_core(&mut self, on: bool) {
+        self.recompute_core = on;
+    }
+
+    /// The attention core over the rotated `qkv`: the context `[rows, heads·hd]` and what its
+    /// backward needs.
+    fn core_forward(
+        &self,
+        params: &Weights,
+        qkv: &[f32],
+        batch: usize,
+        seq: usize,
+        positions: &Positions,
+    ) -> (Vec<f32>, CoreSaved) {
+        let d = self.dims;
+        match &self.context {
+            None => {
+                let mut context = vec![0.0; batch * seq * d.heads * d.head_dim];
+                let lse = params.attention_forward(
+                    &mut context,
+                    qkv,
+                    (self.layout(), self.shape(batch, seq)),
+                    self.scale(),
+                );
+                (context, CoreSaved::Local(lse))
+            }
+            Some(cp) => {
+                let (q, kv) = self.split_qkv(qkv);
+                let (context, saved) = cp.forward(
+                    &q,
+                    &kv,
+                    positions.in_sequence,
+                    self.context_shape(batch, seq),
+                    self.scale(),
+                );
+                (context, CoreSaved::Context(saved))
+            }
         }
     }
 
@@ -244,29 +288,7 @@ impl Attention {
                 false,
             )
         });
-        let (context, core) = match &self.context {
-            None => {
-                let mut context = vec![0.0; rows * d.heads * d.head_dim];
-                let lse = params.attention_forward(
-                    &mut context,
-                    &qkv,
-                    (self.layout(), self.shape(batch, seq)),
-                    self.scale(),
-                );
-                (context, CoreSaved::Local(lse))
-            }
-            Some(cp) => {
-                let (q, kv) = self.split_qkv(&qkv);
-                let (context, saved) = cp.forward(
-                    &q,
-                    &kv,
-                    positions.in_sequence,
-                    self.context_shape(batch, seq),
-                    self.scale(),
-                );
-                (context, CoreSaved::Context(saved))
-            }
-        };
+        let (context, core) = self.core_forward(params, &qkv, batch, seq, positions);
         let mut y = vec![0.0; rows * d.hidden];
         params.linear_forward(
             &mut y,
@@ -275,7 +297,8 @@ impl Attention {
             None,
             LinearShape::new(rows, d.heads * d.head_dim, d.hidden),
         );
-        (y, AttentionSaved { qkv, context, core })
+        let core = (!self.recompute_core).then_some((context, core));
+        (y, AttentionSaved { qkv, core })
     }
 
     /// Accumulates parameter gradients and returns `dx` for the normalised input `x`.
@@ -294,6 +317,10 @@ impl Attention {
         let rows = batch * seq;
         let d = self.dims;
         let context_width = d.heads * d.head_dim;
+        let (context, core) = match saved.core {
+            Some(kept) => kept,
+            None => self.core_forward(params, &saved.qkv, batch, seq, positions),
+        };
         let mut dcontext = vec![0.0; rows * context_width];
         params.linear_backward(
             LinearGrads {
@@ -303,16 +330,16 @@ impl Attention {
                 bias: None,
             },
             dy,
-            &saved.context,
+            &context,
             self.out_weight,
             LinearShape::new(rows, context_width, d.hidden),
         );
         let mut dqkv = vec![0.0; saved.qkv.len()];
-        match (&self.context, saved.core) {
+        match (&self.context, core) {
             (None, CoreSaved::Local(lse)) => params.attention_backward(
                 &mut dqkv,
                 &dcontext,
-                &saved.context,
+                &context,
                 &saved.qkv,
                 &lse,
                 (self.layout(), self.shape(batch, seq)),
@@ -333,7 +360,7 @@ impl Attention {
             }
             _ => unreachable!("saved state matches the attention core"),
         }
-        drop(dcontext);
+        drop((dcontext, context));
         timed(Phase::Attention, || {
             rope_apply(
                 &mut dqkv,
@@ -429,10 +456,13 @@ impl Attention {
 
 impl Stored for AttentionSaved {
     fn stored_bytes(&self) -> usize {
-        let core = match &self.core {
-            CoreSaved::Local(lse) => lse.stored_bytes(),
-            CoreSaved::Context(saved) => saved.stored_bytes(),
-        };
-        self.qkv.stored_bytes() + self.context.stored_bytes() + core
+        let core = self.core.as_ref().map_or(0, |(context, core)| {
+            context.stored_bytes()
+                + match core {
+                    CoreSaved::Local(lse) => lse.stored_bytes(),
+                    CoreSaved::Context(saved) => saved.stored_bytes(),
+                }
+        });
+        self.qkv.stored_bytes() + core
     }
 }

@@ -1,7 +1,8 @@
 //! SwiGLU MLP: `y = W_down · (silu(W_gate·x) ∘ W_up·x)`, with gate and up fused into one weight
 //! `[2·ffn, hidden]` (gate rows first). Used for dense layers and shared experts.
 //! Saved state: the fused gate/up activations (f32) and the SwiGLU output (the second GEMM's
-//! input, in the compute precision). The caller keeps the input.
+//! input, in the compute precision; recomputed from gate/up in the backward when
+//! [`Mlp::set_recompute_activation`] says so). The caller keeps the input.
 //!
 //! Under tensor parallelism a rank holds a slice of the hidden units and its output is a
 //! partial sum (the caller reduce-scatters it, see [`crate::layers::tensor_parallel`]).
@@ -20,12 +21,13 @@ pub struct Mlp {
     ffn: usize,
     gate_up: ParamId,
     down: ParamId,
+    recompute_activation: bool,
 }
 
 /// What the forward keeps for the backward.
 pub struct MlpSaved {
     gate_up: Vec<f32>,
-    activated: Activation,
+    activated: Option<Activation>,
 }
 
 impl Mlp {
@@ -60,7 +62,22 @@ impl Mlp {
             ffn: ffn / tp.size(),
             gate_up,
             down,
+            recompute_activation: false,
         }
+    }
+
+    /// Whether the backward recomputes the SwiGLU output instead of keeping it.
+    pub fn set_recompute_activation(&mut self, on: bool) {
+        self.recompute_activation = on;
+    }
+
+    /// The SwiGLU output of the fused `gate_up` rows, as the down projection's input.
+    fn activate(&self, params: &Weights, gate_up: &[f32]) -> Activation {
+        let mut activated = vec![0.0; gate_up.len() / 2];
+        timed(Phase::Elementwise, || {
+            swiglu_forward(&mut activated, gate_up, self.ffn)
+        });
+        params.activation(activated)
     }
 
     /// `y[rows, hidden]` (this rank's partial sum under tensor parallelism) from `x[rows, hidden]`.
@@ -74,11 +91,7 @@ impl Mlp {
             None,
             LinearShape::new(rows, self.hidden, 2 * self.ffn),
         );
-        let mut activated = vec![0.0; rows * self.ffn];
-        timed(Phase::Elementwise, || {
-            swiglu_forward(&mut activated, &gate_up, self.ffn)
-        });
-        let activated = params.activation(activated);
+        let activated = self.activate(params, &gate_up);
         let mut y = vec![0.0; rows * self.hidden];
         params.linear_forward(
             &mut y,
@@ -87,6 +100,7 @@ impl Mlp {
             None,
             LinearShape::new(rows, self.ffn, self.hidden),
         );
+        let activated = (!self.recompute_activation).then_some(activated);
         (y, MlpSaved { gate_up, activated })
     }
 
@@ -103,6 +117,9 @@ impl Mlp {
         accumulate: bool,
     ) {
         let rows = x.len() / self.hidden;
+        let activated = saved
+            .activated
+            .unwrap_or_else(|| self.activate(params, &saved.gate_up));
         let mut dactivated = vec![0.0; rows * self.ffn];
         params.linear_backward(
             LinearGrads {
@@ -112,11 +129,11 @@ impl Mlp {
                 bias: None,
             },
             dy,
-            &saved.activated,
+            &activated,
             self.down,
             LinearShape::new(rows, self.ffn, self.hidden),
         );
-        drop(saved.activated);
+        drop(activated);
         let mut dgate_up = vec![0.0; saved.gate_up.len()];
         timed(Phase::Elementwise, || {
             swiglu_backward(&mut dgate_up, &dactivated, &saved.gate_up, self.ffn)

@@ -169,6 +169,13 @@ pub struct ChunkForward {
 }
 
 impl ModelChunk {
+    /// Whether a router of the chunk jitters its input in training.
+    fn jitters(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| b.moe().is_some_and(MoeLayer::jitters))
+    }
+
     /// Runs the chunk forward on `local` (whose counted targets over cp are `counted`, for the
     /// head); `input` is the previous chunk's output, `None` on the first chunk.
     pub fn forward(
@@ -196,11 +203,7 @@ impl ModelChunk {
             head: None,
         };
         let mut losses = ChunkLosses::default();
-        let jitters = self
-            .blocks
-            .iter()
-            .any(|b| b.moe().is_some_and(MoeLayer::jitters));
-        let jitter = (training && jitters).then(|| local.token_keys(ctx.tp));
+        let jitter = (training && self.jitters()).then(|| local.token_keys(ctx.tp));
         for block in &self.blocks {
             let (y, s, stats) = block.forward(
                 params,
@@ -298,6 +301,7 @@ impl ModelChunk {
             (None, None, Some(dy)) => dy,
             _ => panic!("the head's backward starts from its own loss, any other chunk's from the next chunk's gradient"),
         };
+        let jitter = self.jitters().then(|| local.token_keys(ctx.tp));
         for (block, block_saved) in self.blocks.iter().zip(saved.blocks).rev() {
             dx = block.backward(
                 params,
@@ -308,6 +312,7 @@ impl ModelChunk {
                 local.batch,
                 local.seq,
                 positions,
+                jitter.as_ref(),
             );
         }
         let Some(table) = self.embedding else {

@@ -31,6 +31,7 @@ use crate::layers::comm_ok;
 use crate::layers::context_parallel::{local_positions, ContextAttention};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{MoeLayer, MoeStats};
+use crate::layers::recompute::Recompute;
 use crate::layers::vocab_parallel::VocabParallel;
 use crate::params::init::initialise;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
@@ -149,6 +150,16 @@ impl GptModel {
             vocab,
             split,
         })
+    }
+
+    /// The model with what each block's backward recomputes set to `recompute`.
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
+        for chunk in &mut self.chunks {
+            for block in &mut chunk.blocks {
+                block.set_recompute(recompute);
+            }
+        }
+        self
     }
 
     /// The groups this rank's model uses.

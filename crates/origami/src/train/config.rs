@@ -7,6 +7,7 @@
 
 use crate::compute::{Compute, PrecisionSetting};
 use crate::layers::context_parallel::CpCommType;
+use crate::layers::recompute::Recompute;
 use crate::model::config::ModelConfig;
 use crate::model::gpt::sequence_split;
 use crate::model::parallel::{check_split, SplitSizes};
@@ -156,6 +157,9 @@ pub struct TrainSection {
     /// runs the portable kernel).
     #[serde(default)]
     pub disable_avx512_bf16: bool,
+    /// What each block's backward recomputes: `none`, `selective` or `full`.
+    #[serde(default)]
+    pub recompute: Recompute,
 }
 
 impl TrainSection {

@@ -231,7 +231,8 @@ pub fn train_on(
         config.model.clone(),
         ModelParallel::from_state(&state, p.cp_comm_type)
             .with_stage_layers(p.pp_first_stage_layers, p.pp_last_stage_layers),
-    )?;
+    )?
+    .with_recompute(t.recompute);
     let groups = StepGroups::from_state(&state, world.clone());
     let full_model = if p.world == 1 {
         model.clone()

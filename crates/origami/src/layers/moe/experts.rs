@@ -2,7 +2,8 @@
 //! `W_fc1[e]` (`[2·ffn, hidden]`, gate rows then up rows), SwiGLU, and `W_fc2[e]` (`[hidden, ffn]`).
 //! Expert parameters live in the expert buffer (reduced over expert-data-parallel ranks).
 //! Saved state: the rows (fc1's input) and the SwiGLU output (fc2's input), both in the
-//! compute precision, and the fc1 output (f32).
+//! compute precision, and the fc1 output (f32); the SwiGLU output is recomputed from the fc1
+//! output in the backward when [`GroupedExperts::set_recompute_activation`] says so.
 
 use super::parallel::ExpertSharding;
 use crate::compute::{Activation, Weights};
@@ -19,13 +20,14 @@ pub struct GroupedExperts {
     ffn: usize,
     fc1: ParamId,
     fc2: ParamId,
+    recompute_activation: bool,
 }
 
 /// What the forward keeps for the backward.
 pub struct ExpertsSaved {
     input: Activation,
     fc1_out: Vec<f32>,
-    activated: Activation,
+    activated: Option<Activation>,
 }
 
 impl GroupedExperts {
@@ -69,7 +71,22 @@ impl GroupedExperts {
             ffn: slice.len(),
             fc1,
             fc2,
+            recompute_activation: false,
         }
+    }
+
+    /// Whether the backward recomputes the SwiGLU output instead of keeping it.
+    pub fn set_recompute_activation(&mut self, on: bool) {
+        self.recompute_activation = on;
+    }
+
+    /// The SwiGLU output of the fc1 rows, as fc2's input.
+    fn activate(&self, params: &Weights, fc1_out: &[f32]) -> Activation {
+        let mut activated = vec![0.0; fc1_out.len() / 2];
+        timed(Phase::Elementwise, || {
+            swiglu_forward(&mut activated, fc1_out, self.ffn)
+        });
+        params.activation(activated)
     }
 
     /// Number of local experts.
@@ -99,11 +116,7 @@ impl GroupedExperts {
             offsets,
             (self.hidden, 2 * self.ffn),
         );
-        let mut activated = vec![0.0; rows * self.ffn];
-        timed(Phase::Elementwise, || {
-            swiglu_forward(&mut activated, &fc1_out, self.ffn)
-        });
-        let activated = params.activation(activated);
+        let activated = self.activate(params, &fc1_out);
         let mut y = vec![0.0; rows * self.hidden];
         params.grouped_linear_forward(
             &mut y,
@@ -115,7 +128,7 @@ impl GroupedExperts {
         let saved = ExpertsSaved {
             input,
             fc1_out,
-            activated,
+            activated: (!self.recompute_activation).then_some(activated),
         };
         (y, saved)
     }
@@ -130,17 +143,20 @@ impl GroupedExperts {
         offsets: &[usize],
     ) -> Vec<f32> {
         let rows = saved.input.len() / self.hidden;
+        let activated = saved
+            .activated
+            .unwrap_or_else(|| self.activate(params, &saved.fc1_out));
         let mut dactivated = vec![0.0; rows * self.ffn];
         params.grouped_linear_backward(
             Some(&mut dactivated),
             grads.get_mut(self.fc2),
             dy,
-            &saved.activated,
+            &activated,
             self.fc2,
             offsets,
             (self.ffn, self.hidden),
         );
-        drop(saved.activated);
+        drop(activated);
         let mut dfc1 = vec![0.0; saved.fc1_out.len()];
         timed(Phase::Elementwise, || {
             swiglu_backward(&mut dfc1, &dactivated, &saved.fc1_out, self.ffn)

@@ -322,6 +322,42 @@ impl MoeLayer {
         sequences: usize,
         jitter: Option<&TokenKeys>,
     ) -> (Vec<f32>, MoeSaved, MoeStats) {
+        self.forward_routed(params, x, sequences, jitter, None)
+    }
+
+    /// The forward of [`MoeLayer::forward_with_jitter`] again, for a backward that recomputes
+    /// it: `balance` is the load-balancing weights the first run used (its output and saved
+    /// state are the first run's; the global-batch loads are not counted twice).
+    pub fn replay(
+        &self,
+        params: &Weights,
+        x: &[f32],
+        sequences: usize,
+        jitter: Option<&TokenKeys>,
+        balance: &BalanceWeights,
+    ) -> (Vec<f32>, MoeSaved) {
+        let (y, saved, _) = self.forward_routed(params, x, sequences, jitter, Some(balance));
+        (y, saved)
+    }
+
+    /// Whether the backward recomputes the SwiGLU outputs of the experts and the shared expert
+    /// instead of keeping them.
+    pub fn set_recompute_activations(&mut self, on: bool) {
+        self.experts.set_recompute_activation(on);
+        if let Some(shared) = &mut self.shared {
+            shared.set_recompute_activation(on);
+        }
+    }
+
+    /// The forward; `replay` the balance weights of an earlier run of the same micro-batch.
+    fn forward_routed(
+        &self,
+        params: &Weights,
+        x: &[f32],
+        sequences: usize,
+        jitter: Option<&TokenKeys>,
+        replay: Option<&BalanceWeights>,
+    ) -> (Vec<f32>, MoeSaved, MoeStats) {
         let tokens = x.len() / self.hidden;
         let (routing, router_saved) = self.router.forward_with_jitter(params, x, jitter);
         let fixed_rows = self.capacity(tokens, routing.topk);
@@ -337,12 +373,15 @@ impl MoeLayer {
             )
         });
         let z_tokens = micro_batch_tokens[0] as usize;
-        let balance = self.balance(
-            router_saved.balancing_choices(),
-            routing.topk,
-            (tokens, z_tokens),
-            sequences,
-        );
+        let balance = match replay {
+            Some(balance) => balance.clone(),
+            None => self.balance(
+                router_saved.balancing_choices(),
+                routing.topk,
+                (tokens, z_tokens),
+                sequences,
+            ),
+        };
         stats.losses = self.router.losses(&router_saved, &balance, z_tokens);
         let (mut y, route, forward_times) = dispatch::forward(
             self.dispatcher,
@@ -433,6 +472,13 @@ impl MoeLayer {
             shared.backward(params, grads, shared_saved, x, dy, &mut dx);
         }
         (dx, times)
+    }
+}
+
+impl MoeSaved {
+    /// The load-balancing weights the forward used (what a replay needs).
+    pub fn balance(&self) -> &BalanceWeights {
+        &self.balance
     }
 }
 

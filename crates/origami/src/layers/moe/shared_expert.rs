@@ -60,6 +60,11 @@ impl SharedExpert {
         }
     }
 
+    /// Whether the backward recomputes the MLP's SwiGLU output instead of keeping it.
+    pub fn set_recompute_activation(&mut self, on: bool) {
+        self.mlp.set_recompute_activation(on);
+    }
+
     /// Output `[tokens, hidden]` for this rank's tokens `x`, which are `sequences` equal runs.
     pub fn forward(
         &self,
