@@ -7,6 +7,9 @@
 //!   products (`dx = dy·W`, `dW += dyᵀ·x`), sums stay in f32 and every output and gradient is
 //!   f32. The bias gradient is summed from the f32 `dy`, as in f32.
 //!
+//! The attention core in bf16 rounds q/k/v (and the output gradient) once and runs its tile
+//! products on the bf16 GEMM; softmax, running max and sum stay f32.
+//!
 //! Memory rule as the kernels': parameter gradients accumulate, `dx` is written unless asked
 //! to add.
 
@@ -20,6 +23,7 @@ use crate::profile::{scope, Phase};
 use origami_kernels::attention::{
     attention_backward, attention_forward, AttentionShape, QkvLayout,
 };
+use origami_kernels::attention_bf16::{attention_backward_bf16, attention_forward_bf16};
 use origami_kernels::bf16::{to_f32_vec, Bf16};
 use origami_kernels::grouped_matmul::{grouped_linear_backward, grouped_linear_forward};
 use origami_kernels::grouped_matmul_bf16::{
@@ -207,8 +211,9 @@ impl Weights<'_> {
         }
     }
 
-    /// The causal attention core (f32 in every precision): writes `out`, returns the
-    /// log-sum-exp per (row, head) for the backward.
+    /// The causal attention core: writes `out`, returns the log-sum-exp per (row, head) for
+    /// the backward. In bf16 the tile products take bf16 `q`, `k`, `v` and probabilities, the
+    /// softmax stays f32 (`origami_kernels::attention_bf16`).
     pub fn attention_forward(
         &self,
         out: &mut [f32],
@@ -217,7 +222,13 @@ impl Weights<'_> {
         scale: f32,
     ) -> Vec<f32> {
         let _phase = scope(Phase::Attention);
-        attention_forward(out, qkv, layout, shape, scale)
+        match self.compute() {
+            Compute::F32 => attention_forward(out, qkv, layout, shape, scale),
+            Compute::Bf16(kernel) => {
+                let qkv = round_to_bf16(qkv);
+                attention_forward_bf16(out, &qkv, layout, shape, scale, kernel)
+            }
+        }
     }
 
     /// Backward of [`Weights::attention_forward`]: writes `dqkv`.
@@ -233,7 +244,13 @@ impl Weights<'_> {
         scale: f32,
     ) {
         let _phase = scope(Phase::Attention);
-        attention_backward(dqkv, dout, out, qkv, lse, layout, shape, scale);
+        match self.compute() {
+            Compute::F32 => attention_backward(dqkv, dout, out, qkv, lse, layout, shape, scale),
+            Compute::Bf16(kernel) => {
+                let (qkv, dout) = (round_to_bf16(qkv), round_to_bf16(dout));
+                attention_backward_bf16(dqkv, &dout, out, &qkv, lse, layout, shape, scale, kernel);
+            }
+        }
     }
 }
 
