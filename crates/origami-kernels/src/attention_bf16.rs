@@ -415,6 +415,8 @@ mod tests {
             e.iter().map(|v| v / total).collect()
         }
 
+        // Indexed loops: the reference follows the formulas' subscripts.
+        #[allow(clippy::needless_range_loop)]
         fn exact(&self) -> Exact {
             let (sh, hd, lay) = (self.shape, self.shape.head_dim, self.layout);
             let mut ex = Exact {
