@@ -5,7 +5,9 @@
 use super::activation::{round_into, round_to_bf16, Activation};
 use super::precision::Compute;
 use crate::params::{Buffers, ParamGroup, ParamId};
+use crate::profile::{scope, Phase};
 use origami_kernels::bf16::Bf16;
+use origami_kernels::swiglu::{swiglu_forward, swiglu_forward_bf16};
 
 /// The compute precision's copies of a rank's parameters: bf16 copies of both buffers in bf16,
 /// nothing in f32.
@@ -124,6 +126,25 @@ impl<'a> Weights<'a> {
         match self.compute {
             Compute::F32 => Activation::F32(x),
             Compute::Bf16(_) => Activation::Bf16(round_to_bf16(&x)),
+        }
+    }
+
+    /// `silu(gate) ∘ up` of fused `(gate | up)` rows of width `2·ffn`, as the next GEMM's
+    /// input: in bf16 each value is rounded as it is computed (one pass, no f32 copy).
+    pub fn swiglu(&self, gate_up: &[f32], ffn: usize) -> Activation {
+        let _phase = scope(Phase::Elementwise);
+        let len = gate_up.len() / 2;
+        match self.compute {
+            Compute::F32 => {
+                let mut h = vec![0.0; len];
+                swiglu_forward(&mut h, gate_up, ffn);
+                Activation::F32(h)
+            }
+            Compute::Bf16(_) => {
+                let mut h = vec![Bf16::ZERO; len];
+                swiglu_forward_bf16(&mut h, gate_up, ffn);
+                Activation::Bf16(h)
+            }
         }
     }
 }

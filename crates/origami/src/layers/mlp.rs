@@ -12,7 +12,7 @@ use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use crate::profile::{timed, Phase};
-use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
+use origami_kernels::swiglu::swiglu_backward;
 
 /// Parameters and sizes of one SwiGLU MLP.
 #[derive(Clone, Debug)]
@@ -73,11 +73,7 @@ impl Mlp {
 
     /// The SwiGLU output of the fused `gate_up` rows, as the down projection's input.
     fn activate(&self, params: &Weights, gate_up: &[f32]) -> Activation {
-        let mut activated = vec![0.0; gate_up.len() / 2];
-        timed(Phase::Elementwise, || {
-            swiglu_forward(&mut activated, gate_up, self.ffn)
-        });
-        params.activation(activated)
+        params.swiglu(gate_up, self.ffn)
     }
 
     /// `y[rows, hidden]` (this rank's partial sum under tensor parallelism) from `x[rows, hidden]`.

@@ -10,7 +10,7 @@ use crate::compute::{Activation, Weights};
 use crate::layers::stored::Stored;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
 use crate::profile::{timed, Phase};
-use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
+use origami_kernels::swiglu::swiglu_backward;
 
 /// Parameters of the local experts.
 #[derive(Clone, Debug)]
@@ -82,11 +82,7 @@ impl GroupedExperts {
 
     /// The SwiGLU output of the fc1 rows, as fc2's input.
     fn activate(&self, params: &Weights, fc1_out: &[f32]) -> Activation {
-        let mut activated = vec![0.0; fc1_out.len() / 2];
-        timed(Phase::Elementwise, || {
-            swiglu_forward(&mut activated, fc1_out, self.ffn)
-        });
-        params.activation(activated)
+        params.swiglu(fc1_out, self.ffn)
     }
 
     /// Number of local experts.
