@@ -20,7 +20,7 @@ use crate::tiles::{tile, SharedOut};
 use rayon::prelude::*;
 
 /// Tile edge for queries and keys.
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,20 +38,20 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
-    fn queries_per_kv_head(&self) -> usize {
+    pub(crate) fn queries_per_kv_head(&self) -> usize {
         self.heads / self.kv_heads
     }
 
-    fn blocks(&self) -> usize {
+    pub(crate) fn blocks(&self) -> usize {
         self.seq.div_ceil(BLOCK)
     }
 
-    fn block_rows(&self, block: usize) -> (usize, usize) {
+    pub(crate) fn block_rows(&self, block: usize) -> (usize, usize) {
         let start = block * BLOCK;
         (start, BLOCK.min(self.seq - start))
     }
 
-    fn lse_index(&self, b: usize, h: usize, s: usize) -> usize {
+    pub(crate) fn lse_index(&self, b: usize, h: usize, s: usize) -> usize {
         (b * self.heads + h) * self.seq + s
     }
 }
@@ -69,7 +69,7 @@ pub struct QkvLayout {
     pub v_offset: usize,
 }
 
-fn check_shapes(qkv: &[f32], layout: QkvLayout, shape: AttentionShape) {
+pub(crate) fn check_shapes<T>(qkv: &[T], layout: QkvLayout, shape: AttentionShape) {
     assert!(
         shape.kv_heads > 0 && shape.heads.is_multiple_of(shape.kv_heads),
         "heads must be a multiple of kv heads"

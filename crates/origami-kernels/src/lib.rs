@@ -9,6 +9,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_bf16;
 pub mod bf16;
 pub mod cross_entropy;
 #[cfg(target_arch = "x86_64")]

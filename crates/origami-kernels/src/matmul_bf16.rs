@@ -17,7 +17,7 @@
 //! f32.
 
 use crate::bf16::{to_f32_slice, Bf16};
-use crate::matmul::{add_bias, matmul, LinearGrads, Par, View, ViewMut};
+use crate::matmul::{add_bias, matmul, matmul_raw, LinearGrads, Par, RawMatrix, View, ViewMut};
 
 /// The implementation behind the bf16 GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +113,38 @@ pub fn matmul_bf16_with(
             // cannot overlap the immutably borrowed inputs.
             unsafe { crate::dpbf16::gemm(c.into_raw(), a, b, accumulate, threads) }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        Bf16Kernel::Dpbf16 => unreachable!("Dpbf16 is never available off x86_64"),
+    }
+}
+
+/// `c = a·b` or `c += a·b` into a raw output, on the calling thread (the tiles of the
+/// blockwise bf16 attention, whose tasks write interleaved parts of one buffer).
+///
+/// # Safety
+/// Every element `c` addresses must be valid for writes and touched by no other thread during
+/// the call, and must not overlap `a` or `b`; the CPU must run `kernel`.
+pub(crate) unsafe fn matmul_bf16_raw(
+    kernel: Bf16Kernel,
+    c: RawMatrix,
+    a: View<'_, Bf16>,
+    b: View<'_, Bf16>,
+    accumulate: bool,
+) {
+    let ((m, k), (kb, n)) = (a.shape(), b.shape());
+    assert_eq!(k, kb, "matmul_bf16 inner dimensions differ");
+    assert_eq!((c.rows, c.cols), (m, n), "matmul_bf16 output shape differs");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(k > 0, "matmul_bf16_raw needs k > 0");
+    match kernel {
+        Bf16Kernel::Portable => {
+            let (a32, b32) = (Widened::of(a), Widened::of(b));
+            matmul_raw(c, a32.view(), b32.view(), accumulate);
+        }
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Dpbf16 => crate::dpbf16::gemm(c, a, b, accumulate, 1),
         #[cfg(not(target_arch = "x86_64"))]
         Bf16Kernel::Dpbf16 => unreachable!("Dpbf16 is never available off x86_64"),
     }

@@ -35,12 +35,12 @@ impl SharedOut {
 }
 
 /// The `rows × width` tile starting at element `start` of a row-major buffer with `row_stride`.
-pub(crate) fn tile(
-    buffer: &[f32],
+pub(crate) fn tile<T>(
+    buffer: &[T],
     start: usize,
     rows: usize,
     width: usize,
     row_stride: usize,
-) -> View<'_> {
+) -> View<'_, T> {
     View::strided(&buffer[start..], rows, width, row_stride, 1)
 }

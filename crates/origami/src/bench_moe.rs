@@ -15,6 +15,7 @@ use origami_comm::ReduceOp;
 use origami_kernels::testing::random_vec;
 
 use crate::bench::preset_micro_batch;
+use crate::compute::Weights;
 use crate::equivalence::{self, moe_only_state};
 use crate::layers::moe::config::DispatcherKind;
 use crate::layers::moe::dispatch::PhaseTimes;
@@ -101,9 +102,15 @@ pub fn run(settings: &MoeBenchSettings) -> anyhow::Result<Vec<MoeBenchReport>> {
                     for step in 0..=settings.steps {
                         world.barrier()?;
                         let started = Instant::now();
-                        let (_, saved, stats) = layer.forward(&params, &x);
-                        let (_, backward) =
-                            layer.backward_timed(&params, &mut grads, saved, &x, &dy, 1.0);
+                        let (_, saved, stats) = layer.forward(&Weights::f32(&params), &x);
+                        let (_, backward) = layer.backward_timed(
+                            &Weights::f32(&params),
+                            &mut grads,
+                            saved,
+                            &x,
+                            &dy,
+                            1.0,
+                        );
                         let total = started.elapsed();
                         if step > 0 {
                             add(&mut sums, stats.forward_times, backward, total);

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_moe;
+pub mod compute;
 pub mod convert;
 pub mod equivalence;
 pub mod generate;
@@ -12,5 +13,6 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod plan;
+pub mod profile;
 pub mod tensor_files;
 pub mod train;

@@ -9,6 +9,7 @@
 //! scope) on logits written below, the router weight being the identity so that the logits are
 //! the input. In every case the biased or grouped choice differs from the plain top-k.
 
+use origami::compute::Weights;
 use origami::layers::moe::config::{AuxLossScope, MoeConfig, ScoreFunction};
 use origami::layers::moe::MoeLayer;
 use origami::params::init::initialise;
@@ -160,7 +161,7 @@ fn micro_batch_scope_counts_the_plain_top_k() {
     for deflection in DEFLECTIONS {
         let (layer, params) = layer(deflection, AuxLossScope::MicroBatch);
         let function = deflection.score_function();
-        let (_, _, stats) = layer.forward(&params, &input(&LOGITS));
+        let (_, _, stats) = layer.forward(&Weights::f32(&params), &input(&LOGITS));
         let loads = plain_loads(function, &LOGITS);
         assert_ne!(
             stats.tokens_per_expert,
@@ -183,13 +184,13 @@ fn sequence_scope_counts_the_plain_top_k_of_each_sequence() {
     for deflection in DEFLECTIONS {
         let (layer, params) = layer(deflection, AuxLossScope::Sequence);
         let function = deflection.score_function();
-        let (_, _, stats) = layer.forward_batch(&params, &input(&LOGITS), 2);
+        let (_, _, stats) = layer.forward_batch(&Weights::f32(&params), &input(&LOGITS), 2);
         let (first, second) = LOGITS.split_at(2);
         let expected = (switch_loss(function, first, &plain_loads(function, first))
             + switch_loss(function, second, &plain_loads(function, second)))
             / 2.0;
         let deflected = [first, second].iter().any(|sequence| {
-            let (_, _, alone) = layer.forward(&params, &input(sequence));
+            let (_, _, alone) = layer.forward(&Weights::f32(&params), &input(sequence));
             alone.tokens_per_expert != as_counts(&plain_loads(function, sequence))
         });
         assert!(
@@ -217,7 +218,7 @@ fn global_batch_scope_counts_the_plain_top_k_over_the_steps_micro_batches() {
         let mut running = [0.0; E];
         let mut routed = vec![0; E];
         for (m, tokens) in micro_batches.iter().enumerate() {
-            let (_, _, stats) = layer.forward(&params, &input(tokens));
+            let (_, _, stats) = layer.forward(&Weights::f32(&params), &input(tokens));
             for (sum, n) in running.iter_mut().zip(plain_loads(function, tokens)) {
                 *sum += n;
             }

@@ -3,7 +3,9 @@
 //! logits, no duplicated reductions).
 
 use origami::bench::{run, BenchLayout, BenchSettings};
+use origami::compute::Compute;
 use origami::layers::context_parallel::CpCommType;
+use origami::layers::recompute::Recompute;
 
 fn measured_over_theory(layout: BenchLayout, micro_batches: usize) -> f64 {
     let report = run(&BenchSettings {
@@ -13,6 +15,9 @@ fn measured_over_theory(layout: BenchLayout, micro_batches: usize) -> f64 {
         micro_batches,
         seq: Some(32),
         layout,
+        compute: Compute::F32,
+        profile: false,
+        recompute: Recompute::None,
     })
     .unwrap();
     assert!(report.theory_bytes_per_rank_total > 0.0);

@@ -2,6 +2,7 @@
 //! weights, moves by `rate · sign(mean − load)` once per global batch, is never touched by the
 //! optimizer, and is refused with a softmax router.
 
+use origami::compute::Weights;
 use origami::layers::moe::config::{MoeConfig, ScoreFunction};
 use origami::layers::moe::router::Router;
 use origami::model::config::ModelConfig;
@@ -34,7 +35,7 @@ fn bias_changes_the_choice_but_not_the_weight() {
         .for_each(|(i, w)| *w = f32::from(i / 4 == i % 4));
     let logits = [2.0, 1.0, 0.0, 0.0];
     assert_eq!(
-        router.forward(&params, &logits).0.experts,
+        router.forward(&Weights::f32(&params), &logits).0.experts,
         [0],
         "no bias yet: the largest logit wins"
     );
@@ -45,7 +46,7 @@ fn bias_changes_the_choice_but_not_the_weight() {
     params
         .get_mut(bias.id)
         .copy_from_slice(&[0.0, 0.5, 0.0, 0.0]);
-    let (routing, _) = router.forward(&params, &logits);
+    let (routing, _) = router.forward(&Weights::f32(&params), &logits);
     assert_eq!(routing.experts, [1], "σ(1) + 0.5 beats σ(2)");
     let unbiased = 1.0 / (1.0 + (-1.0f32).exp());
     assert!(

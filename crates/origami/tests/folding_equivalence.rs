@@ -3,15 +3,18 @@
 //! parameter's movement at the end within 1e-4, dropless routing with aux and z losses, for
 //! both dispatchers, both context-parallel exchanges and the distributed optimizer on and off;
 //! sigmoid and sqrtsoftplus routers with expert bias and group-limited routing; and the
-//! global-batch load-balancing loss across data-parallel replicas.
+//! global-batch load-balancing loss across data-parallel replicas. In bf16, two folded layouts
+//! track one rank in bf16 within 1e-2 relative loss.
 
 use std::sync::Arc;
 
-use origami::equivalence::training::{training, TrainingCase};
+use origami::compute::Compute;
+use origami::equivalence::training::{compare, training, Reference, TrainingCase};
 use origami::layers::context_parallel::CpCommType;
 use origami::layers::moe::config::{AuxLossScope, DispatcherKind, MoeConfig, ScoreFunction};
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
+use origami_kernels::matmul_bf16::Bf16Kernel;
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -121,5 +124,47 @@ fn global_batch_balancing_across_data_parallel_replicas() {
         case.model.moe.aux_loss_scope = AuxLossScope::GlobalBatch;
         assert_eq!(case.reference_merges(world), case.data_parallel(world));
         check(world, case);
+    }
+}
+
+#[test]
+fn bf16_folded_layouts_track_one_rank_in_bf16() {
+    // bf16 rounds each GEMM input whole (after the gathers), so the layouts round the same
+    // values up to the f32 reassociation of what came before: measured within 1e-7 of one
+    // rank, held to the 1e-2 over 3 steps. The bf16 run must really differ from f32.
+    const BF16_TOLERANCE: f64 = 1e-2;
+    let bf16 = Compute::Bf16(Bf16Kernel::detect());
+    let f32_losses = Reference::compute(&TrainingCase::new(2, 1, 4, 1), 4)
+        .unwrap()
+        .losses;
+    for (world, (tp, cp), (ep, etp)) in [(4, (2, 1), (4, 1)), (4, (1, 2), (2, 2))] {
+        let case = TrainingCase::new(tp, cp, ep, etp).compute(bf16);
+        let name = case.describe(world);
+        let steps = LocalWorld::new(world)
+            .run(|comm: Arc<dyn Communicator>| {
+                let reference = Reference::on_root(&comm, &case)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    compare(&comm, &case, &reference)?.steps,
+                )
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (step, s) in steps[0].iter().enumerate() {
+            let error = s.loss_error();
+            eprintln!(
+                "{name} bf16 step {step}: {} vs one rank {} (f32 {}), relative {error:.1e}",
+                s.loss, s.reference_loss, f32_losses[step]
+            );
+            assert!(
+                error <= BF16_TOLERANCE,
+                "{name}: step {step} off by {error}"
+            );
+        }
+        assert!(
+            steps[0]
+                .iter()
+                .zip(&f32_losses)
+                .any(|(s, f)| s.reference_loss != *f),
+            "{name}: the bf16 run computed the f32 losses"
+        );
     }
 }

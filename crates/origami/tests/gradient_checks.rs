@@ -2,6 +2,7 @@
 //! score functions, the auxiliary losses, expert bias and group-limited routing, the (gated)
 //! shared expert, biases, tied embeddings and the router's input jitter.
 
+use origami::compute::{Activation, Weights};
 use origami::layers::attention::{Attention, AttentionDims, Positions};
 use origami::layers::block::{Block, FeedForward};
 use origami::layers::mlp::Mlp;
@@ -119,11 +120,38 @@ fn attention_layer_with_qkv_bias() {
     };
     let x = random_vec(BATCH * SEQ * HIDDEN, 2);
     let probe = random_vec(x.len(), 3);
-    let loss =
-        |p: &Buffers, x: &[f32]| probe_loss(&layer.forward(p, x, BATCH, SEQ, &pos).0, &probe);
-    let (_, saved) = layer.forward(&params, &x, BATCH, SEQ, &pos);
+    let loss = |p: &Buffers, x: &[f32]| {
+        probe_loss(
+            &layer
+                .forward(
+                    &Weights::f32(p),
+                    &Activation::F32(x.to_vec()),
+                    BATCH,
+                    SEQ,
+                    &pos,
+                )
+                .0,
+            &probe,
+        )
+    };
+    let (_, saved) = layer.forward(
+        &Weights::f32(&params),
+        &Activation::F32(x.clone()),
+        BATCH,
+        SEQ,
+        &pos,
+    );
     let mut grads = registry.zeros();
-    let dx = layer.backward(&params, &mut grads, saved, &x, &probe, BATCH, SEQ, &pos);
+    let dx = layer.backward(
+        &Weights::f32(&params),
+        &mut grads,
+        saved,
+        &Activation::F32(x.clone()),
+        &probe,
+        BATCH,
+        SEQ,
+        &pos,
+    );
     check_layer("attention", &registry, &params, &x, &loss, (dx, grads));
 }
 
@@ -140,11 +168,26 @@ fn dense_mlp() {
     let params = initialise(&registry, 4);
     let x = random_vec(BATCH * SEQ * HIDDEN, 5);
     let probe = random_vec(x.len(), 6);
-    let loss = |p: &Buffers, x: &[f32]| probe_loss(&layer.forward(p, x).0, &probe);
-    let (_, saved) = layer.forward(&params, &x);
+    let loss = |p: &Buffers, x: &[f32]| {
+        probe_loss(
+            &layer
+                .forward(&Weights::f32(p), &Activation::F32(x.to_vec()))
+                .0,
+            &probe,
+        )
+    };
+    let (_, saved) = layer.forward(&Weights::f32(&params), &Activation::F32(x.clone()));
     let mut grads = registry.zeros();
     let mut dx = vec![0.0; x.len()];
-    layer.backward(&params, &mut grads, saved, &x, &probe, &mut dx, false);
+    layer.backward(
+        &Weights::f32(&params),
+        &mut grads,
+        saved,
+        &Activation::F32(x.clone()),
+        &probe,
+        &mut dx,
+        false,
+    );
     check_layer("mlp", &registry, &params, &x, &loss, (dx, grads));
 }
 
@@ -163,10 +206,10 @@ fn check_moe_with(what: &str, settings: MoeConfig, prepare: &dyn Fn(&ParamRegist
     let probe = random_vec(x.len(), 9);
     let loss_scale = 0.7;
     let loss = |p: &Buffers, x: &[f32]| {
-        let (y, _, stats) = layer.forward(p, x);
+        let (y, _, stats) = layer.forward(&Weights::f32(p), x);
         probe_loss(&y, &probe) + loss_scale as f64 * (stats.losses.load_balancing + stats.losses.z)
     };
-    let (_, saved, stats) = layer.forward(&params, &x);
+    let (_, saved, stats) = layer.forward(&Weights::f32(&params), &x);
     assert!(
         stats.losses.load_balancing > 0.0 && stats.losses.z > 0.0,
         "{what}: auxiliary losses are on"
@@ -176,7 +219,14 @@ fn check_moe_with(what: &str, settings: MoeConfig, prepare: &dyn Fn(&ParamRegist
         BATCH * SEQ * settings.topk
     );
     let mut grads = registry.zeros();
-    let dx = layer.backward(&params, &mut grads, saved, &x, &probe, loss_scale);
+    let dx = layer.backward(
+        &Weights::f32(&params),
+        &mut grads,
+        saved,
+        &x,
+        &probe,
+        loss_scale,
+    );
     check_layer(what, &registry, &params, &x, &loss, (dx, grads));
 }
 
@@ -255,7 +305,7 @@ fn moe_layer_with_expert_bias_and_groups_for_each_elementwise_score() {
         let mut params = initialise(&registry, 7);
         set_expert_bias(&registry, &mut params);
         let x = random_vec(BATCH * SEQ * HIDDEN, 8);
-        let (_, _, stats) = layer.forward(&params, &x);
+        let (_, _, stats) = layer.forward(&Weights::f32(&params), &x);
         assert_ne!(
             stats.tokens_per_expert,
             plain_top_k_loads(&registry, &params, &x, settings.topk),
@@ -280,13 +330,23 @@ fn moe_layer_per_sequence_balancing_scope() {
     let params = initialise(&registry, 7);
     let x = random_vec(BATCH * SEQ * HIDDEN, 8);
     // The per-sequence loss is the mean over sequences of each one's micro-batch loss.
-    let (_, _, stats) = layer.forward_batch(&params, &x, BATCH);
+    let (_, _, stats) = layer.forward_batch(&Weights::f32(&params), &x, BATCH);
     let mean: f64 = x
         .chunks(SEQ * HIDDEN)
-        .map(|sequence| layer.forward(&params, sequence).2.losses.load_balancing)
+        .map(|sequence| {
+            layer
+                .forward(&Weights::f32(&params), sequence)
+                .2
+                .losses
+                .load_balancing
+        })
         .sum::<f64>()
         / BATCH as f64;
-    let whole = layer.forward(&params, &x).2.losses.load_balancing;
+    let whole = layer
+        .forward(&Weights::f32(&params), &x)
+        .2
+        .losses
+        .load_balancing;
     assert!((stats.losses.load_balancing - mean).abs() < 1e-9 * mean.abs().max(1.0));
     assert!(
         (whole - mean).abs() > 1e-6,
@@ -294,12 +354,12 @@ fn moe_layer_per_sequence_balancing_scope() {
     );
     let probe = random_vec(x.len(), 9);
     let loss = |p: &Buffers, x: &[f32]| {
-        let (y, _, stats) = layer.forward_batch(p, x, BATCH);
+        let (y, _, stats) = layer.forward_batch(&Weights::f32(p), x, BATCH);
         probe_loss(&y, &probe) + stats.losses.load_balancing + stats.losses.z
     };
-    let (_, saved, _) = layer.forward_batch(&params, &x, BATCH);
+    let (_, saved, _) = layer.forward_batch(&Weights::f32(&params), &x, BATCH);
     let mut grads = registry.zeros();
-    let dx = layer.backward(&params, &mut grads, saved, &x, &probe, 1.0);
+    let dx = layer.backward(&Weights::f32(&params), &mut grads, saved, &x, &probe, 1.0);
     check_layer(
         "moe per-sequence",
         &registry,
@@ -322,7 +382,7 @@ fn moe_layer_with_token_dropping_with_and_without_padding() {
         let mut registry = ParamRegistry::default();
         let layer = MoeLayer::new(&mut registry, "moe", HIDDEN, &settings, 0.4, 0.4);
         let (_, _, stats) = layer.forward(
-            &initialise(&registry, 7),
+            &Weights::f32(&initialise(&registry, 7)),
             &random_vec(BATCH * SEQ * HIDDEN, 8),
         );
         assert!(
@@ -382,14 +442,14 @@ fn transformer_block_with_moe() {
     let x = random_vec(BATCH * SEQ * HIDDEN, 11);
     let probe = random_vec(x.len(), 12);
     let loss = |p: &Buffers, x: &[f32]| {
-        let (y, _, stats) = block.forward(p, x.to_vec(), BATCH, SEQ, &pos, None);
+        let (y, _, stats) = block.forward(&Weights::f32(p), x.to_vec(), BATCH, SEQ, &pos, None);
         let stats = stats.expect("moe block reports stats");
         probe_loss(&y, &probe) + stats.losses.load_balancing + stats.losses.z
     };
-    let (_, saved, _) = block.forward(&params, x.clone(), BATCH, SEQ, &pos, None);
+    let (_, saved, _) = block.forward(&Weights::f32(&params), x.clone(), BATCH, SEQ, &pos, None);
     let mut grads = registry.zeros();
     let dx = block.backward(
-        &params,
+        &Weights::f32(&params),
         &mut grads,
         saved,
         probe.clone(),
@@ -397,6 +457,7 @@ fn transformer_block_with_moe() {
         BATCH,
         SEQ,
         &pos,
+        None,
     );
     check_layer("block", &registry, &params, &x, &loss, (dx, grads));
 }
@@ -592,18 +653,26 @@ fn moe_layer_with_router_input_jitter() {
         let keys = jitter_keys();
         let loss_scale = 0.7;
         let loss = |p: &Buffers, x: &[f32]| {
-            let (y, _, stats) = layer.forward_with_jitter(p, x, BATCH, Some(&keys));
+            let (y, _, stats) = layer.forward_with_jitter(&Weights::f32(p), x, BATCH, Some(&keys));
             probe_loss(&y, &probe)
                 + loss_scale as f64 * (stats.losses.load_balancing + stats.losses.z)
         };
-        let (y, saved, _) = layer.forward_with_jitter(&params, &x, BATCH, Some(&keys));
-        let (plain, _, _) = layer.forward_batch(&params, &x, BATCH);
+        let (y, saved, _) =
+            layer.forward_with_jitter(&Weights::f32(&params), &x, BATCH, Some(&keys));
+        let (plain, _, _) = layer.forward_batch(&Weights::f32(&params), &x, BATCH);
         assert!(
             y.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-4),
             "{score_function:?}: the jitter must change the output for this test to mean anything"
         );
         let mut grads = registry.zeros();
-        let dx = layer.backward(&params, &mut grads, saved, &x, &probe, loss_scale);
+        let dx = layer.backward(
+            &Weights::f32(&params),
+            &mut grads,
+            saved,
+            &x,
+            &probe,
+            loss_scale,
+        );
         check_layer(
             &format!("moe {score_function:?} jitter"),
             &registry,

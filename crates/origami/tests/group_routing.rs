@@ -1,6 +1,7 @@
 //! Group-limited routing chooses each token's experts inside its best groups, scored by the
 //! sum of each group's top `topk / group_topk` selection scores.
 
+use origami::compute::Weights;
 use origami::layers::moe::config::{MoeConfig, ScoreFunction};
 use origami::layers::moe::router::Router;
 use origami::params::init::initialise;
@@ -18,7 +19,7 @@ fn chosen(settings: &MoeConfig, logits: &[f32]) -> Vec<u32> {
         .iter_mut()
         .enumerate()
         .for_each(|(i, w)| *w = f32::from(i / n == i % n));
-    let (routing, _) = router.forward(&params, logits);
+    let (routing, _) = router.forward(&Weights::f32(&params), logits);
     let mut experts = routing.experts;
     experts.sort();
     experts

@@ -4,6 +4,7 @@
 //! routing with expert bias and groups at every load-balancing scope; token dropping across
 //! ranks; the dispatch round trip; and the errors for sizes that do not split.
 
+use origami::compute::Weights;
 use std::sync::Arc;
 
 use origami::equivalence::{self, relative_error, Discrepancy, ModelCase, MoeLayerCase};
@@ -149,7 +150,7 @@ fn deflected_tokens(case: &MoeLayerCase) -> usize {
     }
     let total: usize = case.tokens_per_rank.iter().sum();
     let x = random_vec(total * case.hidden, case.seed + 1);
-    let (routing, saved) = router.forward(&params, &x);
+    let (routing, saved) = router.forward(&Weights::f32(&params), &x);
     let k = case.settings.topk;
     let sorted = |choices: &[u32]| {
         let mut c = choices.to_vec();
@@ -262,9 +263,9 @@ fn dropping_against_separate_ranks(settings: &MoeConfig) -> Vec<f64> {
             let full_params = origami::params::init::initialise(&full_registry, 3);
             let x = random_vec(tokens * h, 100 + world.rank() as u64);
             let dy = random_vec(tokens * h, 200 + world.rank() as u64);
-            let (y_ref, saved, stats_ref) = full.forward(&full_params, &x);
+            let (y_ref, saved, stats_ref) = full.forward(&Weights::f32(&full_params), &x);
             let mut g = full_registry.zeros();
-            let dx_ref = full.backward(&full_params, &mut g, saved, &x, &dy, 1.0);
+            let dx_ref = full.backward(&Weights::f32(&full_params), &mut g, saved, &x, &dy, 1.0);
             assert!(stats_ref.dropped > 0, "the case must drop something");
             let state = layer_state(&world, 2, 2);
             let mut registry = ParamRegistry::default();
@@ -277,9 +278,9 @@ fn dropping_against_separate_ranks(settings: &MoeConfig) -> Vec<f64> {
                 equivalence::moe_only_parallel(&state),
             )?;
             let params = registry.shard_of(&full_registry, &full_params);
-            let (y, saved, _) = layer.forward(&params, &x);
+            let (y, saved, _) = layer.forward(&Weights::f32(&params), &x);
             let mut grads = registry.zeros();
-            let dx = layer.backward(&params, &mut grads, saved, &x, &dy, 1.0);
+            let dx = layer.backward(&Weights::f32(&params), &mut grads, saved, &x, &dy, 1.0);
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                 relative_error(&y, &y_ref).max(relative_error(&dx, &dx_ref)),
             )

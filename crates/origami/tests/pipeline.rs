@@ -1,6 +1,8 @@
 //! Pipelines beyond equivalence: the activations each 1F1B stage holds against the schedule's
 //! bound, a failing stage ending every rank with an error, and the settings a pipeline refuses.
 
+use origami::compute::{Compute, Weights};
+use origami::layers::recompute::Recompute;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,9 @@ fn one_f_one_b_stages_hold_at_most_pp_minus_rank_micro_batches() {
             pp,
             ..BenchLayout::default()
         },
+        compute: Compute::F32,
+        profile: false,
+        recompute: Recompute::None,
     })
     .unwrap();
     assert_eq!(report.schedule, "1F1B");
@@ -81,7 +86,7 @@ fn a_failing_stage_ends_every_rank_with_an_error() {
             let schedule = stage_schedule(&gpt, 1, None).map_err(|e| e.to_string())?;
             run_schedule(
                 &gpt,
-                &params,
+                &Weights::f32(&params),
                 &mut grads,
                 &schedule,
                 &[batch],

@@ -3,6 +3,7 @@
 //! the choice, balancing scores normalised over all experts, finite values and gradients for
 //! large |x|, and its config checks. Expected values are computed here in f64 from the formulas.
 
+use origami::compute::Weights;
 use origami::layers::moe::balance::BalanceWeights;
 use origami::layers::moe::config::{MoeConfig, ScoreFunction};
 use origami::layers::moe::router::{AuxGradient, Router};
@@ -72,7 +73,7 @@ fn weights_are_normalised_over_the_chosen_experts_and_scaled() {
         ..settings()
     };
     let (top2, _, params) = router(&settings, None);
-    let (routing, _) = top2.forward(&params, &logits);
+    let (routing, _) = top2.forward(&Weights::f32(&params), &logits);
     assert_eq!(routing.experts, [2, 0]);
     let sum = s(2.0) + s(1.0);
     assert_close("weight of 2", routing.weights[0] as f64, 2.0 * s(2.0) / sum);
@@ -85,7 +86,7 @@ fn weights_are_normalised_over_the_chosen_experts_and_scaled() {
         },
         None,
     );
-    let (routing, _) = top1.forward(&params, &logits);
+    let (routing, _) = top1.forward(&Weights::f32(&params), &logits);
     assert_eq!(routing.experts, [2]);
     assert_close(
         "top-1 weight, not normalised",
@@ -109,9 +110,12 @@ fn expert_bias_and_groups_change_the_choice_but_not_the_weights() {
     };
     settings.validate().unwrap();
     let (unbiased, _, params) = router(&settings, Some([0.0; E]));
-    assert_eq!(unbiased.forward(&params, &logits).0.experts, [2, 3]);
+    assert_eq!(
+        unbiased.forward(&Weights::f32(&params), &logits).0.experts,
+        [2, 3]
+    );
     let (biased, _, params) = router(&settings, Some([0.0, 0.8, 0.0, 0.0]));
-    let (routing, _) = biased.forward(&params, &logits);
+    let (routing, _) = biased.forward(&Weights::f32(&params), &logits);
     assert_eq!(routing.experts, [1, 0], "s(−0.5) + 0.8 ranks above s(1)");
     let sum = s(1.0) + s(-0.5);
     assert_close("weight of 1", routing.weights[0] as f64, s(-0.5) / sum);
@@ -139,7 +143,7 @@ fn balancing_loss_uses_scores_normalised_over_all_experts_and_the_plain_top_k() 
     let bias = registry.find("moe.router.expert_bias").unwrap().id;
     params.get_mut(bias).copy_from_slice(&[0.0, 0.8, 0.0, 0.0]);
     let x: Vec<f32> = logits.iter().flatten().copied().collect();
-    let (_, _, stats) = layer.forward(&params, &x);
+    let (_, _, stats) = layer.forward(&Weights::f32(&params), &x);
     assert_eq!(
         stats.tokens_per_expert,
         [2, 2, 0, 0],
@@ -198,7 +202,7 @@ fn extreme_logits_give_finite_weights_and_gradients() {
         1000.0f32, -1000.0, 80.0, -80.0, // one huge, one tiny
         -1000.0, -2000.0, -1500.0, -3000.0, // every score underflows to 0
     ];
-    let (routing, saved) = router.forward(&params, &x);
+    let (routing, saved) = router.forward(&Weights::f32(&params), &x);
     assert_eq!(
         routing.experts,
         [0, 2, 0, 1],
@@ -220,7 +224,7 @@ fn extreme_logits_give_finite_weights_and_gradients() {
     let mut grads = registry.zeros();
     let mut dx = vec![0.0; x.len()];
     router.backward(
-        &params,
+        &Weights::f32(&params),
         &mut grads,
         saved,
         &routing,

@@ -2,6 +2,7 @@
 //! keeping the slots they promise, padding to exactly the capacity, and the MoE layer's output
 //! for dropped tokens.
 
+use origami::compute::Weights;
 use origami::layers::moe::capacity::{expert_capacity, kept_slots};
 use origami::layers::moe::config::{DropPolicy, MoeConfig};
 use origami::layers::moe::permute::{Permutation, PADDING};
@@ -100,7 +101,7 @@ fn a_token_whose_every_slot_is_dropped_outputs_zero() {
     let layer = MoeLayer::new(&mut registry, "moe", 16, &settings, 0.4, 0.4);
     let params = initialise(&registry, 3);
     let x = random_vec(32 * 16, 4);
-    let (y, _, stats) = layer.forward(&params, &x);
+    let (y, _, stats) = layer.forward(&Weights::f32(&params), &x);
     assert!(
         stats.dropped > 0,
         "capacity 2 of 32 tokens over 4 experts drops tokens"

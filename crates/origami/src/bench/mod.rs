@@ -11,12 +11,18 @@
 //! exchanges over the step time) against the schedule's simulated one.
 
 pub mod checkpoint;
+mod peak;
+pub mod profile;
 pub mod traffic;
+
+pub use peak::{peak_gemm_gflops, peak_gemm_gflops_bf16, peak_gemm_gflops_for};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::compute::{Compute, WeightCopies};
 use crate::layers::context_parallel::CpCommType;
+use crate::layers::recompute::Recompute;
 use crate::model::config::ModelConfig;
 use crate::model::flops::training_flops_per_token;
 use crate::model::gpt::{GptModel, MicroBatch, SequenceKeys};
@@ -28,9 +34,9 @@ use crate::train::pipeline::stage_schedule;
 use crate::train::step::{train_step, StepGroups, StepOutcome};
 use origami_comm::local::LocalWorld;
 use origami_comm::{Communicator, CountedComm, ReduceOp, SoloComm};
-use origami_kernels::matmul::{matmul, Par, View, ViewMut};
 use origami_parallel::{ParallelConfig, ParallelState};
 use origami_schedule::{schedule as schedule_of, simulate, StageTimes};
+use profile::StepProfile;
 use serde::Serialize;
 use std::time::Instant;
 use traffic::{theoretical_traffic, Traffic, TrafficLayout};
@@ -50,6 +56,12 @@ pub struct BenchSettings {
     pub seq: Option<usize>,
     /// The layout the step is trained on.
     pub layout: BenchLayout,
+    /// The precision the step computes in.
+    pub compute: Compute,
+    /// Profile the steps by phase ([`crate::profile`]).
+    pub profile: bool,
+    /// What each block's backward recomputes.
+    pub recompute: Recompute,
 }
 
 /// A parallel layout for the benchmark (dp and edp follow).
@@ -103,6 +115,10 @@ pub struct BenchReport {
     pub layout: String,
     /// Kernel threads.
     pub threads: usize,
+    /// GEMM precision: `f32` or `bf16`.
+    pub precision: &'static str,
+    /// Activation recomputation: `none`, `selective` or `full`.
+    pub recompute: Recompute,
     /// Parameters of the model.
     pub params: usize,
     /// Tokens per step.
@@ -115,9 +131,11 @@ pub struct BenchReport {
     pub tokens_per_s: f64,
     /// Achieved model TFLOP/s (DESIGN.md §5 FLOPs).
     pub model_tflops: f64,
-    /// Best f32 GEMM rate measured in this run, GFLOP/s (the CPU peak for MFU).
+    /// Best f32 GEMM rate measured in this run, GFLOP/s (the CPU peak for f32 MFU).
     pub peak_gemm_gflops: f64,
-    /// Model FLOPs utilisation against that peak.
+    /// Best bf16 GEMM rate measured in this run, GFLOP/s (the CPU peak for bf16 MFU).
+    pub peak_gemm_gflops_bf16: f64,
+    /// Model FLOPs utilisation against the peak of the step's precision.
     pub mfu: f64,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mib: f64,
@@ -139,6 +157,8 @@ pub struct BenchReport {
     pub bubble_theory: f64,
     /// Each pipeline stage in the median step.
     pub stages: Vec<StageReport>,
+    /// The median step by phase, with `--profile`.
+    pub profile: Option<StepProfile>,
 }
 
 /// One pipeline stage's figures in the median step (the largest over the stage's ranks).
@@ -166,6 +186,7 @@ pub fn preset_micro_batch(preset: &str) -> usize {
 
 /// Runs the benchmark: on one rank, or on the layout's local ranks (rank 0 reports).
 pub fn run(settings: &BenchSettings) -> anyhow::Result<BenchReport> {
+    crate::profile::enable(settings.profile);
     let world = settings.layout.world;
     if world == 1 {
         return run_rank(SoloComm::shared(0), settings);
@@ -215,8 +236,10 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
     let model = GptModel::new_parallel(
         config.clone(),
         ModelParallel::from_state(&state, l.cp_comm_type),
-    )?;
+    )?
+    .with_recompute(settings.recompute);
     let mut params = model.init_params(0);
+    let mut copies = WeightCopies::new(settings.compute, &params);
     let mut grads = model.registry().zeros();
     let mut optimizer = ParallelOptimizer::new(
         model.registry(),
@@ -251,10 +274,13 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
     for step in 0..=settings.steps {
         world.barrier()?;
         let before = sent.load(Ordering::Relaxed);
+        crate::profile::take();
+        let faults = crate::profile::minor_faults();
         let start = Instant::now();
         let outcome = train_step(
             &model,
             &mut params,
+            &mut copies,
             &mut grads,
             &mut optimizer,
             &batches,
@@ -263,6 +289,10 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
             &groups,
             1e-4,
         )?;
+        let phases = crate::profile::take();
+        let faults = crate::profile::minor_faults()
+            .zip(faults)
+            .map_or(0, |(after, before)| after - before);
         world.barrier()?;
         let mut seconds = [start.elapsed().as_secs_f32()];
         world.all_reduce(&mut seconds, ReduceOp::Max)?;
@@ -272,11 +302,17 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
                 seconds[0] as f64,
                 sent.load(Ordering::Relaxed) - before,
                 outcome,
+                (phases, faults),
             ));
         }
     }
     steps.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (median, bytes, median_outcome) = &steps[steps.len() / 2];
+    let (median, bytes, median_outcome, (phases, faults)) = &steps[steps.len() / 2];
+    let profile = if settings.profile {
+        Some(StepProfile::gather(&world, phases, *median, *faults)?)
+    } else {
+        None
+    };
     let median = *median;
     let mut traffic = [*bytes, *bytes];
     world.all_reduce_u64(&mut traffic[..1], ReduceOp::Max)?;
@@ -292,10 +328,14 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
     let tokens = micro_batch * micro_batches * seq;
     let tokens_per_s = tokens as f64 / median;
     let model_tflops = tokens_per_s * training_flops_per_token(&config, seq) / 1e12;
-    let peak_gemm_gflops = if world.rank() == 0 {
-        peak_gemm_gflops()
+    let (peak_gemm_gflops, peak_gemm_gflops_bf16) = if world.rank() == 0 {
+        (peak_gemm_gflops(), peak_gemm_gflops_bf16())
     } else {
-        1.0
+        (1.0, 1.0)
+    };
+    let peak = match settings.compute {
+        Compute::F32 => peak_gemm_gflops,
+        Compute::Bf16(_) => peak_gemm_gflops_bf16,
     };
     let theory = theoretical_traffic(
         &config,
@@ -320,6 +360,8 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
         preset: settings.preset.clone(),
         layout: describe(l, dp.size(), state.edp().size()),
         threads: rayon::current_num_threads(),
+        precision: settings.compute.name(),
+        recompute: settings.recompute,
         params: model.registry().total_len(),
         tokens_per_step: tokens,
         steps: settings.steps,
@@ -327,7 +369,8 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
         tokens_per_s,
         model_tflops,
         peak_gemm_gflops,
-        mfu: model_tflops * 1e3 / peak_gemm_gflops,
+        peak_gemm_gflops_bf16,
+        mfu: model_tflops * 1e3 / peak,
         peak_rss_mib: peak_rss_mib(),
         loss,
         bytes_sent_per_rank_max: traffic[0],
@@ -338,6 +381,7 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
         micro_batches,
         bubble_theory: simulated.bubble_fraction(),
         stages,
+        profile,
     })
 }
 
@@ -461,29 +505,6 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, salt: u64) -> MicroBatch
         seq,
         keys: SequenceKeys::consecutive(0, 0, salt * batch as u64, batch),
     }
-}
-
-/// Best f32 GEMM rate over a few large square products, in GFLOP/s.
-pub fn peak_gemm_gflops() -> f64 {
-    let mut best = 0.0f64;
-    for n in [1024usize, 2048] {
-        let a = vec![0.5f32; n * n];
-        let b = vec![0.25f32; n * n];
-        let mut c = vec![0.0f32; n * n];
-        for _ in 0..4 {
-            let start = Instant::now();
-            matmul(
-                ViewMut::new(&mut c, n, n),
-                View::new(&a, n, n),
-                View::new(&b, n, n),
-                false,
-                Par::All,
-            );
-            let rate = 2.0 * (n * n * n) as f64 / start.elapsed().as_secs_f64() / 1e9;
-            best = best.max(rate);
-        }
-    }
-    best
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), MiB; 0 where unavailable.

@@ -3,7 +3,9 @@
 
 use clap::{Args, Subcommand};
 use origami::bench::BenchLayout;
+use origami::compute::{Compute, PrecisionSetting};
 use origami::layers::context_parallel::CpCommType;
+use origami::layers::recompute::Recompute;
 
 /// Arguments of `origami bench`.
 #[derive(Args, Debug)]
@@ -54,6 +56,39 @@ pub struct BenchArgs {
     /// Shard the optimizer state over data-parallel ranks.
     #[arg(long)]
     pub distributed_optimizer: bool,
+    /// GEMM precision: auto (bf16 where the CPU has AVX512_BF16, else f32), f32 or bf16.
+    #[arg(long, default_value = "auto", value_parser = parse_precision)]
+    pub precision: PrecisionSetting,
+    /// Choose the precision as on a CPU without AVX512_BF16.
+    #[arg(long)]
+    pub disable_avx512_bf16: bool,
+    /// What each block's backward recomputes: none, selective or full.
+    #[arg(long, default_value = "none", value_parser = parse_recompute)]
+    pub recompute: Recompute,
+    /// Time the steps by phase (GEMMs, attention, router, permutation, element-wise,
+    /// optimizer, each communication kind, allocation) and print the median step's table.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+fn parse_precision(value: &str) -> Result<PrecisionSetting, String> {
+    match value {
+        "auto" => Ok(PrecisionSetting::Auto),
+        "f32" => Ok(PrecisionSetting::F32),
+        "bf16" => Ok(PrecisionSetting::Bf16),
+        other => Err(format!("unknown precision {other:?} (auto, f32 or bf16)")),
+    }
+}
+
+fn parse_recompute(value: &str) -> Result<Recompute, String> {
+    match value {
+        "none" => Ok(Recompute::None),
+        "selective" => Ok(Recompute::Selective),
+        "full" => Ok(Recompute::Full),
+        other => Err(format!(
+            "unknown recompute {other:?} (none, selective or full)"
+        )),
+    }
 }
 
 fn parse_cp_comm_type(value: &str) -> Result<CpCommType, String> {
@@ -145,7 +180,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             cp_comm_type: args.cp_comm_type,
             distributed_optimizer: args.distributed_optimizer,
         },
+        compute: Compute::resolve(args.precision, args.disable_avx512_bf16),
+        profile: args.profile,
+        recompute: args.recompute,
     })?;
+    if let Some(profile) = &report.profile {
+        print!("{}", profile.table());
+    }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use anyhow::{ensure, Context};
 use clap::Args;
+use origami::compute::Weights;
 use origami::model::gpt::GptModel;
 use origami::params::Buffers;
 use origami::train::checkpoint;
@@ -132,7 +133,7 @@ fn eval_checkpoint(path: PathBuf, data: PathBuf, batches: usize) -> anyhow::Resu
     };
     let loss = evaluate(
         &model,
-        &params,
+        &Weights::f32(&params),
         &valid,
         (batches, t.micro_batch, t.seq_len),
         &StepGroups::single(),

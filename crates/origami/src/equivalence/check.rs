@@ -25,6 +25,7 @@ use super::training::{
     compare, Fault, Reference, StepComparison, TrainingCase, TrainingComparison, TrainingData,
 };
 use super::HarnessResult;
+use crate::compute::Compute;
 use crate::train::config::RunConfig;
 use crate::train::trainer::RANK_TIMEOUT;
 
@@ -82,11 +83,15 @@ impl CheckPlan {
             data,
             fault,
             tolerance,
+            compute: Compute::F32,
         };
         let world = p.world;
         let mut notes = Vec::new();
         if world == 1 {
             notes.push("the layout is a single rank: the check compares it with itself".into());
+        }
+        if t.compute().is_bf16() {
+            notes.push("the run trains in bf16 (train.precision); the check compares in f32, where every layout computes the same run up to reassociation".into());
         }
         let merges = case.reference_merges(world);
         if merges > 1 {

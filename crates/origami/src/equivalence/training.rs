@@ -31,6 +31,7 @@ use origami_parallel::{ParallelConfig, ParallelState};
 
 use super::allowance::AdamWAllowance;
 use super::{random_micro_batch, relative_error, two_layer_model, HarnessResult};
+use crate::compute::{Compute, WeightCopies};
 use crate::layers::context_parallel::CpCommType;
 use crate::layers::moe::config::{AuxLossScope, DispatcherKind};
 use crate::model::config::ModelConfig;
@@ -115,6 +116,8 @@ pub struct TrainingCase {
     /// The relative error allowed: of losses, gradient norms, expert loads, gradients and
     /// weights (beyond AdamW's allowance, which it also scales).
     pub tolerance: f64,
+    /// The precision both runs compute in (f32 for the equivalence proof).
+    pub compute: Compute,
 }
 
 /// Largest discrepancies of a layout's run against the single-rank run.
@@ -180,7 +183,14 @@ impl TrainingCase {
             data: TrainingData::Random,
             fault: None,
             tolerance: 1e-4,
+            compute: Compute::F32,
         }
+    }
+
+    /// With both runs computing in `compute`.
+    pub fn compute(mut self, compute: Compute) -> Self {
+        self.compute = compute;
+        self
     }
 
     /// Along a pipeline of `pp` stages with `vpp` chunks each, on a model of `layers` layers
@@ -365,6 +375,7 @@ impl Reference {
         let per_replica = total / merges;
         let full = GptModel::new(case.model.clone())?;
         let mut params = full.init_params(case.seed);
+        let mut copies = WeightCopies::new(case.compute, &params);
         let mut grads = full.registry().zeros();
         let mut optimizer = ParallelOptimizer::new(
             full.registry(),
@@ -395,6 +406,7 @@ impl Reference {
             let outcome = train_step(
                 &full,
                 &mut params,
+                &mut copies,
                 &mut grads,
                 &mut optimizer,
                 &batches,
@@ -657,6 +669,7 @@ pub fn compare(
         Some(Fault::SeedOnRank { rank, seed }) if rank == world.rank() => model.init_params(seed),
         _ => model.init_params(case.seed),
     };
+    let mut copies = WeightCopies::new(case.compute, &params);
     let mut first_grads = None;
     let mut grads = model.registry().zeros();
     let mut optimizer = ParallelOptimizer::new(
@@ -677,6 +690,7 @@ pub fn compare(
         let outcome = train_step(
             &model,
             &mut params,
+            &mut copies,
             &mut grads,
             &mut optimizer,
             &batches,

@@ -2,21 +2,22 @@
 //! grouped-query attention, output projection.
 //!
 //! The fused weight is `[(heads + 2·kv_heads)·head_dim, hidden]`, rows ordered q heads, k heads,
-//! v heads. Saved state: the rotated qkv, the attention context and its log-sum-exp.
+//! v heads. Saved state: the rotated qkv, the attention context and its log-sum-exp (f32; the
+//! caller keeps the input, in the compute precision). With [`Attention::set_recompute_core`]
+//! the context and log-sum-exp are recomputed from the qkv in the backward.
 //!
 //! Under tensor parallelism a rank holds its slice of the q heads and of the query groups (the
 //! matching rows of the q, k and v blocks: column-parallel) and the matching columns of the
 //! output projection (row-parallel), so its output is a partial sum over the tp group.
 
+use crate::compute::{Activation, LinearGrads, LinearShape, Weights};
 use crate::layers::context_parallel::{ContextAttention, ContextAttentionSaved};
 use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
-use origami_kernels::attention::{
-    attention_backward, attention_forward, AttentionShape, QkvLayout,
-};
+use crate::profile::{scope, timed, Phase};
+use origami_kernels::attention::{AttentionShape, QkvLayout};
 use origami_kernels::masked_attention::MaskedAttentionShape;
-use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::rope::{rope_apply, HeadLayout, RopeTable};
 
 /// Dimensions of the attention sub-layer.
@@ -43,13 +44,14 @@ pub struct Attention {
     /// Attention across the context-parallel group (`None`: every token of each sequence is
     /// on this rank).
     context: Option<ContextAttention>,
+    recompute_core: bool,
 }
 
 /// What the forward keeps for the backward.
 pub struct AttentionSaved {
     qkv: Vec<f32>,
-    context: Vec<f32>,
-    core: CoreSaved,
+    /// The core's output and saved state (`None` when the backward recomputes them).
+    core: Option<(Vec<f32>, CoreSaved)>,
 }
 
 /// The attention core's saved state: the log-sum-exp of the local kernel, or what the
@@ -133,6 +135,48 @@ impl Attention {
             qkv_bias,
             out_weight,
             context,
+            recompute_core: false,
+        }
+    }
+
+    /// Whether the backward recomputes the attention core's output instead of keeping it.
+    pub fn set_recompute_core(&mut self, on: bool) {
+        self.recompute_core = on;
+    }
+
+    /// The attention core over the rotated `qkv`: the context `[rows, heads·hd]` and what its
+    /// backward needs.
+    fn core_forward(
+        &self,
+        params: &Weights,
+        qkv: &[f32],
+        batch: usize,
+        seq: usize,
+        positions: &Positions,
+    ) -> (Vec<f32>, CoreSaved) {
+        let d = self.dims;
+        match &self.context {
+            None => {
+                let mut context = vec![0.0; batch * seq * d.heads * d.head_dim];
+                let lse = params.attention_forward(
+                    &mut context,
+                    qkv,
+                    (self.layout(), self.shape(batch, seq)),
+                    self.scale(),
+                );
+                (context, CoreSaved::Local(lse))
+            }
+            Some(cp) => {
+                let (q, kv) = self.split_qkv(qkv);
+                let (context, saved) = cp.forward(
+                    &q,
+                    &kv,
+                    positions.in_sequence,
+                    self.context_shape(batch, seq),
+                    self.scale(),
+                );
+                (context, CoreSaved::Context(saved))
+            }
         }
     }
 
@@ -185,6 +229,7 @@ impl Attention {
     /// Splits fused rows into compact queries `[rows, heads·hd]` and keys/values
     /// `[rows, 2·kv_heads·hd]` (k then v: the tail of each fused row).
     fn split_qkv(&self, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let _phase = scope(Phase::Attention);
         let q_width = self.dims.heads * self.dims.head_dim;
         let mut q = Vec::with_capacity(qkv.len() / self.qkv_width() * q_width);
         let mut kv = Vec::with_capacity(qkv.len() - q.capacity());
@@ -197,6 +242,7 @@ impl Attention {
 
     /// The inverse of [`Attention::split_qkv`], writing into fused rows.
     fn join_qkv(&self, qkv: &mut [f32], q: &[f32], kv: &[f32]) {
+        let _phase = scope(Phase::Attention);
         let q_width = self.dims.heads * self.dims.head_dim;
         let kv_width = self.qkv_width() - q_width;
         for ((row, q), kv) in qkv
@@ -217,8 +263,8 @@ impl Attention {
     /// normalised input `x` (every token of the sequences' context-parallel part).
     pub fn forward(
         &self,
-        params: &Buffers,
-        x: &[f32],
+        params: &Weights,
+        x: &Activation,
         batch: usize,
         seq: usize,
         positions: &Positions,
@@ -226,70 +272,43 @@ impl Attention {
         let rows = batch * seq;
         let d = self.dims;
         let mut qkv = vec![0.0; rows * self.qkv_width()];
-        let bias = self.qkv_bias.map(|b| params.get(b));
-        linear_forward(
+        params.linear_forward(
             &mut qkv,
             x,
-            params.get(self.qkv_weight),
-            bias,
-            rows,
-            d.hidden,
-            self.qkv_width(),
-            Par::All,
+            self.qkv_weight,
+            self.qkv_bias,
+            LinearShape::new(rows, d.hidden, self.qkv_width()),
         );
-        rope_apply(
-            &mut qkv,
-            self.rotated_heads(),
-            positions.of_row,
-            positions.rope,
-            false,
-        );
-        let (context, core) = match &self.context {
-            None => {
-                let mut context = vec![0.0; rows * d.heads * d.head_dim];
-                let lse = attention_forward(
-                    &mut context,
-                    &qkv,
-                    self.layout(),
-                    self.shape(batch, seq),
-                    self.scale(),
-                );
-                (context, CoreSaved::Local(lse))
-            }
-            Some(cp) => {
-                let (q, kv) = self.split_qkv(&qkv);
-                let (context, saved) = cp.forward(
-                    &q,
-                    &kv,
-                    positions.in_sequence,
-                    self.context_shape(batch, seq),
-                    self.scale(),
-                );
-                (context, CoreSaved::Context(saved))
-            }
-        };
+        timed(Phase::Attention, || {
+            rope_apply(
+                &mut qkv,
+                self.rotated_heads(),
+                positions.of_row,
+                positions.rope,
+                false,
+            )
+        });
+        let (context, core) = self.core_forward(params, &qkv, batch, seq, positions);
         let mut y = vec![0.0; rows * d.hidden];
-        linear_forward(
+        params.linear_forward(
             &mut y,
             &context,
-            params.get(self.out_weight),
+            self.out_weight,
             None,
-            rows,
-            d.heads * d.head_dim,
-            d.hidden,
-            Par::All,
+            LinearShape::new(rows, d.heads * d.head_dim, d.hidden),
         );
-        (y, AttentionSaved { qkv, context, core })
+        let core = (!self.recompute_core).then_some((context, core));
+        (y, AttentionSaved { qkv, core })
     }
 
     /// Accumulates parameter gradients and returns `dx` for the normalised input `x`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: AttentionSaved,
-        x: &[f32],
+        x: &Activation,
         dy: &[f32],
         batch: usize,
         seq: usize,
@@ -298,8 +317,12 @@ impl Attention {
         let rows = batch * seq;
         let d = self.dims;
         let context_width = d.heads * d.head_dim;
+        let (context, core) = match saved.core {
+            Some(kept) => kept,
+            None => self.core_forward(params, &saved.qkv, batch, seq, positions),
+        };
         let mut dcontext = vec![0.0; rows * context_width];
-        linear_backward(
+        params.linear_backward(
             LinearGrads {
                 input: Some(&mut dcontext),
                 accumulate_input: false,
@@ -307,23 +330,19 @@ impl Attention {
                 bias: None,
             },
             dy,
-            &saved.context,
-            params.get(self.out_weight),
-            rows,
-            context_width,
-            d.hidden,
-            Par::All,
+            &context,
+            self.out_weight,
+            LinearShape::new(rows, context_width, d.hidden),
         );
         let mut dqkv = vec![0.0; saved.qkv.len()];
-        match (&self.context, saved.core) {
-            (None, CoreSaved::Local(lse)) => attention_backward(
+        match (&self.context, core) {
+            (None, CoreSaved::Local(lse)) => params.attention_backward(
                 &mut dqkv,
                 &dcontext,
-                &saved.context,
+                &context,
                 &saved.qkv,
                 &lse,
-                self.layout(),
-                self.shape(batch, seq),
+                (self.layout(), self.shape(batch, seq)),
                 self.scale(),
             ),
             (Some(cp), CoreSaved::Context(core)) => {
@@ -341,17 +360,19 @@ impl Attention {
             }
             _ => unreachable!("saved state matches the attention core"),
         }
-        drop(dcontext);
-        rope_apply(
-            &mut dqkv,
-            self.rotated_heads(),
-            positions.of_row,
-            positions.rope,
-            true,
-        );
+        drop((dcontext, context));
+        timed(Phase::Attention, || {
+            rope_apply(
+                &mut dqkv,
+                self.rotated_heads(),
+                positions.of_row,
+                positions.rope,
+                true,
+            )
+        });
         let mut dx = vec![0.0; rows * d.hidden];
         let mut dbias_storage = self.qkv_bias.map(|b| vec![0.0; b.len()]);
-        linear_backward(
+        params.linear_backward(
             LinearGrads {
                 input: Some(&mut dx),
                 accumulate_input: false,
@@ -360,11 +381,8 @@ impl Attention {
             },
             &dqkv,
             x,
-            params.get(self.qkv_weight),
-            rows,
-            d.hidden,
-            self.qkv_width(),
-            Par::All,
+            self.qkv_weight,
+            LinearShape::new(rows, d.hidden, self.qkv_width()),
         );
         if let (Some(id), Some(db)) = (self.qkv_bias, dbias_storage) {
             grads
@@ -380,7 +398,7 @@ impl Attention {
     /// and attends over every cached position. `x` is the normalised input `[hidden]`.
     pub fn decode(
         &self,
-        params: &Buffers,
+        params: &Weights,
         x: &[f32],
         position: usize,
         rope: &RopeTable,
@@ -389,18 +407,16 @@ impl Attention {
         let d = self.dims;
         let hd = d.head_dim;
         let mut qkv = vec![0.0; self.qkv_width()];
-        let bias = self.qkv_bias.map(|b| params.get(b));
-        linear_forward(
+        params.linear_forward(
             &mut qkv,
             x,
-            params.get(self.qkv_weight),
-            bias,
-            1,
-            d.hidden,
-            self.qkv_width(),
-            Par::Seq,
+            self.qkv_weight,
+            self.qkv_bias,
+            LinearShape::new(1, d.hidden, self.qkv_width()),
         );
-        rope_apply(&mut qkv, self.rotated_heads(), &[position], rope, false);
+        timed(Phase::Attention, || {
+            rope_apply(&mut qkv, self.rotated_heads(), &[position], rope, false)
+        });
         let layout = self.layout();
         let kv_width = d.kv_heads * hd;
         cache
@@ -427,15 +443,12 @@ impl Attention {
             }
         }
         let mut y = vec![0.0; d.hidden];
-        linear_forward(
+        params.linear_forward(
             &mut y,
             &context,
-            params.get(self.out_weight),
+            self.out_weight,
             None,
-            1,
-            d.heads * hd,
-            d.hidden,
-            Par::Seq,
+            LinearShape::new(1, d.heads * hd, d.hidden),
         );
         y
     }
@@ -443,10 +456,13 @@ impl Attention {
 
 impl Stored for AttentionSaved {
     fn stored_bytes(&self) -> usize {
-        let core = match &self.core {
-            CoreSaved::Local(lse) => lse.stored_bytes(),
-            CoreSaved::Context(saved) => saved.stored_bytes(),
-        };
-        self.qkv.stored_bytes() + self.context.stored_bytes() + core
+        let core = self.core.as_ref().map_or(0, |(context, core)| {
+            context.stored_bytes()
+                + match core {
+                    CoreSaved::Local(lse) => lse.stored_bytes(),
+                    CoreSaved::Context(saved) => saved.stored_bytes(),
+                }
+        });
+        self.qkv.stored_bytes() + core
     }
 }

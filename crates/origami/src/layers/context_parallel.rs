@@ -27,6 +27,7 @@ use origami_kernels::masked_attention::{
 };
 
 use crate::layers::comm_ok;
+use crate::profile::{scope, timed, Phase};
 
 /// Tag of the ring steps of the forward.
 const RING_FORWARD_TAG: u32 = 0xC0_0001;
@@ -111,6 +112,7 @@ impl ContextAttention {
         shape: MaskedAttentionShape,
         scale: f32,
     ) -> (Vec<f32>, ContextAttentionSaved) {
+        let _phase = scope(Phase::Attention);
         self.check_positions(positions, shape);
         if self.uses_all_to_all() {
             self.all_to_all_forward(q, kv, shape, scale)
@@ -132,6 +134,7 @@ impl ContextAttention {
         shape: MaskedAttentionShape,
         scale: f32,
     ) -> (Vec<f32>, Vec<f32>) {
+        let _phase = scope(Phase::Attention);
         self.check_positions(positions, shape);
         match saved.gathered {
             Some(ref gathered) => self.all_to_all_backward(&saved, gathered, dout, shape, scale),
@@ -191,10 +194,15 @@ impl ContextAttention {
         let mut incoming = vec![0.0; kv.len()];
         let mut part = vec![0.0; out.len()];
         for step in 1..self.cp.size() {
-            comm_ok(
-                self.cp
-                    .send_recv(&current, next, &mut incoming, previous, RING_FORWARD_TAG),
-            );
+            timed(Phase::CommContext, || {
+                comm_ok(self.cp.send_recv(
+                    &current,
+                    next,
+                    &mut incoming,
+                    previous,
+                    RING_FORWARD_TAG,
+                ))
+            });
             std::mem::swap(&mut current, &mut incoming);
             let kv_positions = self.positions(shape, self.ring_owner(step));
             if !sees_any(positions, &kv_positions) {
@@ -238,13 +246,15 @@ impl ContextAttention {
         let mut incoming = vec![0.0; travelling.len()];
         for step in 0..self.cp.size() {
             if step > 0 {
-                comm_ok(self.cp.send_recv(
-                    &travelling,
-                    next,
-                    &mut incoming,
-                    previous,
-                    RING_BACKWARD_TAG,
-                ));
+                timed(Phase::CommContext, || {
+                    comm_ok(self.cp.send_recv(
+                        &travelling,
+                        next,
+                        &mut incoming,
+                        previous,
+                        RING_BACKWARD_TAG,
+                    ))
+                });
                 std::mem::swap(&mut travelling, &mut incoming);
             }
             let kv_positions = self.positions(shape, self.ring_owner(step));
@@ -272,10 +282,12 @@ impl ContextAttention {
             return (dq, accumulated);
         }
         let mut dkv = vec![0.0; kv.len()];
-        comm_ok(
-            self.cp
-                .send_recv(&accumulated, next, &mut dkv, previous, RING_BACKWARD_TAG),
-        );
+        timed(Phase::CommContext, || {
+            comm_ok(
+                self.cp
+                    .send_recv(&accumulated, next, &mut dkv, previous, RING_BACKWARD_TAG),
+            )
+        });
         (dq, dkv)
     }
 
@@ -444,7 +456,9 @@ fn sequence_to_heads(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Ve
     }
     let counts = vec![rows * split.sliced_row(); split.cp];
     let mut received = vec![0.0; x.len()];
-    comm_ok(comm.all_to_all_v(&send, &counts, &mut received, &counts));
+    timed(Phase::CommContext, || {
+        comm_ok(comm.all_to_all_v(&send, &counts, &mut received, &counts))
+    });
     // Received as [source rank][batch][local index]; sequences first.
     let sequence_part = split.local_len * split.sliced_row();
     let mut gathered = Vec::with_capacity(x.len());
@@ -475,7 +489,9 @@ fn heads_to_sequence(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Ve
     }
     let counts = vec![rows * split.sliced_row(); split.cp];
     let mut received = vec![0.0; x.len()];
-    comm_ok(comm.all_to_all_v(&send, &counts, &mut received, &counts));
+    timed(Phase::CommContext, || {
+        comm_ok(comm.all_to_all_v(&send, &counts, &mut received, &counts))
+    });
     // Received as [source rank = head slice][row][segment]; put each slice in its columns.
     let mut local = vec![0.0; x.len()];
     let slices = received.chunks(split.width);

@@ -1,15 +1,18 @@
 //! SwiGLU MLP: `y = W_down · (silu(W_gate·x) ∘ W_up·x)`, with gate and up fused into one weight
 //! `[2·ffn, hidden]` (gate rows first). Used for dense layers and shared experts.
-//! Saved state: the fused gate/up activations and the SwiGLU output.
+//! Saved state: the fused gate/up activations (f32) and the SwiGLU output (the second GEMM's
+//! input, in the compute precision; recomputed from gate/up in the backward when
+//! [`Mlp::set_recompute_activation`] says so). The caller keeps the input.
 //!
 //! Under tensor parallelism a rank holds a slice of the hidden units and its output is a
 //! partial sum (the caller reduce-scatters it, see [`crate::layers::tensor_parallel`]).
 
+use crate::compute::{Activation, LinearGrads, LinearShape, Weights};
 use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
-use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
-use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
+use crate::profile::{timed, Phase};
+use origami_kernels::swiglu::swiglu_backward;
 
 /// Parameters and sizes of one SwiGLU MLP.
 #[derive(Clone, Debug)]
@@ -18,12 +21,13 @@ pub struct Mlp {
     ffn: usize,
     gate_up: ParamId,
     down: ParamId,
+    recompute_activation: bool,
 }
 
 /// What the forward keeps for the backward.
 pub struct MlpSaved {
     gate_up: Vec<f32>,
-    activated: Vec<f32>,
+    activated: Option<Activation>,
 }
 
 impl Mlp {
@@ -58,53 +62,62 @@ impl Mlp {
             ffn: ffn / tp.size(),
             gate_up,
             down,
+            recompute_activation: false,
         }
     }
 
+    /// Whether the backward recomputes the SwiGLU output instead of keeping it.
+    pub fn set_recompute_activation(&mut self, on: bool) {
+        self.recompute_activation = on;
+    }
+
+    /// The SwiGLU output of the fused `gate_up` rows, as the down projection's input.
+    fn activate(&self, params: &Weights, gate_up: &[f32]) -> Activation {
+        params.swiglu(gate_up, self.ffn)
+    }
+
     /// `y[rows, hidden]` (this rank's partial sum under tensor parallelism) from `x[rows, hidden]`.
-    pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Vec<f32>, MlpSaved) {
+    pub fn forward(&self, params: &Weights, x: &Activation) -> (Vec<f32>, MlpSaved) {
         let rows = x.len() / self.hidden;
         let mut gate_up = vec![0.0; rows * 2 * self.ffn];
-        linear_forward(
+        params.linear_forward(
             &mut gate_up,
             x,
-            params.get(self.gate_up),
+            self.gate_up,
             None,
-            rows,
-            self.hidden,
-            2 * self.ffn,
-            Par::All,
+            LinearShape::new(rows, self.hidden, 2 * self.ffn),
         );
-        let mut activated = vec![0.0; rows * self.ffn];
-        swiglu_forward(&mut activated, &gate_up, self.ffn);
+        let activated = self.activate(params, &gate_up);
         let mut y = vec![0.0; rows * self.hidden];
-        linear_forward(
+        params.linear_forward(
             &mut y,
             &activated,
-            params.get(self.down),
+            self.down,
             None,
-            rows,
-            self.ffn,
-            self.hidden,
-            Par::All,
+            LinearShape::new(rows, self.ffn, self.hidden),
         );
+        let activated = (!self.recompute_activation).then_some(activated);
         (y, MlpSaved { gate_up, activated })
     }
 
     /// Accumulates parameter gradients; writes (or adds, with `accumulate`) the input gradient into `dx`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: MlpSaved,
-        x: &[f32],
+        x: &Activation,
         dy: &[f32],
         dx: &mut [f32],
         accumulate: bool,
     ) {
         let rows = x.len() / self.hidden;
+        let activated = saved
+            .activated
+            .unwrap_or_else(|| self.activate(params, &saved.gate_up));
         let mut dactivated = vec![0.0; rows * self.ffn];
-        linear_backward(
+        params.linear_backward(
             LinearGrads {
                 input: Some(&mut dactivated),
                 accumulate_input: false,
@@ -112,16 +125,16 @@ impl Mlp {
                 bias: None,
             },
             dy,
-            &saved.activated,
-            params.get(self.down),
-            rows,
-            self.ffn,
-            self.hidden,
-            Par::All,
+            &activated,
+            self.down,
+            LinearShape::new(rows, self.ffn, self.hidden),
         );
+        drop(activated);
         let mut dgate_up = vec![0.0; saved.gate_up.len()];
-        swiglu_backward(&mut dgate_up, &dactivated, &saved.gate_up, self.ffn);
-        linear_backward(
+        timed(Phase::Elementwise, || {
+            swiglu_backward(&mut dgate_up, &dactivated, &saved.gate_up, self.ffn)
+        });
+        params.linear_backward(
             LinearGrads {
                 input: Some(dx),
                 accumulate_input: accumulate,
@@ -130,11 +143,8 @@ impl Mlp {
             },
             &dgate_up,
             x,
-            params.get(self.gate_up),
-            rows,
-            self.hidden,
-            2 * self.ffn,
-            Par::All,
+            self.gate_up,
+            LinearShape::new(rows, self.hidden, 2 * self.ffn),
         );
     }
 }

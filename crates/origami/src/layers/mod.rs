@@ -6,6 +6,7 @@ pub mod block;
 pub mod context_parallel;
 pub mod mlp;
 pub mod moe;
+pub mod recompute;
 pub mod stored;
 pub mod tensor_parallel;
 pub mod vocab_parallel;

@@ -24,3 +24,12 @@ impl<T: Stored + ?Sized> Stored for Box<T> {
         (**self).stored_bytes()
     }
 }
+
+impl Stored for crate::compute::Activation {
+    fn stored_bytes(&self) -> usize {
+        match self {
+            crate::compute::Activation::F32(v) => v.stored_bytes(),
+            crate::compute::Activation::Bf16(v) => v.stored_bytes(),
+        }
+    }
+}

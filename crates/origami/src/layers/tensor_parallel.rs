@@ -18,6 +18,7 @@ use std::sync::Arc;
 use origami_comm::{Communicator, ReduceOp, SoloComm};
 
 use crate::layers::comm_ok;
+use crate::profile::{scope, Phase};
 
 /// The tensor-parallel group of a rank and the sequence-parallel data movement over it.
 #[derive(Clone)]
@@ -74,6 +75,7 @@ impl TensorParallel {
     /// All-gathers sequence-parallel slices `[batch][part][width]` into every token of the
     /// sequences, `[batch][tp · part][width]`.
     pub fn gather_sequence(&self, local: Vec<f32>, batch: usize, width: usize) -> Vec<f32> {
+        let _phase = scope(Phase::CommSequence);
         let tp = self.size();
         if tp == 1 {
             return local;
@@ -96,6 +98,7 @@ impl TensorParallel {
     /// Sums partial results `[batch][tp · part][width]` over the group and keeps this rank's
     /// slice `[batch][part][width]` of each sequence.
     pub fn scatter_sequence(&self, full: Vec<f32>, batch: usize, width: usize) -> Vec<f32> {
+        let _phase = scope(Phase::CommSequence);
         let tp = self.size();
         if tp == 1 {
             return full;
@@ -112,6 +115,7 @@ impl TensorParallel {
 
     /// Sums `values` over the group in place.
     pub fn all_reduce(&self, values: &mut [f32], op: ReduceOp) {
+        let _phase = scope(Phase::CommSequence);
         if self.size() > 1 {
             comm_ok(self.group.all_reduce(values, op));
         }

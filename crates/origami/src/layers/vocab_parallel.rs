@@ -16,6 +16,7 @@ use origami_kernels::math::fast_exp;
 use rayon::prelude::*;
 
 use crate::layers::tensor_parallel::TensorParallel;
+use crate::profile::{scope, Phase};
 
 /// A vocabulary split over a tensor-parallel group.
 #[derive(Clone, Debug)]
@@ -43,6 +44,7 @@ impl VocabParallel {
     /// This rank's part of the embedding of `tokens`: `[tokens, width]`, zero rows for tokens
     /// outside its slice of `table_local`.
     pub fn embed(&self, table_local: &[f32], tokens: &[u32], width: usize) -> Vec<f32> {
+        let _phase = scope(Phase::Elementwise);
         let range = self.range();
         let mut out = vec![0.0; tokens.len() * width];
         out.par_chunks_mut(width)
@@ -66,6 +68,7 @@ impl VocabParallel {
         tokens: &[u32],
         width: usize,
     ) {
+        let _phase = scope(Phase::Elementwise);
         let range = self.range();
         for (row, &t) in dout.chunks(width).zip(tokens) {
             let t = t as usize;
@@ -115,6 +118,7 @@ impl VocabParallel {
 
     /// Per-row cross-entropy from this rank's logit columns (forward only); ignored rows give 0.
     pub fn cross_entropy_rows(&self, logits: &[f32], targets: &[u32]) -> Vec<f32> {
+        let _phase = scope(Phase::Loss);
         let (lse, target_logits) = self.row_statistics(logits, targets);
         targets
             .iter()
@@ -131,6 +135,7 @@ impl VocabParallel {
         targets: &[u32],
         scale: f32,
     ) -> CrossEntropySums {
+        let _phase = scope(Phase::Loss);
         let v = self.local_vocab();
         assert_eq!(
             logits.len(),

@@ -11,6 +11,7 @@
 //! the chunk's output (none on the head) and returns that of its input (none on the first
 //! chunk, which accumulates the embedding's gradient instead).
 
+use crate::compute::{Activation, LinearGrads, LinearShape, Weights};
 use crate::layers::attention::Positions;
 use crate::layers::block::{Block, BlockSaved};
 use crate::layers::moe::jitter::{TokenKey, TokenKeys};
@@ -19,12 +20,12 @@ use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::layers::vocab_parallel::VocabParallel;
 use crate::params::{Buffers, ParamId};
+use crate::profile::{scope, timed, Phase};
 
 use super::gpt::SequenceKeys;
 use origami_kernels::cross_entropy::{
     cross_entropy_forward_backward, cross_entropy_rows, CrossEntropySums, IGNORE_TARGET,
 };
-use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 
 /// Rows of the output layer computed at once, bounding the logits buffer to `rows × vocab`.
@@ -168,12 +169,19 @@ pub struct ChunkForward {
 }
 
 impl ModelChunk {
+    /// Whether a router of the chunk jitters its input in training.
+    fn jitters(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| b.moe().is_some_and(MoeLayer::jitters))
+    }
+
     /// Runs the chunk forward on `local` (whose counted targets over cp are `counted`, for the
     /// head); `input` is the previous chunk's output, `None` on the first chunk.
     pub fn forward(
         &self,
         ctx: &ChunkContext<'_>,
-        params: &Buffers,
+        params: &Weights,
         local: &LocalBatch,
         positions: &Positions<'_>,
         input: Option<Vec<f32>>,
@@ -195,11 +203,7 @@ impl ModelChunk {
             head: None,
         };
         let mut losses = ChunkLosses::default();
-        let jitters = self
-            .blocks
-            .iter()
-            .any(|b| b.moe().is_some_and(MoeLayer::jitters));
-        let jitter = (training && jitters).then(|| local.token_keys(ctx.tp));
+        let jitter = (training && self.jitters()).then(|| local.token_keys(ctx.tp));
         for block in &self.blocks {
             let (y, s, stats) = block.forward(
                 params,
@@ -222,6 +226,7 @@ impl ModelChunk {
                 losses,
             };
         };
+        let elementwise = scope(Phase::Elementwise);
         let mut normed = vec![0.0; x.len()];
         let final_rstd = rmsnorm_forward(
             &mut normed,
@@ -230,7 +235,8 @@ impl ModelChunk {
             h,
             ctx.norm_eps,
         );
-        let normed = ctx.tp.gather_sequence(normed, local.batch, h);
+        drop(elementwise);
+        let normed = params.activation(ctx.tp.gather_sequence(normed, local.batch, h));
         let counted = counted().max(1);
         let (sums, d_normed) = match mode {
             ForwardMode::Train { grads, loss_scale } => {
@@ -265,7 +271,7 @@ impl ModelChunk {
     pub fn backward(
         &self,
         ctx: &ChunkContext<'_>,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: ChunkSaved,
         d_output: Option<Vec<f32>>,
@@ -279,6 +285,7 @@ impl ModelChunk {
                 let d_normed = ctx
                     .tp
                     .scatter_sequence(head_saved.d_normed, local.batch, h);
+                let _phase = scope(Phase::Elementwise);
                 let mut dx = vec![0.0; d_normed.len()];
                 rmsnorm_backward(
                     &mut dx,
@@ -294,6 +301,7 @@ impl ModelChunk {
             (None, None, Some(dy)) => dy,
             _ => panic!("the head's backward starts from its own loss, any other chunk's from the next chunk's gradient"),
         };
+        let jitter = self.jitters().then(|| local.token_keys(ctx.tp));
         for (block, block_saved) in self.blocks.iter().zip(saved.blocks).rev() {
             dx = block.backward(
                 params,
@@ -304,6 +312,7 @@ impl ModelChunk {
                 local.batch,
                 local.seq,
                 positions,
+                jitter.as_ref(),
             );
         }
         let Some(table) = self.embedding else {
@@ -321,10 +330,10 @@ impl ModelChunk {
 /// gradient of `normed`.
 fn head_forward_backward(
     ctx: &ChunkContext<'_>,
-    params: &Buffers,
+    params: &Weights,
     grads: &mut Buffers,
     head: &Head,
-    normed: &[f32],
+    normed: &Activation,
     local: &LocalBatch,
     ce_scale: f32,
 ) -> (CrossEntropySums, Vec<f32>) {
@@ -332,21 +341,27 @@ fn head_forward_backward(
     let mut d_normed = vec![0.0; normed.len()];
     let mut sums = CrossEntropySums::default();
     let mut logits = vec![0.0; OUTPUT_CHUNK_ROWS.min(local.targets.len()) * v];
-    for ((x, targets), dx) in normed
-        .chunks(OUTPUT_CHUNK_ROWS * h)
-        .zip(local.targets.chunks(OUTPUT_CHUNK_ROWS))
+    for ((block, targets), dx) in local
+        .targets
+        .chunks(OUTPUT_CHUNK_ROWS)
+        .enumerate()
         .zip(d_normed.chunks_mut(OUTPUT_CHUNK_ROWS * h))
     {
         let n = targets.len();
+        let first = block * OUTPUT_CHUNK_ROWS * h;
+        let x = normed.slice(first..first + n * h);
         let logits = &mut logits[..n * v];
-        linear_forward(logits, x, params.get(head.output), None, n, h, v, Par::All);
+        let shape = LinearShape::new(n, h, v);
+        params.linear_forward(logits, x, head.output, None, shape);
         sums += if ctx.tp.size() == 1 {
-            cross_entropy_forward_backward(logits, targets, v, 0.0, ce_scale)
+            timed(Phase::Loss, || {
+                cross_entropy_forward_backward(logits, targets, v, 0.0, ce_scale)
+            })
         } else {
             ctx.vocab
                 .cross_entropy_forward_backward(logits, targets, ce_scale)
         };
-        linear_backward(
+        params.linear_backward(
             LinearGrads {
                 input: Some(dx),
                 accumulate_input: false,
@@ -355,11 +370,8 @@ fn head_forward_backward(
             },
             logits,
             x,
-            params.get(head.output),
-            n,
-            h,
-            v,
-            Par::All,
+            head.output,
+            shape,
         );
     }
     (sums, d_normed)
@@ -368,30 +380,26 @@ fn head_forward_backward(
 /// The output layer and cross-entropy forward only.
 fn head_loss(
     ctx: &ChunkContext<'_>,
-    params: &Buffers,
+    params: &Weights,
     head: &Head,
-    normed: &[f32],
+    normed: &Activation,
     local: &LocalBatch,
 ) -> CrossEntropySums {
     let (h, v) = (ctx.hidden, ctx.vocab.local_vocab());
     let mut sums = CrossEntropySums::default();
-    for (x, targets) in normed
-        .chunks(OUTPUT_CHUNK_ROWS * h)
-        .zip(local.targets.chunks(OUTPUT_CHUNK_ROWS))
-    {
+    for (block, targets) in local.targets.chunks(OUTPUT_CHUNK_ROWS).enumerate() {
+        let first = block * OUTPUT_CHUNK_ROWS * h;
+        let x = normed.slice(first..first + targets.len() * h);
         let mut logits = vec![0.0; targets.len() * v];
-        linear_forward(
+        params.linear_forward(
             &mut logits,
             x,
-            params.get(head.output),
+            head.output,
             None,
-            targets.len(),
-            h,
-            v,
-            Par::All,
+            LinearShape::new(targets.len(), h, v),
         );
         let per_row = if ctx.tp.size() == 1 {
-            cross_entropy_rows(&logits, targets, v)
+            timed(Phase::Loss, || cross_entropy_rows(&logits, targets, v))
         } else {
             ctx.vocab.cross_entropy_rows(&logits, targets)
         };

@@ -24,19 +24,21 @@ use super::chunk::{ChunkContext, ChunkForward, ChunkLosses, ChunkSaved, Head, Mo
 pub use super::chunk::{ForwardMode, LocalBatch};
 use super::config::{ModelConfig, ModelConfigError};
 use super::parallel::{check_split, ModelParallel};
+use crate::compute::{LinearShape, Weights};
 use crate::layers::attention::{Attention, AttentionDims, KvCache, Positions};
 use crate::layers::block::{Block, FeedForward};
 use crate::layers::comm_ok;
 use crate::layers::context_parallel::{local_positions, ContextAttention};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::{MoeLayer, MoeStats};
+use crate::layers::recompute::Recompute;
 use crate::layers::vocab_parallel::VocabParallel;
 use crate::params::init::initialise;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
+use crate::profile::{timed, Phase};
 use origami_comm::ReduceOp;
 use origami_kernels::cross_entropy::IGNORE_TARGET;
 use origami_kernels::embedding::embedding_forward;
-use origami_kernels::matmul::{linear_forward, Par};
 use origami_kernels::rmsnorm::rmsnorm_forward;
 use origami_kernels::rope::RopeTable;
 use origami_schedule::StageLayers;
@@ -148,6 +150,16 @@ impl GptModel {
             vocab,
             split,
         })
+    }
+
+    /// The model with what each block's backward recomputes set to `recompute`.
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
+        for chunk in &mut self.chunks {
+            for block in &mut chunk.blocks {
+                block.set_recompute(recompute);
+            }
+        }
+        self
     }
 
     /// The groups this rank's model uses.
@@ -271,7 +283,7 @@ impl GptModel {
     pub fn forward_chunk(
         &self,
         chunk: usize,
-        params: &Buffers,
+        params: &Weights,
         local: &LocalBatch,
         input: Option<Vec<f32>>,
         mode: ForwardMode<'_>,
@@ -294,7 +306,7 @@ impl GptModel {
     pub fn backward_chunk(
         &self,
         chunk: usize,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         local: &LocalBatch,
         saved: ChunkSaved,
@@ -393,9 +405,10 @@ impl GptModel {
         &self.chunks[0]
     }
 
-    /// Logits `[batch·seq, vocab]` (evaluation, generation). Needs attention and the output
-    /// layer whole on this rank (no tensor, context or pipeline parallelism).
+    /// Logits `[batch·seq, vocab]` (evaluation, generation), computed in f32. Needs attention
+    /// and the output layer whole on this rank (no tensor, context or pipeline parallelism).
     pub fn logits(&self, params: &Buffers, batch: &MicroBatch) -> Vec<f32> {
+        let params = &Weights::f32(params);
         assert!(
             self.attention_is_local(),
             "full logits need tensor-, context- and pipeline-parallel size 1"
@@ -422,23 +435,21 @@ impl GptModel {
         );
         let v = self.config.vocab_size;
         let mut logits = vec![0.0; batch.tokens.len() * v];
-        linear_forward(
+        params.linear_forward(
             &mut logits,
             &normed,
-            params.get(head.output),
+            head.output,
             None,
-            batch.tokens.len(),
-            h,
-            v,
-            Par::All,
+            LinearShape::new(batch.tokens.len(), h, v),
         );
         logits
     }
 
-    /// Forward only: the losses of a micro-batch (the whole model on this rank).
+    /// Forward only, in f32: the losses of a micro-batch (the whole model on this rank).
     pub fn loss(&self, params: &Buffers, batch: &MicroBatch) -> LossReport {
         self.whole();
         let local = self.local_batch(batch);
+        let params = &Weights::f32(params);
         let forward = self.forward_chunk(0, params, &local, None, ForwardMode::Evaluate);
         self.report(forward.losses)
     }
@@ -451,18 +462,20 @@ impl GptModel {
             .filter(|&&t| t != IGNORE_TARGET)
             .count() as u64];
         if self.parallel.cp() > 1 {
-            comm_ok(
-                self.parallel
-                    .context
-                    .all_reduce_u64(&mut counted, ReduceOp::Sum),
-            );
+            timed(Phase::CommOther, || {
+                comm_ok(
+                    self.parallel
+                        .context
+                        .all_reduce_u64(&mut counted, ReduceOp::Sum),
+                )
+            });
         }
         counted[0] as usize
     }
 
-    /// Forward and backward of one micro-batch (the whole model on this rank): accumulates
-    /// `loss_scale · ∇(CE + aux + z)` into `grads` (this rank's contribution) and returns the
-    /// micro-batch's losses.
+    /// Forward and backward of one micro-batch in f32 (the whole model on this rank):
+    /// accumulates `loss_scale · ∇(CE + aux + z)` into `grads` (this rank's contribution) and
+    /// returns the micro-batch's losses.
     pub fn forward_backward(
         &self,
         params: &Buffers,
@@ -472,6 +485,7 @@ impl GptModel {
     ) -> LossReport {
         self.whole();
         let local = self.local_batch(batch);
+        let params = &Weights::f32(params);
         let forward = self.forward_chunk(
             0,
             params,
@@ -506,13 +520,17 @@ impl GptModel {
                 report.load_balancing as f32,
                 report.z as f32,
             ];
-            comm_ok(group.all_reduce(&mut parts, ReduceOp::Sum));
+            timed(Phase::CommOther, || {
+                comm_ok(group.all_reduce(&mut parts, ReduceOp::Sum))
+            });
             let mut rows = [report.tokens as u64];
-            comm_ok(
-                self.parallel
-                    .context
-                    .all_reduce_u64(&mut rows, ReduceOp::Sum),
-            );
+            timed(Phase::CommOther, || {
+                comm_ok(
+                    self.parallel
+                        .context
+                        .all_reduce_u64(&mut rows, ReduceOp::Sum),
+                )
+            });
             report.cross_entropy = parts[0] as f64;
             report.load_balancing = parts[1] as f64;
             report.z = parts[2] as f64;
@@ -670,8 +688,9 @@ impl DecodeState {
 
 impl GptModel {
     /// Feeds one token through the model with the key/value caches in `state` and returns the
-    /// logits `[vocab]` for the next token.
+    /// logits `[vocab]` for the next token, computed in f32.
     pub fn decode_step(&self, params: &Buffers, state: &mut DecodeState, token: u32) -> Vec<f32> {
+        let params = &Weights::f32(params);
         assert!(
             state.position < self.config.max_seq_len,
             "generation reached model.max_seq_len = {}",
@@ -703,15 +722,12 @@ impl GptModel {
             self.config.norm_eps,
         );
         let mut logits = vec![0.0; self.config.vocab_size];
-        linear_forward(
+        params.linear_forward(
             &mut logits,
             &normed,
-            params.get(head.output),
+            head.output,
             None,
-            1,
-            h,
-            self.config.vocab_size,
-            Par::Seq,
+            LinearShape::new(1, h, self.config.vocab_size),
         );
         logits
     }

@@ -5,7 +5,9 @@
 //! The embedded `configs/shakespeare.toml` is the one source of defaults: a user's file is
 //! merged over it key by key, then the overrides are applied.
 
+use crate::compute::{Compute, PrecisionSetting};
 use crate::layers::context_parallel::CpCommType;
+use crate::layers::recompute::Recompute;
 use crate::model::config::ModelConfig;
 use crate::model::gpt::sequence_split;
 use crate::model::parallel::{check_split, SplitSizes};
@@ -152,6 +154,23 @@ pub struct TrainSection {
     pub eval_batches: usize,
     /// Kernel threads (0: all cores).
     pub threads: usize,
+    /// GEMM precision: `auto` (bf16 where the CPU has AVX512_BF16, else f32), `f32` or `bf16`.
+    #[serde(default)]
+    pub precision: PrecisionSetting,
+    /// Choose the precision as on a CPU without AVX512_BF16 (`auto` then trains in f32; `bf16`
+    /// runs the portable kernel).
+    #[serde(default)]
+    pub disable_avx512_bf16: bool,
+    /// What each block's backward recomputes: `none`, `selective` or `full`.
+    #[serde(default)]
+    pub recompute: Recompute,
+}
+
+impl TrainSection {
+    /// The precision the run computes in on this CPU.
+    pub fn compute(&self) -> Compute {
+        Compute::resolve(self.precision, self.disable_avx512_bf16)
+    }
 }
 
 /// Where the training text comes from.

@@ -23,11 +23,13 @@ use origami_schedule::{
     schedule, Action, Direction, Payload, PipelineConfig, Schedule, ScheduleError,
 };
 
+use crate::compute::Weights;
 use crate::layers::moe::MoeStats;
 use crate::layers::stored::Stored;
 use crate::model::chunk::{ChunkLosses, ChunkSaved, ForwardMode, LocalBatch};
 use crate::model::gpt::{GptModel, MicroBatch};
 use crate::params::Buffers;
+use crate::profile::{scope, timed, Phase};
 
 /// What one rank's run of a step's schedule produced besides its gradients.
 #[derive(Clone, Debug, Default)]
@@ -75,7 +77,7 @@ pub fn stage_schedule(
 /// pipeline's ranks (and its tp rank 0s) they are the batches' totals.
 pub fn evaluate_pipeline(
     model: &GptModel,
-    params: &Buffers,
+    params: &Weights,
     batches: &[MicroBatch],
     pipeline: &Arc<dyn Communicator>,
 ) -> origami_comm::Result<(f64, usize)> {
@@ -93,7 +95,7 @@ pub fn evaluate_pipeline(
                     peer: (stage - 1) % stages,
                     tag: 0,
                 }];
-                pipeline.exchange(&[], &mut receive).map(|()| data)
+                timed(Phase::CommPipeline, || pipeline.exchange(&[], &mut receive)).map(|()| data)
             });
             let input = input.transpose()?;
             let forward =
@@ -104,7 +106,7 @@ pub fn evaluate_pipeline(
                     peer: (stage + 1) % stages,
                     tag: 0,
                 }];
-                pipeline.exchange(&send, &mut [])?;
+                timed(Phase::CommPipeline, || pipeline.exchange(&send, &mut []))?;
             } else if counts_cross_entropy {
                 total += forward.losses.cross_entropy * forward.losses.counted as f64;
                 rows += forward.losses.rows;
@@ -119,7 +121,7 @@ pub fn evaluate_pipeline(
 /// there). Gradients accumulate into `grads`.
 pub fn run_schedule(
     model: &GptModel,
-    params: &Buffers,
+    params: &Weights,
     grads: &mut Buffers,
     schedule: &Schedule,
     batches: &[MicroBatch],
@@ -297,6 +299,7 @@ impl RunState {
         transfers: &[origami_schedule::Transfer],
         pipeline: &Arc<dyn Communicator>,
     ) -> origami_comm::Result<()> {
+        let _phase = scope(Phase::CommPipeline);
         let mut outgoing = Vec::new();
         let mut incoming = Vec::new();
         for t in transfers {

@@ -51,6 +51,10 @@ fn run_with(
     };
     if options.verbose {
         println!("layout: {}", config.parallel.describe());
+        println!(
+            "{}",
+            config.train.compute().describe(config.train.precision)
+        );
     }
     // One process prepares the data; the others open it once it exists.
     if let (Some(world), false) = (&world, leader) {

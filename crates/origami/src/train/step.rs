@@ -20,9 +20,11 @@ use origami_parallel::ParallelState;
 use origami_schedule::Schedule;
 
 use super::pipeline::run_schedule;
+use crate::compute::WeightCopies;
 use crate::model::gpt::{GptModel, MicroBatch};
 use crate::optim::parallel::ParallelOptimizer;
 use crate::params::Buffers;
+use crate::profile::{timed, Phase};
 
 /// The groups a step communicates over besides the model's own.
 #[derive(Clone)]
@@ -84,11 +86,13 @@ pub struct StepOutcome {
 
 /// Runs one step: `batches` are this rank's micro-batches of the global batch (those of its
 /// pipeline), run in `schedule`'s order; the global batch holds `micro_batches` of them over
-/// every pipeline.
+/// every pipeline. The layers compute in the precision of `copies`, made from `params`; after
+/// the update (and the expert-bias change) they are made again from the new parameters.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &GptModel,
     params: &mut Buffers,
+    copies: &mut WeightCopies,
     grads: &mut Buffers,
     optimizer: &mut ParallelOptimizer,
     batches: &[MicroBatch],
@@ -102,7 +106,7 @@ pub fn train_step(
     let scale = 1.0 / micro_batches as f32;
     let run = run_schedule(
         model,
-        params,
+        &copies.weights(params),
         grads,
         schedule,
         batches,
@@ -113,13 +117,20 @@ pub fn train_step(
     let mut sums = run.loss_parts;
     if groups.world.size() > 1 {
         let mut parts = sums.map(|s| s as f32);
-        groups.world.all_reduce(&mut parts, ReduceOp::Sum)?;
+        timed(Phase::CommOther, || {
+            groups.world.all_reduce(&mut parts, ReduceOp::Sum)
+        })?;
         sums = parts.map(f64::from);
     }
     let [cross_entropy, aux_loss, z_loss] = sums.map(|s| s / micro_batches as f64);
-    let (tokens_per_expert, dropped) = whole_model_loads(model, &run.moe, &groups.pipeline)?;
-    let grad_norm = optimizer.step(model.registry(), params, grads, lr)?;
+    let (tokens_per_expert, dropped) = timed(Phase::CommOther, || {
+        whole_model_loads(model, &run.moe, &groups.pipeline)
+    })?;
+    let grad_norm = timed(Phase::Optimizer, || {
+        optimizer.step(model.registry(), params, grads, lr)
+    })?;
     model.update_expert_bias(params, &tokens_per_expert);
+    copies.refresh(params);
     Ok(StepOutcome {
         loss: cross_entropy + aux_loss + z_loss,
         cross_entropy,

@@ -19,7 +19,8 @@ use super::metrics::{
 };
 use super::pipeline::{evaluate_pipeline, stage_schedule};
 use super::step::{train_step, StepGroups};
-use crate::bench::peak_gemm_gflops;
+use crate::bench::peak_gemm_gflops_for;
+use crate::compute::{WeightCopies, Weights};
 use crate::model::flops::training_flops_per_token;
 use crate::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use crate::model::parallel::ModelParallel;
@@ -146,7 +147,7 @@ fn micro_batch(
 /// pipeline when there is one; every data-parallel replica evaluates the same batches).
 pub fn evaluate(
     model: &GptModel,
-    params: &Buffers,
+    params: &Weights,
     valid: &dyn SampleSource,
     (batches, micro, seq): (usize, usize, usize),
     groups: &StepGroups,
@@ -230,7 +231,8 @@ pub fn train_on(
         config.model.clone(),
         ModelParallel::from_state(&state, p.cp_comm_type)
             .with_stage_layers(p.pp_first_stage_layers, p.pp_last_stage_layers),
-    )?;
+    )?
+    .with_recompute(t.recompute);
     let groups = StepGroups::from_state(&state, world.clone());
     let full_model = if p.world == 1 {
         model.clone()
@@ -265,6 +267,8 @@ pub fn train_on(
             (model.init_params(t.seed), 0)
         }
     };
+    let compute = t.compute();
+    let mut copies = WeightCopies::new(compute, &params);
     world.barrier()?;
     let run_dir = config.checkpoint.dir.clone();
     let mut metrics = match (leader, &options.resume) {
@@ -286,7 +290,11 @@ pub fn train_on(
     let flops_per_token = training_flops_per_token(&config.model, t.seq_len);
     // The best GEMM rate seen so far: re-measured at each evaluation, so a start-up measurement
     // taken while the machine was busy does not inflate the MFU of later steps.
-    let mut peak_gflops = if leader { peak_gemm_gflops() } else { 1.0 };
+    let mut peak_gflops = if leader {
+        peak_gemm_gflops_for(compute)
+    } else {
+        1.0
+    };
     let progress = (leader && options.verbose).then(|| progress_bar(t.steps, step));
     let mut grads = model.registry().zeros();
     let mut records = Vec::new();
@@ -302,6 +310,7 @@ pub fn train_on(
         let outcome = train_step(
             &model,
             &mut params,
+            &mut copies,
             &mut grads,
             &mut optimizer,
             &batches,
@@ -316,12 +325,12 @@ pub fn train_on(
         let evaluate_now =
             step == t.steps || (t.eval_interval > 0 && step.is_multiple_of(t.eval_interval));
         if evaluate_now && leader {
-            peak_gflops = peak_gflops.max(peak_gemm_gflops());
+            peak_gflops = peak_gflops.max(peak_gemm_gflops_for(compute));
         }
         let step_val = match valid {
             Some(v) if evaluate_now => Some(evaluate(
                 &model,
-                &params,
+                &copies.weights(&params),
                 v,
                 (t.eval_batches, t.micro_batch, t.seq_len),
                 &groups,

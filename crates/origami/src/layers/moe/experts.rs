@@ -1,13 +1,16 @@
 //! The routed experts of one MoE layer as a grouped SwiGLU: rows grouped by expert pass through
 //! `W_fc1[e]` (`[2·ffn, hidden]`, gate rows then up rows), SwiGLU, and `W_fc2[e]` (`[hidden, ffn]`).
 //! Expert parameters live in the expert buffer (reduced over expert-data-parallel ranks).
-//! Saved state: the fc1 output and the SwiGLU output.
+//! Saved state: the rows (fc1's input) and the SwiGLU output (fc2's input), both in the
+//! compute precision, and the fc1 output (f32); the SwiGLU output is recomputed from the fc1
+//! output in the backward when [`GroupedExperts::set_recompute_activation`] says so.
 
 use super::parallel::ExpertSharding;
+use crate::compute::{Activation, Weights};
 use crate::layers::stored::Stored;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry, Shard};
-use origami_kernels::grouped_matmul::{grouped_linear_backward, grouped_linear_forward};
-use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
+use crate::profile::{timed, Phase};
+use origami_kernels::swiglu::swiglu_backward;
 
 /// Parameters of the local experts.
 #[derive(Clone, Debug)]
@@ -17,12 +20,14 @@ pub struct GroupedExperts {
     ffn: usize,
     fc1: ParamId,
     fc2: ParamId,
+    recompute_activation: bool,
 }
 
 /// What the forward keeps for the backward.
 pub struct ExpertsSaved {
+    input: Activation,
     fc1_out: Vec<f32>,
-    activated: Vec<f32>,
+    activated: Option<Activation>,
 }
 
 impl GroupedExperts {
@@ -66,7 +71,18 @@ impl GroupedExperts {
             ffn: slice.len(),
             fc1,
             fc2,
+            recompute_activation: false,
         }
+    }
+
+    /// Whether the backward recomputes the SwiGLU output instead of keeping it.
+    pub fn set_recompute_activation(&mut self, on: bool) {
+        self.recompute_activation = on;
+    }
+
+    /// The SwiGLU output of the fc1 rows, as fc2's input.
+    fn activate(&self, params: &Weights, fc1_out: &[f32]) -> Activation {
+        params.swiglu(fc1_out, self.ffn)
     }
 
     /// Number of local experts.
@@ -82,68 +98,75 @@ impl GroupedExperts {
     /// `y[rows, hidden]` for expert-grouped rows `x` (`offsets` has `experts + 1` entries).
     pub fn forward(
         &self,
-        params: &Buffers,
-        x: &[f32],
+        params: &Weights,
+        x: Vec<f32>,
         offsets: &[usize],
     ) -> (Vec<f32>, ExpertsSaved) {
         let rows = x.len() / self.hidden;
+        let input = params.activation(x);
         let mut fc1_out = vec![0.0; rows * 2 * self.ffn];
-        grouped_linear_forward(
+        params.grouped_linear_forward(
             &mut fc1_out,
-            x,
-            params.get(self.fc1),
+            &input,
+            self.fc1,
             offsets,
-            self.hidden,
-            2 * self.ffn,
+            (self.hidden, 2 * self.ffn),
         );
-        let mut activated = vec![0.0; rows * self.ffn];
-        swiglu_forward(&mut activated, &fc1_out, self.ffn);
+        let activated = self.activate(params, &fc1_out);
         let mut y = vec![0.0; rows * self.hidden];
-        grouped_linear_forward(
+        params.grouped_linear_forward(
             &mut y,
             &activated,
-            params.get(self.fc2),
+            self.fc2,
             offsets,
-            self.ffn,
-            self.hidden,
+            (self.ffn, self.hidden),
         );
-        (y, ExpertsSaved { fc1_out, activated })
+        let saved = ExpertsSaved {
+            input,
+            fc1_out,
+            activated: (!self.recompute_activation).then_some(activated),
+        };
+        (y, saved)
     }
 
     /// Accumulates parameter gradients and returns the row gradients `dx`.
     pub fn backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: ExpertsSaved,
-        x: &[f32],
         dy: &[f32],
         offsets: &[usize],
     ) -> Vec<f32> {
-        let rows = x.len() / self.hidden;
+        let rows = saved.input.len() / self.hidden;
+        let activated = saved
+            .activated
+            .unwrap_or_else(|| self.activate(params, &saved.fc1_out));
         let mut dactivated = vec![0.0; rows * self.ffn];
-        grouped_linear_backward(
+        params.grouped_linear_backward(
             Some(&mut dactivated),
             grads.get_mut(self.fc2),
             dy,
-            &saved.activated,
-            params.get(self.fc2),
+            &activated,
+            self.fc2,
             offsets,
-            self.ffn,
-            self.hidden,
+            (self.ffn, self.hidden),
         );
+        drop(activated);
         let mut dfc1 = vec![0.0; saved.fc1_out.len()];
-        swiglu_backward(&mut dfc1, &dactivated, &saved.fc1_out, self.ffn);
+        timed(Phase::Elementwise, || {
+            swiglu_backward(&mut dfc1, &dactivated, &saved.fc1_out, self.ffn)
+        });
+        drop(saved.fc1_out);
         let mut dx = vec![0.0; rows * self.hidden];
-        grouped_linear_backward(
+        params.grouped_linear_backward(
             Some(&mut dx),
             grads.get_mut(self.fc1),
             &dfc1,
-            x,
-            params.get(self.fc1),
+            &saved.input,
+            self.fc1,
             offsets,
-            self.hidden,
-            2 * self.ffn,
+            (self.hidden, 2 * self.ffn),
         );
         dx
     }
@@ -151,6 +174,6 @@ impl GroupedExperts {
 
 impl Stored for ExpertsSaved {
     fn stored_bytes(&self) -> usize {
-        self.fc1_out.stored_bytes() + self.activated.stored_bytes()
+        self.input.stored_bytes() + self.fc1_out.stored_bytes() + self.activated.stored_bytes()
     }
 }

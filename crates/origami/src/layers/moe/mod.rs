@@ -21,6 +21,7 @@ use std::sync::Mutex;
 
 use origami_comm::ReduceOp;
 
+use crate::compute::Weights;
 use crate::layers::moe::config::{AuxLossScope, DispatcherKind, DropPolicy, MoeConfig};
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, ParamRegistry};
@@ -34,6 +35,7 @@ use router::{AuxGradient, Router, RouterLosses, RouterSaved, Routing};
 use shared_expert::{SharedExpert, SharedExpertSaved};
 
 pub(crate) use crate::layers::comm_ok;
+use crate::profile::{scope, timed, Phase};
 
 /// Per-layer statistics of one micro-batch, for logging, the expert-load plot and the
 /// expert-bias update. Counts are of the experts actually chosen (not the load-balancing loss's
@@ -234,11 +236,13 @@ impl MoeLayer {
             .map(|&n| n as u64)
             .chain([dropped as u64, tokens as u64])
             .collect();
-        comm_ok(
-            self.parallel
-                .batch
-                .all_reduce_u64(&mut counts, ReduceOp::Sum),
-        );
+        timed(Phase::CommOther, || {
+            comm_ok(
+                self.parallel
+                    .batch
+                    .all_reduce_u64(&mut counts, ReduceOp::Sum),
+            )
+        });
         let e = self.num_experts;
         MoeStats {
             losses: RouterLosses::default(),
@@ -259,6 +263,7 @@ impl MoeLayer {
         (tokens, micro_batch_tokens): (usize, usize),
         sequences: usize,
     ) -> BalanceWeights {
+        let _phase = scope(Phase::Router);
         let settings = BalanceSettings {
             scope: self.scope,
             factor: self.router.balancing_factor(),
@@ -287,7 +292,7 @@ impl MoeLayer {
     }
 
     /// `y[tokens, hidden]` from the normalised input `x` holding one run of tokens.
-    pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Vec<f32>, MoeSaved, MoeStats) {
+    pub fn forward(&self, params: &Weights, x: &[f32]) -> (Vec<f32>, MoeSaved, MoeStats) {
         self.forward_batch(params, x, 1)
     }
 
@@ -296,7 +301,7 @@ impl MoeLayer {
     /// jitter.
     pub fn forward_batch(
         &self,
-        params: &Buffers,
+        params: &Weights,
         x: &[f32],
         sequences: usize,
     ) -> (Vec<f32>, MoeSaved, MoeStats) {
@@ -312,10 +317,46 @@ impl MoeLayer {
     /// the router draws its input jitter when the layer has one.
     pub fn forward_with_jitter(
         &self,
-        params: &Buffers,
+        params: &Weights,
         x: &[f32],
         sequences: usize,
         jitter: Option<&TokenKeys>,
+    ) -> (Vec<f32>, MoeSaved, MoeStats) {
+        self.forward_routed(params, x, sequences, jitter, None)
+    }
+
+    /// The forward of [`MoeLayer::forward_with_jitter`] again, for a backward that recomputes
+    /// it: `balance` is the load-balancing weights the first run used (its output and saved
+    /// state are the first run's; the global-batch loads are not counted twice).
+    pub fn replay(
+        &self,
+        params: &Weights,
+        x: &[f32],
+        sequences: usize,
+        jitter: Option<&TokenKeys>,
+        balance: &BalanceWeights,
+    ) -> (Vec<f32>, MoeSaved) {
+        let (y, saved, _) = self.forward_routed(params, x, sequences, jitter, Some(balance));
+        (y, saved)
+    }
+
+    /// Whether the backward recomputes the SwiGLU outputs of the experts and the shared expert
+    /// instead of keeping them.
+    pub fn set_recompute_activations(&mut self, on: bool) {
+        self.experts.set_recompute_activation(on);
+        if let Some(shared) = &mut self.shared {
+            shared.set_recompute_activation(on);
+        }
+    }
+
+    /// The forward; `replay` the balance weights of an earlier run of the same micro-batch.
+    fn forward_routed(
+        &self,
+        params: &Weights,
+        x: &[f32],
+        sequences: usize,
+        jitter: Option<&TokenKeys>,
+        replay: Option<&BalanceWeights>,
     ) -> (Vec<f32>, MoeSaved, MoeStats) {
         let tokens = x.len() / self.hidden;
         let (routing, router_saved) = self.router.forward_with_jitter(params, x, jitter);
@@ -324,18 +365,23 @@ impl MoeLayer {
         let fixed_rows = fixed_rows.filter(|_| self.pad_to_capacity);
         let mut stats = self.global_stats(&routing, permutation.dropped(), tokens);
         let mut micro_batch_tokens = [tokens as u64];
-        comm_ok(
-            self.parallel
-                .sequence
-                .all_reduce_u64(&mut micro_batch_tokens, ReduceOp::Sum),
-        );
+        timed(Phase::CommOther, || {
+            comm_ok(
+                self.parallel
+                    .sequence
+                    .all_reduce_u64(&mut micro_batch_tokens, ReduceOp::Sum),
+            )
+        });
         let z_tokens = micro_batch_tokens[0] as usize;
-        let balance = self.balance(
-            router_saved.balancing_choices(),
-            routing.topk,
-            (tokens, z_tokens),
-            sequences,
-        );
+        let balance = match replay {
+            Some(balance) => balance.clone(),
+            None => self.balance(
+                router_saved.balancing_choices(),
+                routing.topk,
+                (tokens, z_tokens),
+                sequences,
+            ),
+        };
         stats.losses = self.router.losses(&router_saved, &balance, z_tokens);
         let (mut y, route, forward_times) = dispatch::forward(
             self.dispatcher,
@@ -372,7 +418,7 @@ impl MoeLayer {
     /// factor `loss_scale`.
     pub fn backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: MoeSaved,
         x: &[f32],
@@ -387,7 +433,7 @@ impl MoeLayer {
     /// expert computation.
     pub fn backward_timed(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: MoeSaved,
         x: &[f32],
@@ -426,6 +472,13 @@ impl MoeLayer {
             shared.backward(params, grads, shared_saved, x, dy, &mut dx);
         }
         (dx, times)
+    }
+}
+
+impl MoeSaved {
+    /// The load-balancing weights the forward used (what a replay needs).
+    pub fn balance(&self) -> &BalanceWeights {
+        &self.balance
     }
 }
 

@@ -8,6 +8,7 @@
 
 use super::router::Routing;
 use crate::layers::stored::Stored;
+use crate::profile::{scope, Phase};
 
 /// `row_of_slot` entry of a slot dropped for capacity.
 pub const DROPPED: usize = usize::MAX;
@@ -44,6 +45,7 @@ impl Permutation {
     }
 
     fn build(routing: &Routing, experts: usize, kept: &[bool], padded_rows: Option<usize>) -> Self {
+        let _phase = scope(Phase::Permutation);
         let mut counts = vec![0usize; experts];
         for (slot, &e) in routing.experts.iter().enumerate() {
             counts[e as usize] += usize::from(kept[slot]);
@@ -79,6 +81,7 @@ impl Permutation {
 
 /// Gathers `x[tokens, width]` into the permuted rows.
 pub fn permute(x: &[f32], perm: &Permutation, width: usize) -> Vec<f32> {
+    let _phase = scope(Phase::Permutation);
     let mut out = vec![0.0; perm.token_of_row.len() * width];
     for (row, &t) in out.chunks_mut(width).zip(&perm.token_of_row) {
         if t != PADDING {
@@ -90,6 +93,7 @@ pub fn permute(x: &[f32], perm: &Permutation, width: usize) -> Vec<f32> {
 
 /// Backward of [`permute`]: adds each row's gradient onto its token in `dx`.
 pub fn permute_backward(dx: &mut [f32], d_rows: &[f32], perm: &Permutation, width: usize) {
+    let _phase = scope(Phase::Permutation);
     for (row, &t) in d_rows
         .chunks(width)
         .zip(&perm.token_of_row)
@@ -110,6 +114,7 @@ pub fn unpermute(
     width: usize,
     tokens: usize,
 ) -> Vec<f32> {
+    let _phase = scope(Phase::Permutation);
     let mut y = vec![0.0; tokens * width];
     let k = perm.topk;
     for (slot, &row) in perm
@@ -136,6 +141,7 @@ pub fn unpermute_backward(
     perm: &Permutation,
     width: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    let _phase = scope(Phase::Permutation);
     let k = perm.topk;
     let mut d_rows = vec![0.0; rows.len()];
     let mut d_weights = vec![0.0; weights.len()];

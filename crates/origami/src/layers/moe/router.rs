@@ -25,11 +25,12 @@ use std::cmp::Ordering;
 use super::balance::BalanceWeights;
 use super::jitter::{jitter_noise, jittered, TokenKeys};
 use super::score::{ElementwiseScore, NORMALISATION_EPS};
+use crate::compute::{LinearGrads, LinearShape, Weights};
 use crate::layers::moe::config::MoeConfig;
 use crate::layers::stored::Stored;
 use crate::params::init::name_hash;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
-use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par};
+use crate::profile::{scope, Phase};
 use origami_kernels::softmax::{logsumexp, softmax_rows, softmax_rows_backward};
 
 /// Which experts each token goes to and with what weight.
@@ -137,7 +138,7 @@ impl Router {
     }
 
     /// Routes the tokens `x[tokens, hidden]` as they are (evaluation, or no jitter).
-    pub fn forward(&self, params: &Buffers, x: &[f32]) -> (Routing, RouterSaved) {
+    pub fn forward(&self, params: &Weights, x: &[f32]) -> (Routing, RouterSaved) {
         self.forward_with_jitter(params, x, None)
     }
 
@@ -145,10 +146,11 @@ impl Router {
     /// with `input_jitter_eps` set the logits come from the jittered input.
     pub fn forward_with_jitter(
         &self,
-        params: &Buffers,
+        params: &Weights,
         x: &[f32],
         jitter: Option<&TokenKeys>,
     ) -> (Routing, RouterSaved) {
+        let _phase = scope(Phase::Router);
         let tokens = x.len() / self.hidden;
         let (e, k) = (self.experts, self.settings.topk);
         let noise = match (self.settings.input_jitter_eps, jitter) {
@@ -160,15 +162,12 @@ impl Router {
         };
         let jittered_input = noise.as_ref().map(|n| jittered(x, n));
         let mut logits = vec![0.0; tokens * e];
-        linear_forward(
+        params.in_f32().linear_forward(
             &mut logits,
             jittered_input.as_deref().unwrap_or(x),
-            params.get(self.weight),
+            self.weight,
             None,
-            tokens,
-            self.hidden,
-            e,
-            Par::All,
+            LinearShape::new(tokens, self.hidden, e),
         );
         let mut routing = Routing {
             experts: vec![0; tokens * k],
@@ -219,6 +218,7 @@ impl Router {
         balance: &BalanceWeights,
         z_tokens: usize,
     ) -> RouterLosses {
+        let _phase = scope(Phase::Router);
         let e = self.experts;
         let mut losses = RouterLosses::default();
         if self.settings.aux_loss_coeff != 0.0 {
@@ -387,7 +387,7 @@ impl Router {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: RouterSaved,
         routing: &Routing,
@@ -396,6 +396,7 @@ impl Router {
         aux: AuxGradient,
         dx: &mut [f32],
     ) {
+        let _phase = scope(Phase::Router);
         let loss_scale = aux.loss_scale;
         let tokens = x.len() / self.hidden;
         let (e, k) = (self.experts, self.settings.topk);
@@ -452,8 +453,10 @@ impl Router {
                 }
             }
         }
+        let params = params.in_f32();
+        let shape = LinearShape::new(tokens, self.hidden, e);
         let Some(noise) = &saved.noise else {
-            linear_backward(
+            params.linear_backward(
                 LinearGrads {
                     input: Some(dx),
                     accumulate_input: true,
@@ -462,18 +465,15 @@ impl Router {
                 },
                 &dlogits,
                 x,
-                params.get(self.weight),
-                tokens,
-                self.hidden,
-                e,
-                Par::All,
+                self.weight,
+                shape,
             );
             return;
         };
         // Jittered: the weight saw x ⊙ noise, and the input's gradient is the jittered
         // input's times the noise.
         let mut d_jittered = vec![0.0; x.len()];
-        linear_backward(
+        params.linear_backward(
             LinearGrads {
                 input: Some(&mut d_jittered),
                 accumulate_input: false,
@@ -482,11 +482,8 @@ impl Router {
             },
             &dlogits,
             &jittered(x, noise),
-            params.get(self.weight),
-            tokens,
-            self.hidden,
-            e,
-            Par::All,
+            self.weight,
+            shape,
         );
         for ((d, g), n) in dx.iter_mut().zip(&d_jittered).zip(noise) {
             *d += g * n;

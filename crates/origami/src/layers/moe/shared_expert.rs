@@ -6,10 +6,12 @@
 //! sequence-parallel tokens are all-gathered, each rank computes its slice of the hidden units
 //! and the partial outputs are reduce-scattered back. The gate (one row) stays whole.
 
+use crate::compute::{Activation, Weights};
 use crate::layers::mlp::{Mlp, MlpSaved};
 use crate::layers::stored::Stored;
 use crate::layers::tensor_parallel::TensorParallel;
 use crate::params::{Buffers, Init, ParamGroup, ParamId, ParamRegistry};
+use crate::profile::{scope, Phase};
 
 /// Parameters of the shared expert.
 #[derive(Clone, Debug)]
@@ -23,7 +25,7 @@ pub struct SharedExpert {
 /// What the forward keeps for the backward.
 pub struct SharedExpertSaved {
     mlp: MlpSaved,
-    gathered_input: Vec<f32>,
+    gathered_input: Activation,
     sequences: usize,
     mlp_out: Vec<f32>,
     gates: Vec<f32>,
@@ -58,16 +60,23 @@ impl SharedExpert {
         }
     }
 
+    /// Whether the backward recomputes the MLP's SwiGLU output instead of keeping it.
+    pub fn set_recompute_activation(&mut self, on: bool) {
+        self.mlp.set_recompute_activation(on);
+    }
+
     /// Output `[tokens, hidden]` for this rank's tokens `x`, which are `sequences` equal runs.
     pub fn forward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         x: &[f32],
         sequences: usize,
     ) -> (Vec<f32>, SharedExpertSaved) {
-        let gathered_input = self.tp.gather_sequence(x.to_vec(), sequences, self.hidden);
+        let gathered_input =
+            params.activation(self.tp.gather_sequence(x.to_vec(), sequences, self.hidden));
         let (partial, mlp) = self.mlp.forward(params, &gathered_input);
         let mlp_out = self.tp.scatter_sequence(partial, sequences, self.hidden);
+        let _phase = scope(Phase::Elementwise);
         let gates: Vec<f32> = match self.gate {
             Some(id) => {
                 let w = params.get(id);
@@ -98,7 +107,7 @@ impl SharedExpert {
     /// Accumulates parameter gradients and adds the input gradient into `dx`.
     pub fn backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: SharedExpertSaved,
         x: &[f32],
@@ -118,6 +127,7 @@ impl SharedExpert {
             return;
         };
         let h = self.hidden;
+        let gate_phase = scope(Phase::Elementwise);
         let mut d_mlp_out = dy.to_vec();
         let mut dz = vec![0.0f32; saved.gates.len()];
         for (t, g) in saved.gates.iter().enumerate() {
@@ -126,6 +136,7 @@ impl SharedExpert {
             dz[t] = out.iter().zip(d.iter()).map(|(a, b)| a * b).sum::<f32>() * g * (1.0 - g);
             d.iter_mut().for_each(|v| *v *= g);
         }
+        drop(gate_phase);
         self.mlp_backward(
             params,
             grads,
@@ -135,6 +146,7 @@ impl SharedExpert {
             saved.sequences,
             dx,
         );
+        let _phase = scope(Phase::Elementwise);
         let w = params.get(gate_id).to_vec();
         let dw = grads.get_mut(gate_id);
         for (t, &z) in dz.iter().enumerate() {
@@ -153,10 +165,10 @@ impl SharedExpert {
     #[allow(clippy::too_many_arguments)]
     fn mlp_backward(
         &self,
-        params: &Buffers,
+        params: &Weights,
         grads: &mut Buffers,
         saved: MlpSaved,
-        gathered_input: &[f32],
+        gathered_input: &Activation,
         dy: &[f32],
         sequences: usize,
         dx: &mut [f32],

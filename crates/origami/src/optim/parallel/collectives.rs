@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use crate::profile::{scope, Phase};
 use origami_comm::{Communicator, ReduceOp, Result};
 
 use super::layout::block;
@@ -20,6 +21,7 @@ pub(super) struct Buckets {
 impl Buckets {
     /// Sums `buf` over `comm`, in place.
     pub fn all_reduce(&mut self, comm: &dyn Communicator, buf: &mut [f32]) -> Result<()> {
+        let _phase = scope(Phase::CommGradients);
         for chunk in buf.chunks_mut(self.elements) {
             comm.all_reduce(chunk, ReduceOp::Sum)?;
             self.count(comm, 2 * chunk.len());
@@ -36,6 +38,7 @@ impl Buckets {
         counts: &[usize],
         recv: &mut [f32],
     ) -> Result<()> {
+        let _phase = scope(Phase::CommGradients);
         let mine = block(counts, comm.rank());
         for bucket in self.bucket_ranges(send.len()) {
             let (bucket_counts, local) = overlaps(counts, &bucket, &mine);
@@ -54,6 +57,7 @@ impl Buckets {
         counts: &[usize],
         recv: &mut [f32],
     ) -> Result<()> {
+        let _phase = scope(Phase::CommGradients);
         let mine = block(counts, comm.rank());
         for bucket in self.bucket_ranges(recv.len()) {
             let (bucket_counts, local) = overlaps(counts, &bucket, &mine);

@@ -15,6 +15,7 @@ use super::super::comm_ok;
 use super::super::parallel::MoeParallel;
 use super::super::permute::Permutation;
 use super::super::router::Routing;
+use crate::profile::{timed, Phase};
 
 /// Gathered routing of one micro-batch and the row layout of this rank's experts over it.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,7 +43,9 @@ impl AllGatherPlan {
         let k = routing.topk;
         let mut tokens = vec![0u64; group.size()];
         tokens[group.rank()] = (routing.experts.len() / k) as u64;
-        comm_ok(group.all_reduce_u64(&mut tokens, ReduceOp::Sum));
+        timed(Phase::CommDispatch, || {
+            comm_ok(group.all_reduce_u64(&mut tokens, ReduceOp::Sum))
+        });
         let tokens: Vec<usize> = tokens.into_iter().map(|t| t as usize).collect();
         let slot_counts: Vec<usize> = tokens.iter().map(|t| t * k).collect();
         let total: usize = slot_counts.iter().sum();
@@ -54,9 +57,13 @@ impl AllGatherPlan {
             .map(|(&e, &kept)| if kept { e as f32 } else { -1.0 })
             .collect();
         let mut all_chosen = vec![0.0; total];
-        comm_ok(group.all_gather_v(&chosen, &slot_counts, &mut all_chosen));
+        timed(Phase::CommDispatch, || {
+            comm_ok(group.all_gather_v(&chosen, &slot_counts, &mut all_chosen))
+        });
         let mut weights = vec![0.0; total];
-        comm_ok(group.all_gather_v(&routing.weights, &slot_counts, &mut weights));
+        timed(Phase::CommDispatch, || {
+            comm_ok(group.all_gather_v(&routing.weights, &slot_counts, &mut weights))
+        });
         let local = parallel.sharding().local_experts(experts);
         let mine = |e: f32| e >= 0.0 && local.contains(&(e as usize));
         let local_routing = Routing {
@@ -98,11 +105,13 @@ impl AllGatherPlan {
     /// Every rank's `[tokens, hidden]` rows, in group order.
     pub fn gather(&self, parallel: &MoeParallel, x: &[f32]) -> Vec<f32> {
         let mut all = vec![0.0; self.gathered_tokens() * self.hidden];
-        comm_ok(
-            parallel
-                .tp_ep
-                .all_gather_v(x, &self.token_counts(), &mut all),
-        );
+        timed(Phase::CommDispatch, || {
+            comm_ok(
+                parallel
+                    .tp_ep
+                    .all_gather_v(x, &self.token_counts(), &mut all),
+            )
+        });
         all
     }
 
@@ -110,7 +119,9 @@ impl AllGatherPlan {
     pub fn reduce_scatter(&self, parallel: &MoeParallel, all: &[f32]) -> Vec<f32> {
         let counts = self.token_counts();
         let mut mine = vec![0.0; counts[parallel.tp_ep.rank()]];
-        comm_ok(parallel.tp_ep.reduce_scatter_v(all, &counts, &mut mine));
+        timed(Phase::CommDispatch, || {
+            comm_ok(parallel.tp_ep.reduce_scatter_v(all, &counts, &mut mine))
+        });
         mine
     }
 
@@ -118,7 +129,9 @@ impl AllGatherPlan {
     pub fn reduce_scatter_weights(&self, parallel: &MoeParallel, all: &[f32]) -> Vec<f32> {
         let counts: Vec<usize> = self.tokens.iter().map(|t| t * self.topk).collect();
         let mut mine = vec![0.0; counts[parallel.tp_ep.rank()]];
-        comm_ok(parallel.tp_ep.reduce_scatter_v(all, &counts, &mut mine));
+        timed(Phase::CommDispatch, || {
+            comm_ok(parallel.tp_ep.reduce_scatter_v(all, &counts, &mut mine))
+        });
         mine
     }
 }

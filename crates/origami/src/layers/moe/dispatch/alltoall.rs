@@ -15,6 +15,7 @@ use origami_comm::ReduceOp;
 
 use super::super::comm_ok;
 use super::super::parallel::MoeParallel;
+use crate::profile::{scope, timed, Phase};
 
 /// One contiguous run of rows as received (source etp rank, source ep rank, local expert) and
 /// where it sits in the expert-major layout.
@@ -61,13 +62,17 @@ impl AllToAllPlan {
                 for (c, &r) in mine.iter_mut().zip(rows_per_expert) {
                     *c = r as u64;
                 }
-                comm_ok(parallel.ep.all_reduce_u64(&mut from_ep, ReduceOp::Sum));
+                timed(Phase::CommDispatch, || {
+                    comm_ok(parallel.ep.all_reduce_u64(&mut from_ep, ReduceOp::Sum))
+                });
                 let mut all = vec![0u64; etp * ep * local];
                 let mine = &mut all[parallel.etp.rank() * ep * local..][..ep * local];
                 for (j, row) in mine.chunks_mut(local).enumerate() {
                     row.copy_from_slice(&from_ep[j * experts + first..][..local]);
                 }
-                comm_ok(parallel.etp.all_reduce_u64(&mut all, ReduceOp::Sum));
+                timed(Phase::CommDispatch, || {
+                    comm_ok(parallel.etp.all_reduce_u64(&mut all, ReduceOp::Sum))
+                });
                 all
             }
         };
@@ -141,22 +146,28 @@ impl AllToAllPlan {
         }
         let received: usize = self.recv_counts.iter().sum();
         let mut from_ep = vec![0.0; received];
-        comm_ok(
-            parallel
-                .ep
-                .all_to_all_v(rows, &self.send_counts, &mut from_ep, &self.recv_counts),
-        );
+        timed(Phase::CommDispatch, || {
+            comm_ok(parallel.ep.all_to_all_v(
+                rows,
+                &self.send_counts,
+                &mut from_ep,
+                &self.recv_counts,
+            ))
+        });
         let gathered = if parallel.etp.size() > 1 {
             let mut all = vec![0.0; self.gather_counts.iter().sum()];
-            comm_ok(
-                parallel
-                    .etp
-                    .all_gather_v(&from_ep, &self.gather_counts, &mut all),
-            );
+            timed(Phase::CommDispatch, || {
+                comm_ok(
+                    parallel
+                        .etp
+                        .all_gather_v(&from_ep, &self.gather_counts, &mut all),
+                )
+            });
             all
         } else {
             from_ep
         };
+        let _phase = scope(Phase::Permutation);
         let h = self.hidden;
         let mut sorted = vec![0.0; self.expert_rows() * h];
         for chunk in &self.chunks {
@@ -174,28 +185,34 @@ impl AllToAllPlan {
         }
         let h = self.hidden;
         let mut gathered = vec![0.0; self.expert_rows() * h];
-        for chunk in &self.chunks {
-            gathered[chunk.received_at * h..][..chunk.rows * h]
-                .copy_from_slice(&sorted[chunk.sorted_at * h..][..chunk.rows * h]);
-        }
+        timed(Phase::Permutation, || {
+            for chunk in &self.chunks {
+                gathered[chunk.received_at * h..][..chunk.rows * h]
+                    .copy_from_slice(&sorted[chunk.sorted_at * h..][..chunk.rows * h]);
+            }
+        });
         let from_ep = if parallel.etp.size() > 1 {
             let mut mine = vec![0.0; self.recv_counts.iter().sum()];
-            comm_ok(
-                parallel
-                    .etp
-                    .reduce_scatter_v(&gathered, &self.gather_counts, &mut mine),
-            );
+            timed(Phase::CommDispatch, || {
+                comm_ok(
+                    parallel
+                        .etp
+                        .reduce_scatter_v(&gathered, &self.gather_counts, &mut mine),
+                )
+            });
             mine
         } else {
             gathered
         };
         let mut rows = vec![0.0; self.send_counts.iter().sum()];
-        comm_ok(parallel.ep.all_to_all_v(
-            &from_ep,
-            &self.recv_counts,
-            &mut rows,
-            &self.send_counts,
-        ));
+        timed(Phase::CommDispatch, || {
+            comm_ok(parallel.ep.all_to_all_v(
+                &from_ep,
+                &self.recv_counts,
+                &mut rows,
+                &self.send_counts,
+            ))
+        });
         rows
     }
 }

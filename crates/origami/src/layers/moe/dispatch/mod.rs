@@ -15,6 +15,7 @@ use super::permute::{
     permute, permute_backward, unpermute, unpermute_backward, Permutation, DROPPED,
 };
 use super::router::Routing;
+use crate::compute::Weights;
 use crate::layers::moe::config::DispatcherKind;
 use crate::params::Buffers;
 use allgather::AllGatherPlan;
@@ -59,18 +60,16 @@ fn timed<T>(total: &mut Duration, work: impl FnOnce() -> T) -> T {
 
 /// What the dispatch keeps for the backward.
 pub enum RouteSaved {
-    /// All-to-all: the plan, the rows the experts saw and produced, and the produced rows as
-    /// they came back (for the routing-weight gradient).
+    /// All-to-all: the plan, what the experts keep (the rows they saw among it), and the rows
+    /// they produced as they came back (for the routing-weight gradient).
     AllToAll {
         plan: AllToAllPlan,
-        expert_input: Vec<f32>,
         returned: Vec<f32>,
         experts: ExpertsSaved,
     },
-    /// All-gather: the gathered plan and the rows the experts saw and produced.
+    /// All-gather: the gathered plan, what the experts keep and the rows they produced.
     AllGather {
         plan: Box<AllGatherPlan>,
-        expert_input: Vec<f32>,
         expert_output: Vec<f32>,
         experts: ExpertsSaved,
     },
@@ -81,7 +80,7 @@ pub fn forward(
     kind: DispatcherKind,
     parallel: &MoeParallel,
     experts: &GroupedExperts,
-    params: &Buffers,
+    params: &Weights,
     input: RouteInput,
 ) -> (Vec<f32>, RouteSaved, PhaseTimes) {
     let hidden = experts.hidden();
@@ -104,7 +103,7 @@ pub fn forward(
                 (plan, rows)
             });
             let (expert_output, saved) = timed(&mut times.experts, || {
-                experts.forward(params, &expert_input, &plan.expert_offsets)
+                experts.forward(params, expert_input, &plan.expert_offsets)
             });
             let (y, returned) = timed(&mut times.dispatch, || {
                 let returned = plan.from_experts(parallel, &expert_output);
@@ -113,7 +112,6 @@ pub fn forward(
             });
             let saved = RouteSaved::AllToAll {
                 plan,
-                expert_input,
                 returned,
                 experts: saved,
             };
@@ -130,7 +128,7 @@ pub fn forward(
                 (plan, rows)
             });
             let (expert_output, saved) = timed(&mut times.experts, || {
-                experts.forward(params, &expert_input, &plan.permutation.offsets)
+                experts.forward(params, expert_input, &plan.permutation.offsets)
             });
             let y = timed(&mut times.dispatch, || {
                 let partial = unpermute(
@@ -144,7 +142,6 @@ pub fn forward(
             });
             let saved = RouteSaved::AllGather {
                 plan: Box::new(plan),
-                expert_input,
                 expert_output,
                 experts: saved,
             };
@@ -158,7 +155,7 @@ pub fn forward(
 pub fn backward(
     parallel: &MoeParallel,
     experts: &GroupedExperts,
-    params: &Buffers,
+    params: &Weights,
     grads: &mut Buffers,
     saved: RouteSaved,
     input: RouteInput,
@@ -170,7 +167,6 @@ pub fn backward(
     match saved {
         RouteSaved::AllToAll {
             plan,
-            expert_input,
             returned,
             experts: experts_saved,
         } => {
@@ -184,7 +180,6 @@ pub fn backward(
                     params,
                     grads,
                     experts_saved,
-                    &expert_input,
                     &d_output,
                     &plan.expert_offsets,
                 )
@@ -199,7 +194,6 @@ pub fn backward(
         }
         RouteSaved::AllGather {
             plan,
-            expert_input,
             expert_output,
             experts: experts_saved,
         } => {
@@ -218,7 +212,6 @@ pub fn backward(
                     params,
                     grads,
                     experts_saved,
-                    &expert_input,
                     &d_output,
                     &plan.permutation.offsets,
                 )
@@ -241,26 +234,14 @@ impl Stored for RouteSaved {
         match self {
             RouteSaved::AllToAll {
                 plan,
-                expert_input,
                 returned,
                 experts,
-            } => {
-                plan.stored_bytes()
-                    + expert_input.stored_bytes()
-                    + returned.stored_bytes()
-                    + experts.stored_bytes()
-            }
+            } => plan.stored_bytes() + returned.stored_bytes() + experts.stored_bytes(),
             RouteSaved::AllGather {
                 plan,
-                expert_input,
                 expert_output,
                 experts,
-            } => {
-                plan.stored_bytes()
-                    + expert_input.stored_bytes()
-                    + expert_output.stored_bytes()
-                    + experts.stored_bytes()
-            }
+            } => plan.stored_bytes() + expert_output.stored_bytes() + experts.stored_bytes(),
         }
     }
 }
