@@ -21,6 +21,8 @@ pub mod masked_attention;
 pub mod math;
 pub mod matmul;
 pub mod matmul_bf16;
+#[cfg(target_arch = "x86_64")]
+mod packed_gemm;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;
