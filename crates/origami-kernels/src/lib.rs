@@ -14,6 +14,8 @@ pub mod cross_entropy;
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;
 pub mod embedding;
+#[cfg(target_arch = "x86_64")]
+mod fma512;
 pub mod grad_norm;
 pub mod grouped_matmul;
 pub mod grouped_matmul_bf16;

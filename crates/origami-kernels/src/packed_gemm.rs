@@ -1,5 +1,5 @@
-//! The packed, blocked GEMM that the AVX-512 microkernels run in (`dpbf16.rs` for bf16):
-//! `C (+)= A·B` with `A[m×k]`, `B[k×n]` strided views of one element type
+//! The packed, blocked GEMM that both AVX-512 microkernels run in (`fma512.rs` for f32,
+//! `dpbf16.rs` for bf16): `C (+)= A·B` with `A[m×k]`, `B[k×n]` strided views of one element type
 //! and `C` a strided f32 view.
 //!
 //! `C[i,j] (+)= Σ_p A[i,p]·B[p,j]`, summed in a fixed order: k-blocks of `KC` in turn, each
