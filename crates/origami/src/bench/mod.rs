@@ -28,7 +28,7 @@ use crate::train::pipeline::stage_schedule;
 use crate::train::step::{train_step, StepGroups, StepOutcome};
 use origami_comm::local::LocalWorld;
 use origami_comm::{Communicator, CountedComm, ReduceOp, SoloComm};
-use origami_kernels::matmul::{matmul, Par, View, ViewMut};
+use origami_kernels::matmul::{matmul_with, F32Kernel, Par, View, ViewMut};
 use origami_parallel::{ParallelConfig, ParallelState};
 use origami_schedule::{schedule as schedule_of, simulate, StageTimes};
 use serde::Serialize;
@@ -463,8 +463,11 @@ fn random_batch(batch: usize, seq: usize, vocab: usize, salt: u64) -> MicroBatch
     }
 }
 
-/// Best f32 GEMM rate over a few large square products, in GFLOP/s.
+/// Best f32 GEMM rate over a few large square products, in GFLOP/s, with the fastest f32 kernel
+/// this CPU runs ([`F32Kernel::detect`], whichever kernel the layers were set to), so the peak
+/// MFU is measured against rises with the kernel.
 pub fn peak_gemm_gflops() -> f64 {
+    let kernel = F32Kernel::detect();
     let mut best = 0.0f64;
     for n in [1024usize, 2048] {
         let a = vec![0.5f32; n * n];
@@ -472,7 +475,8 @@ pub fn peak_gemm_gflops() -> f64 {
         let mut c = vec![0.0f32; n * n];
         for _ in 0..4 {
             let start = Instant::now();
-            matmul(
+            matmul_with(
+                kernel,
                 ViewMut::new(&mut c, n, n),
                 View::new(&a, n, n),
                 View::new(&b, n, n),
