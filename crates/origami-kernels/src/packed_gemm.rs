@@ -90,26 +90,31 @@ pub(crate) trait Microkernel {
 #[repr(C, align(64))]
 struct Line([u32; 16]);
 
-/// Reusable packing buffers, one per thread; taken out while in use, so a nested call on the
-/// same thread (rayon work stealing) allocates its own instead of aliasing.
+/// Reusable packing buffers of each thread, a stack of each kind: a call takes one out while it
+/// runs, so a nested call on the same thread (rayon work stealing while it waits) takes the
+/// next instead of aliasing, and both are kept for the next calls. Buffers only grow, and a
+/// call uses a prefix of the one it takes: a warm call neither allocates nor clears memory.
 #[derive(Default)]
 struct Buffers {
-    a: Vec<Line>,
-    b: Vec<Line>,
+    a: Vec<Vec<Line>>,
+    b: Vec<Vec<Line>>,
 }
 
 thread_local! {
     static BUFFERS: RefCell<Buffers> = RefCell::default();
 }
 
-fn take_buffer(pick: fn(&mut Buffers) -> &mut Vec<Line>, units: usize) -> Vec<Line> {
-    let mut v = BUFFERS.with(|b| std::mem::take(pick(&mut b.borrow_mut())));
-    v.resize(units.div_ceil(16), Line([0; 16]));
+fn take_buffer(pick: fn(&mut Buffers) -> &mut Vec<Vec<Line>>, units: usize) -> Vec<Line> {
+    let mut v = BUFFERS.with(|b| pick(&mut b.borrow_mut()).pop().unwrap_or_default());
+    let lines = units.div_ceil(16);
+    if v.len() < lines {
+        v.resize(lines, Line([0; 16]));
+    }
     v
 }
 
-fn give_buffer(pick: fn(&mut Buffers) -> &mut Vec<Line>, v: Vec<Line>) {
-    BUFFERS.with(|b| *pick(&mut b.borrow_mut()) = v);
+fn give_buffer(pick: fn(&mut Buffers) -> &mut Vec<Vec<Line>>, v: Vec<Line>) {
+    BUFFERS.with(|b| pick(&mut b.borrow_mut()).push(v));
 }
 
 fn as_units(lines: &mut [Line]) -> &mut [u32] {
