@@ -126,8 +126,8 @@ unsafe fn pack<const W: usize>(
     let full = kc / 2;
     if src.col_stride == 1 && W.is_multiple_of(8) {
         // k contiguous: a pair is one unaligned `u32`, and whole pairs transpose in registers.
-        let row = |i: usize| ptr.add((r0 + i) * src.row_stride + k0) as *const i32;
-        transpose_units::<W>(dst, row, rn, full);
+        let first = ptr.add(r0 * src.row_stride + k0) as *const u8;
+        transpose_units::<W>(dst, first, 2 * src.row_stride, rn, full);
         if kc % 2 == 1 {
             for r in 0..W {
                 dst[full * W + r] = if r < rn {

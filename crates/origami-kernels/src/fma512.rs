@@ -106,8 +106,8 @@ unsafe fn pack<const W: usize>(
         return;
     }
     if src.col_stride == 1 && W.is_multiple_of(8) {
-        let row = |i: usize| src.ptr.add((r0 + i) * src.row_stride + k0) as *const i32;
-        transpose_units::<W>(dst, row, rn, kc);
+        let first = src.ptr.add(r0 * src.row_stride + k0) as *const u8;
+        transpose_units::<W>(dst, first, 4 * src.row_stride, rn, kc);
         return;
     }
     if rn < W {

@@ -200,7 +200,9 @@ macro_rules! sized_tile {
 pub(crate) use sized_tile;
 
 /// Writes (or adds) the accumulators of a microkernel to its tile of C; `acc[i][v]` holds
-/// columns `16v..16v+16` of row `i`.
+/// columns `16v..16v+16` of row `i`, and the tile has exactly `ROWS` rows and `VECS` registers
+/// of columns (the last one possibly partial), as [`sized_tile`] instantiates it. The loops
+/// have constant bounds, so the accumulators stay in registers.
 ///
 /// # Safety
 /// The CPU has AVX-512 F; the tile's elements are valid for reads and writes by this thread.
@@ -210,50 +212,66 @@ pub(crate) unsafe fn store_tile<const ROWS: usize, const VECS: usize>(
     acc: &[[__m512; VECS]; ROWS],
     tile: Tile,
 ) {
-    if tile.col_stride == 1 {
-        for (i, row) in acc.iter().enumerate().take(tile.rows) {
-            let out = tile.ptr.add(i * tile.row_stride);
-            for (v, reg) in row.iter().enumerate() {
-                // Columns past the tile are masked off (their addresses may lie past C).
-                let live = tile.cols.saturating_sub(16 * v).min(16);
-                let mask = ((1u32 << live) - 1) as __mmask16;
-                let at = out.wrapping_add(16 * v);
-                let value = if tile.add {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), *reg)
-                } else {
-                    *reg
-                };
-                _mm512_mask_storeu_ps(at, mask, value);
-            }
-        }
-    } else {
-        let mut buf = [0.0f32; MR * NR];
-        for (i, row) in acc.iter().enumerate() {
-            for (v, reg) in row.iter().enumerate() {
-                _mm512_storeu_ps(buf.as_mut_ptr().add(i * NR + 16 * v), *reg);
-            }
-        }
-        for i in 0..tile.rows {
-            for j in 0..tile.cols {
-                let out = tile.ptr.add(i * tile.row_stride + j * tile.col_stride);
-                let value = buf[i * NR + j];
-                *out = if tile.add { *out + value } else { value };
-            }
+    debug_assert!(tile.rows == ROWS && tile.cols.div_ceil(16) == VECS);
+    if tile.col_stride != 1 {
+        store_tile_strided(acc, tile);
+        return;
+    }
+    // Columns past the tile are masked off (their addresses may lie past C).
+    let tail = tile.cols - 16 * (VECS - 1);
+    let last = ((1u32 << tail) - 1) as __mmask16;
+    for (i, row) in acc.iter().enumerate() {
+        let out = tile.ptr.add(i * tile.row_stride);
+        for (v, reg) in row.iter().enumerate() {
+            let mask = if v + 1 == VECS { last } else { !0 };
+            let at = out.wrapping_add(16 * v);
+            let value = if tile.add {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), *reg)
+            } else {
+                *reg
+            };
+            _mm512_mask_storeu_ps(at, mask, value);
         }
     }
 }
 
-/// Packs `units` 32-bit units of `rn ≤ W` rows whose units are contiguous (row `i` starts at
-/// `row(i)`) into `dst[units][W]`, zero-padding rows `rn..W`: a transpose of 8 rows × 16 units
-/// at a time in registers.
+/// [`store_tile`] for a C whose columns are not contiguous (e.g. written through `t()`).
 ///
 /// # Safety
-/// The CPU has AVX-512 F; `units` units from each `row(i)`, `i < rn`, are readable; `dst` holds
+/// As for [`store_tile`].
+#[cold]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile_strided<const ROWS: usize, const VECS: usize>(
+    acc: &[[__m512; VECS]; ROWS],
+    tile: Tile,
+) {
+    let mut buf = [0.0f32; MR * NR];
+    for (i, row) in acc.iter().enumerate() {
+        for (v, reg) in row.iter().enumerate() {
+            _mm512_storeu_ps(buf.as_mut_ptr().add(i * NR + 16 * v), *reg);
+        }
+    }
+    for i in 0..tile.rows {
+        for j in 0..tile.cols {
+            let out = tile.ptr.add(i * tile.row_stride + j * tile.col_stride);
+            let value = buf[i * NR + j];
+            *out = if tile.add { *out + value } else { value };
+        }
+    }
+}
+
+/// Packs `units` 32-bit units of `rn ≤ W` rows whose units are contiguous (row `i` starts
+/// `i·row_bytes` bytes after `first`) into `dst[units][W]`, zero-padding rows `rn..W`: a
+/// transpose of 8 rows × 16 units at a time in registers.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `units` units from each row `i < rn` are readable; `dst` holds
 /// `units·W` units; `W` is a multiple of 8.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn transpose_units<const W: usize>(
     dst: &mut [u32],
-    row: impl Fn(usize) -> *const i32,
+    first: *const u8,
+    row_bytes: usize,
     rn: usize,
     units: usize,
 ) {
@@ -264,13 +282,26 @@ pub(crate) unsafe fn transpose_units<const W: usize>(
     let high_lanes = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
     for g in 0..W / 8 {
         let live_rows = rn.saturating_sub(8 * g).min(8);
+        if live_rows == 0 {
+            // Rows past the matrix: the padding only.
+            for p in 0..units {
+                _mm256_storeu_si256(
+                    out.add(p * W + 8 * g) as *mut __m256i,
+                    _mm256_setzero_si256(),
+                );
+            }
+            continue;
+        }
+        // Rows past the matrix read nothing: their pointers wrap, their loads are masked off.
+        let rows: [*const i32; 8] =
+            std::array::from_fn(|i| first.wrapping_add((8 * g + i) * row_bytes) as *const i32);
         for p0 in (0..units).step_by(16) {
             let live = (units - p0).min(16);
             let mask = ((1u32 << live) - 1) as __mmask16;
-            let mut r = [_mm512_setzero_si512(); 8];
-            for (i, reg) in r.iter_mut().enumerate().take(live_rows) {
-                *reg = _mm512_maskz_loadu_epi32(mask, row(8 * g + i).add(p0));
-            }
+            let r: [__m512i; 8] = std::array::from_fn(|i| {
+                let row_mask = if i < live_rows { mask } else { 0 };
+                _mm512_maskz_loadu_epi32(row_mask, rows[i].wrapping_add(p0))
+            });
             // Per 128-bit lane l: t = units 4l..4l+4 of two rows interleaved; u, v = unit
             // 4l+q of rows 0..4 and 4..8.
             let t = [
