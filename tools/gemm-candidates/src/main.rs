@@ -2,7 +2,7 @@
 //! FMA microkernel (`origami_kernels::matmul` with `F32Kernel::Fma512`), the `gemm` crate
 //! (origami's portable fallback), faer, matrixmultiply, OpenBLAS and oneDNN, on the shapes the
 //! presets run, on every core, and the per-thread products (attention tiles, one expert's GEMM
-//! inside the grouped layer) on one thread for the two kernels origami can run.
+//! inside the grouped layer) on one thread for those whose thread count can be set per call.
 //!
 //! Run in this folder: `cargo run --release [-- ROUNDS [FILTER]]` (default 7 rounds, every
 //! shape whose name contains FILTER, all by default; needs
@@ -133,9 +133,14 @@ impl Candidate {
         }
     }
 
-    /// Whether it is measured on `s` (on one thread only the two kernels origami runs).
+    /// Whether it is measured on `s` (on one thread, those whose thread count can be set per
+    /// call).
     fn runs(self, s: &Shape) -> bool {
-        !s.one_thread || matches!(self, Candidate::Origami | Candidate::Gemm)
+        !s.one_thread
+            || matches!(
+                self,
+                Candidate::Origami | Candidate::Gemm | Candidate::Faer | Candidate::OpenBlas
+            )
     }
 }
 
@@ -165,7 +170,11 @@ fn run(cand: Candidate, s: &Shape, a: &[f32], b: &[f32], c: &mut [f32], threads:
                 MatRef::from_row_major_slice(b, k, n)
             };
             let dst = MatMut::from_row_major_slice_mut(c, m, n);
-            let par = faer::Par::rayon(threads);
+            let par = if s.one_thread {
+                faer::Par::Seq
+            } else {
+                faer::Par::rayon(threads)
+            };
             faer::linalg::matmul::matmul(dst, faer::Accum::Replace, lhs, rhs, 1.0f32, par);
         }
         Candidate::MatrixMultiply => {
@@ -393,8 +402,8 @@ fn main() {
         peak_one.push(fma_peak(1));
         for (si, (s, (a, b))) in shapes.iter().zip(&data).enumerate() {
             let mut c = vec![0.0; s.m * s.n];
-            let one = s.one_thread as c_int;
-            unsafe { openblas_set_num_threads(if one == 1 { 1 } else { threads as c_int }) };
+            let blas_threads = if s.one_thread { 1 } else { threads };
+            unsafe { openblas_set_num_threads(blas_threads as c_int) };
             for (ci, cand) in Candidate::ALL.into_iter().enumerate() {
                 if !cand.runs(s) {
                     continue;
