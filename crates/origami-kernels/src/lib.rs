@@ -15,6 +15,8 @@ pub mod cross_entropy;
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;
 pub mod embedding;
+#[cfg(target_arch = "x86_64")]
+mod fma512;
 pub mod grad_norm;
 pub mod grouped_matmul;
 pub mod grouped_matmul_bf16;
@@ -22,6 +24,8 @@ pub mod masked_attention;
 pub mod math;
 pub mod matmul;
 pub mod matmul_bf16;
+#[cfg(target_arch = "x86_64")]
+mod packed_gemm;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;

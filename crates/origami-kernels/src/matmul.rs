@@ -1,15 +1,20 @@
 //! Dense matrix multiplication on strided views, and the linear layer built on it.
 //!
 //! `C = A·B` (or `C += A·B`) where each operand is a view with its own row and column strides,
-//! so transposes cost nothing: `view.t()` swaps the strides. The backend is the `gemm` crate
-//! (chosen on measurements on this CPU, see `docs/kernels.md`); it is the only place that
-//! depends on it.
+//! so transposes cost nothing: `view.t()` swaps the strides. Two kernels compute it
+//! ([`F32Kernel`]): origami's AVX-512 FMA microkernel (`fma512.rs`, chosen on measurements on
+//! this CPU, see `docs/kernels.md`) and the `gemm` crate, the portable fallback (this is the
+//! only place that depends on it). They differ only in the order of the f32 sums.
+//! [`F32Kernel::detect`] picks the first the CPU runs; [`matmul`] uses the process-wide
+//! [`F32Kernel::current`] (detected, unless [`F32Kernel::set_current`] chose), and
+//! [`matmul_with`] an explicit one.
 //!
 //! Linear layer, PyTorch weight layout `W[out, in]`:
 //! forward `y = x·Wᵀ (+ b)`; backward `dx = dy·W` (written, or added), `dW += dyᵀ·x`,
 //! `db += Σ_rows dy` (parameters accumulate, activations are written).
 
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// How many threads a kernel call may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +26,14 @@ pub enum Par {
 }
 
 impl Par {
+    /// Threads a call may use.
+    fn threads(self) -> usize {
+        match self {
+            Par::Seq => 1,
+            Par::All => rayon::current_num_threads().max(1),
+        }
+    }
+
     fn to_gemm(self) -> gemm::Parallelism {
         match self {
             Par::Seq => gemm::Parallelism::None,
@@ -28,6 +41,76 @@ impl Par {
                 0 | 1 => gemm::Parallelism::None,
                 n => gemm::Parallelism::Rayon(n),
             },
+        }
+    }
+}
+
+/// The implementation behind the f32 GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum F32Kernel {
+    /// origami's register-blocked FMA microkernel; needs AVX-512 F and VL.
+    Fma512,
+    /// The `gemm` crate; runs everywhere.
+    Portable,
+}
+
+/// [`F32Kernel::current`]: 0 until first read or set, then 1 + the kernel's index.
+static CURRENT: AtomicU8 = AtomicU8::new(0);
+
+impl F32Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Self {
+        Self::select(false)
+    }
+
+    /// [`F32Kernel::Portable`] when `force_portable`, else [`F32Kernel::detect`]'s choice.
+    pub fn select(force_portable: bool) -> Self {
+        if !force_portable && F32Kernel::Fma512.is_available() {
+            F32Kernel::Fma512
+        } else {
+            F32Kernel::Portable
+        }
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            F32Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Fma512 => crate::fma512::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            F32Kernel::Fma512 => false,
+        }
+    }
+
+    /// The kernel [`matmul`] runs (and every layer and kernel built on it): the one
+    /// [`F32Kernel::set_current`] chose, else [`F32Kernel::detect`]'s.
+    pub fn current() -> Self {
+        match CURRENT.load(Ordering::Relaxed) {
+            1 => F32Kernel::Fma512,
+            2 => F32Kernel::Portable,
+            _ => {
+                let detected = Self::detect();
+                CURRENT.store(detected.code(), Ordering::Relaxed);
+                detected
+            }
+        }
+    }
+
+    /// Makes `kernel` the one [`matmul`] runs from now on, process-wide (e.g.
+    /// `F32Kernel::select(true)` to force the fallback); panics if this CPU cannot run it.
+    pub fn set_current(kernel: Self) {
+        assert!(
+            kernel.is_available(),
+            "f32 kernel {kernel:?} does not run on this CPU"
+        );
+        CURRENT.store(kernel.code(), Ordering::Relaxed);
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            F32Kernel::Fma512 => 1,
+            F32Kernel::Portable => 2,
         }
     }
 }
@@ -162,13 +245,30 @@ fn assert_fits(len: usize, rows: usize, cols: usize, row_stride: usize, col_stri
     }
 }
 
-/// `c = a·b`, or `c += a·b` when `accumulate`. Shapes must agree (`a: m×k`, `b: k×n`, `c: m×n`).
+/// `c = a·b`, or `c += a·b` when `accumulate`, with [`F32Kernel::current`]. Shapes must agree
+/// (`a: m×k`, `b: k×n`, `c: m×n`).
 pub fn matmul(c: ViewMut<'_>, a: View<'_>, b: View<'_>, accumulate: bool, par: Par) {
+    matmul_with(F32Kernel::current(), c, a, b, accumulate, par)
+}
+
+/// [`matmul`] with an explicit kernel; panics if this CPU cannot run it.
+pub fn matmul_with(
+    kernel: F32Kernel,
+    c: ViewMut<'_>,
+    a: View<'_>,
+    b: View<'_>,
+    accumulate: bool,
+    par: Par,
+) {
     assert_eq!(a.cols, b.rows, "matmul inner dimensions differ");
     assert_eq!(
         (c.rows, c.cols),
         (a.rows, b.cols),
         "matmul output shape differs"
+    );
+    assert!(
+        kernel.is_available(),
+        "f32 kernel {kernel:?} does not run on this CPU"
     );
     let (m, n, k) = (c.rows, c.cols, a.cols);
     if m == 0 || n == 0 {
@@ -192,8 +292,9 @@ pub fn matmul(c: ViewMut<'_>, a: View<'_>, b: View<'_>, accumulate: bool, par: P
         col_stride: c.col_stride,
     };
     // SAFETY: the views were checked at construction to hold every element they address, the
-    // output is borrowed mutably, and the inputs immutably, so they cannot overlap it.
-    unsafe { gemm_into(out, a, b, accumulate, par.to_gemm()) }
+    // output is borrowed mutably, and the inputs immutably, so they cannot overlap it; the CPU
+    // runs the kernel (asserted above); the shapes agree and are non-empty.
+    unsafe { product_into(kernel, out, a, b, accumulate, par) }
 }
 
 /// A matrix addressed by raw pointer, for kernels whose parallel tasks write interleaved but
@@ -207,7 +308,8 @@ pub(crate) struct RawMatrix {
     pub col_stride: usize,
 }
 
-/// `c = a·b` or `c += a·b` into a raw output.
+/// `c = a·b` or `c += a·b` into a raw output, on the calling thread, with
+/// [`F32Kernel::current`].
 ///
 /// # Safety
 /// Every element `c` addresses must be valid for writes and touched by no other thread during
@@ -226,41 +328,49 @@ pub(crate) unsafe fn matmul_raw(c: RawMatrix, a: View<'_>, b: View<'_>, accumula
         );
         return;
     }
-    gemm_into(c, a, b, accumulate, gemm::Parallelism::None)
+    product_into(F32Kernel::current(), c, a, b, accumulate, Par::Seq)
 }
 
-/// The one call into the GEMM backend: `c = a·b` (or `c += a·b`), shapes already checked.
+/// The one call into a GEMM kernel: `c = a·b` (or `c += a·b`), shapes already checked and
+/// non-empty.
 ///
 /// # Safety
-/// As for [`matmul_raw`].
-unsafe fn gemm_into(
+/// As for [`matmul_raw`]; the CPU runs `kernel`.
+unsafe fn product_into(
+    kernel: F32Kernel,
     c: RawMatrix,
     a: View<'_>,
     b: View<'_>,
     accumulate: bool,
-    parallelism: gemm::Parallelism,
+    par: Par,
 ) {
-    gemm::gemm(
-        c.rows,
-        c.cols,
-        a.cols,
-        c.ptr,
-        c.col_stride as isize,
-        c.row_stride as isize,
-        accumulate,
-        a.data.as_ptr(),
-        a.col_stride as isize,
-        a.row_stride as isize,
-        b.data.as_ptr(),
-        b.col_stride as isize,
-        b.row_stride as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    )
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        F32Kernel::Fma512 => crate::fma512::gemm(c, a, b, accumulate, par.threads()),
+        #[cfg(not(target_arch = "x86_64"))]
+        F32Kernel::Fma512 => unreachable!("Fma512 is never available off x86_64"),
+        F32Kernel::Portable => gemm::gemm(
+            c.rows,
+            c.cols,
+            a.cols,
+            c.ptr,
+            c.col_stride as isize,
+            c.row_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par.to_gemm(),
+        ),
+    }
 }
 
 /// Linear forward `y[rows, out] = x[rows, in]·Wᵀ (+ bias)`, with `W` stored `[out, in]`.
@@ -354,50 +464,227 @@ pub fn column_sums_into(out: &mut [f32], m: &[f32], width: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_gradient, random_vec};
+    use crate::testing::{check_gradient, gamma, random_vec};
+
+    /// Every kernel this CPU runs.
+    fn kernels() -> Vec<F32Kernel> {
+        [F32Kernel::Fma512, F32Kernel::Portable]
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect()
+    }
+
+    /// Checks `got = c0 (+) a·b` for `a: m×k`, `b: k×n` given as element functions, element by
+    /// element, against the exact product (in f64, where a product of two f32 is exact): the
+    /// kernel sums `k` products and `c0` in f32, some order of FMAs and additions, each term
+    /// rounded at most `k + 1` times, so `|got − Σ a·b − c0| ≤ γ_{k+1}·(|c0| + Σ|a·b|)`. A
+    /// slack of `2⁻⁴⁰` per term covers the f64 reference itself.
+    fn check_product(
+        got: &[f32],
+        c0: Option<&[f32]>,
+        (m, k, n): (usize, usize, usize),
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+        what: &str,
+    ) {
+        let g = gamma(k + 1);
+        for i in 0..m {
+            for j in 0..n {
+                let c0 = c0.map_or(0.0, |c| c[i * n + j] as f64);
+                let (mut exact, mut magnitude) = (c0, c0.abs());
+                for p in 0..k {
+                    let product = a(i, p) as f64 * b(p, j) as f64;
+                    exact += product;
+                    magnitude += product.abs();
+                }
+                let v = got[i * n + j] as f64;
+                let bound = g * magnitude + (k + 1) as f64 * 2f64.powi(-40);
+                assert!(
+                    (v - exact).abs() <= bound,
+                    "{what}[{i},{j}] (m {m} k {k} n {n}): {v} vs exact {exact} (bound {bound:e})"
+                );
+            }
+        }
+    }
+
+    /// A matrix stored row-major, or transposed (stored as its transpose, read through `t()`).
+    struct Operand {
+        data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    }
+
+    impl Operand {
+        fn random(rows: usize, cols: usize, transposed: bool, seed: u64) -> Self {
+            Operand {
+                data: random_vec(rows * cols, seed),
+                rows,
+                cols,
+                transposed,
+            }
+        }
+
+        fn view(&self) -> View<'_> {
+            if self.transposed {
+                View::new(&self.data, self.cols, self.rows).t()
+            } else {
+                View::new(&self.data, self.rows, self.cols)
+            }
+        }
+
+        fn at(&self, i: usize, j: usize) -> f32 {
+            if self.transposed {
+                self.data[j * self.rows + i]
+            } else {
+                self.data[i * self.cols + j]
+            }
+        }
+    }
+
+    /// Shapes around the tile (8 × 48, every edge of 1–7 rows and 1–47 columns), the 16-wide
+    /// transpose of the packer, the k-block (512 in f32: k = 511, 512, 513, 1025), the row
+    /// (384) and column (3072) blocks, and the last three above the size from which a call
+    /// uses every thread (split by rows, by rows with a ragged last block, and by columns when
+    /// there is one row block).
+    const SHAPES: [(usize, usize, usize); 15] = [
+        (1, 1, 1),
+        (7, 5, 9),
+        (8, 2, 48),
+        (9, 3, 49),
+        (16, 64, 96),
+        (13, 97, 47),
+        (6, 511, 20),
+        (10, 512, 50),
+        (15, 513, 95),
+        (31, 1025, 100),
+        (200, 33, 17),
+        (389, 12, 33),
+        (3, 7, 3100),
+        (100, 701, 130),
+        (5, 1100, 1601),
+    ];
 
     #[test]
-    fn matmul_matches_reference_for_all_transposes() {
-        let (m, k, n) = (7, 5, 9);
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let a = random_vec(m * k, 1);
-            let b = random_vec(k * n, 2);
-            let a_view = if ta {
-                View::new(&a, k, m).t()
-            } else {
-                View::new(&a, m, k)
-            };
-            let b_view = if tb {
-                View::new(&b, n, k).t()
-            } else {
-                View::new(&b, k, n)
-            };
-            let mut c = random_vec(m * n, 3);
-            let c0 = c.clone();
-            matmul(ViewMut::new(&mut c, m, n), a_view, b_view, true, Par::All);
-            let at = |i: usize, j: usize| if ta { a[j * m + i] } else { a[i * k + j] };
-            let bt = |i: usize, j: usize| if tb { b[j * k + i] } else { b[i * n + j] };
-            let expected: Vec<f32> = (0..m * n)
-                .map(|idx| {
-                    let (i, j) = (idx / n, idx % n);
-                    c0[idx] + (0..k).map(|p| at(i, p) * bt(p, j)).sum::<f32>()
-                })
-                .collect();
-            assert_close(&c, &expected, 1e-5, "matmul");
+    fn matches_f64_reference_for_all_transposes_and_odd_sizes() {
+        for kernel in kernels() {
+            for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+                for (t, (ta, tb)) in [(false, false), (true, false), (false, true), (true, true)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let seed = 10 * (s * 4 + t) as u64;
+                    let a = Operand::random(m, k, ta, seed);
+                    let b = Operand::random(k, n, tb, seed + 1);
+                    for (accumulate, par) in [(false, Par::All), (true, Par::Seq)] {
+                        let c0 = random_vec(m * n, seed + 2);
+                        let mut c = c0.clone();
+                        let cv = ViewMut::new(&mut c, m, n);
+                        matmul_with(kernel, cv, a.view(), b.view(), accumulate, par);
+                        let what = format!("{kernel:?} ta {ta} tb {tb} acc {accumulate}");
+                        let c0 = accumulate.then_some(&c0[..]);
+                        let (at, bt) = (|i, p| a.at(i, p), |p, j| b.at(p, j));
+                        check_product(&c, c0, (m, k, n), at, bt, &what);
+                    }
+                }
+            }
         }
     }
 
     #[test]
-    fn zero_inner_dimension_writes_zeros() {
-        let mut c = vec![1.0; 6];
-        matmul(
-            ViewMut::new(&mut c, 2, 3),
-            View::new(&[], 2, 0),
-            View::new(&[], 0, 3),
-            false,
-            Par::Seq,
+    fn strided_output_and_empty_shapes() {
+        for kernel in kernels() {
+            // C written through its transpose (column stride ≠ 1), inside a wider buffer.
+            let (m, k, n) = (11, 21, 53);
+            let a = Operand::random(m, k, false, 1);
+            let b = Operand::random(k, n, true, 2);
+            for accumulate in [false, true] {
+                let mut ct = vec![5.0; n * (m + 3)];
+                let cv = ViewMut::strided(&mut ct, n, m, m + 3, 1).t();
+                matmul_with(kernel, cv, a.view(), b.view(), accumulate, Par::All);
+                let c: Vec<f32> = (0..m * n)
+                    .map(|idx| ct[(idx % n) * (m + 3) + idx / n])
+                    .collect();
+                let c0 = vec![5.0; m * n];
+                let c0 = accumulate.then_some(&c0[..]);
+                let (at, bt) = (|i, p| a.at(i, p), |p, j| b.at(p, j));
+                check_product(&c, c0, (m, k, n), at, bt, &format!("{kernel:?} strided"));
+                assert!((0..n).all(|j| ct[j * (m + 3) + m..(j + 1) * (m + 3)] == [5.0; 3]));
+            }
+
+            // k = 0 writes zeros (or leaves C), m = 0 and n = 0 do nothing.
+            let mut c = vec![1.0; 6];
+            let (a0, b0) = (View::new(&[], 2, 0), View::new(&[], 0, 3));
+            matmul_with(kernel, ViewMut::new(&mut c, 2, 3), a0, b0, true, Par::All);
+            assert_eq!(c, vec![1.0; 6]);
+            matmul_with(kernel, ViewMut::new(&mut c, 2, 3), a0, b0, false, Par::All);
+            assert_eq!(c, vec![0.0; 6]);
+            let b = random_vec(12, 3);
+            let (a0, bv) = (View::new(&[], 0, 4), View::new(&b, 4, 3));
+            matmul_with(kernel, ViewMut::new(&mut [], 0, 3), a0, bv, false, Par::All);
+            let a = random_vec(8, 4);
+            let (av, b0) = (View::new(&a, 2, 4), View::new(&[], 4, 0));
+            matmul_with(kernel, ViewMut::new(&mut [], 2, 0), av, b0, false, Par::All);
+        }
+    }
+
+    #[test]
+    fn one_and_two_threads_give_identical_results() {
+        // Each element of C is summed by one task in a fixed order, whatever the thread count;
+        // the shapes are above the size from which a call splits, by rows and by columns.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for (m, k, n) in [(389, 600, 70), (9, 1100, 1700)] {
+            let a = Operand::random(m, k, false, 7);
+            let b = Operand::random(k, n, true, 8);
+            let run = |par: Par| {
+                let mut c = random_vec(m * n, 9);
+                let cv = ViewMut::new(&mut c, m, n);
+                pool.install(|| matmul_with(F32Kernel::Fma512, cv, a.view(), b.view(), true, par));
+                c
+            };
+            if F32Kernel::Fma512.is_available() {
+                assert!(run(Par::Seq) == run(Par::All), "{m}x{k}x{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_agree_within_twice_the_summation_bound() {
+        let kernels = kernels();
+        let (m, k, n) = (67, 700, 131);
+        let a = Operand::random(m, k, false, 4);
+        let b = Operand::random(k, n, true, 5);
+        let results: Vec<Vec<f32>> = kernels
+            .iter()
+            .map(|&kernel| {
+                let mut c = vec![0.0; m * n];
+                let cv = ViewMut::new(&mut c, m, n);
+                matmul_with(kernel, cv, a.view(), b.view(), false, Par::All);
+                c
+            })
+            .collect();
+        // Both are within γ_{k+1}·Σ|a·b| of the same exact value, so within twice that of each
+        // other; Σ|a·b| ≤ k here (|inputs| ≤ 1).
+        let bound = 2.0 * gamma(k + 1) * k as f64;
+        for r in &results[1..] {
+            for (x, y) in r.iter().zip(&results[0]) {
+                assert!(((x - y) as f64).abs() <= bound, "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn selection_prefers_the_microkernel_and_can_be_forced_portable() {
+        assert_eq!(F32Kernel::select(true), F32Kernel::Portable);
+        let detected = F32Kernel::detect();
+        assert!(detected.is_available());
+        assert_eq!(
+            detected == F32Kernel::Fma512,
+            F32Kernel::Fma512.is_available()
         );
-        assert_eq!(c, vec![0.0; 6]);
     }
 
     #[test]

@@ -258,17 +258,10 @@ pub(crate) mod tests {
     use super::*;
     use crate::bf16::{to_bf16_vec, to_f32_vec};
     use crate::matmul::{linear_backward, linear_forward};
-    use crate::testing::random_vec;
+    use crate::testing::{gamma, random_vec};
 
-    /// Unit roundoff of f32 and of bf16 (round to nearest).
-    const U32: f64 = 1.0 / (1u64 << 24) as f64;
+    /// Unit roundoff of bf16 (round to nearest).
     const U16: f64 = 1.0 / 256.0;
-
-    /// `γ_n = n·u/(1 − n·u)`: the bound on the relative error of a sum of `n + 1` terms in
-    /// f32, in any order (Higham, Accuracy and Stability of Numerical Algorithms, §3.1).
-    fn gamma(n: usize) -> f64 {
-        n as f64 * U32 / (1.0 - n as f64 * U32)
-    }
 
     /// Every kernel this CPU runs.
     pub(crate) fn kernels() -> Vec<Bf16Kernel> {

@@ -92,3 +92,12 @@ pub fn probe_loss(y: &[f32], probe: &[f32]) -> f64 {
         .map(|(a, b)| *a as f64 * *b as f64)
         .sum()
 }
+
+/// `γ_n = n·u/(1 − n·u)` with `u = 2⁻²⁴`, the f32 unit roundoff: a sum of `n + 1` terms, or of
+/// `n` products and one term, evaluated in f32 in any order (each term rounded at most `n`
+/// times on its way to the result) is within `γ_n·Σ|terms|` of the exact sum (Higham, Accuracy
+/// and Stability of Numerical Algorithms, §3.1).
+pub fn gamma(n: usize) -> f64 {
+    let u = 1.0 / (1u64 << 24) as f64;
+    n as f64 * u / (1.0 - n as f64 * u)
+}
