@@ -2,6 +2,7 @@
 //! the `tiny` preset. Alone in its test binary, so that the peak resident set (`VmHWM`, what
 //! `origami bench` reports) is this step's.
 
+use origami::compute::{Compute, WeightCopies};
 use origami::model::config::ModelConfig;
 use origami::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use origami::optim::adamw::AdamWConfig;
@@ -30,6 +31,7 @@ fn tiny_step_peak_memory_is_what_the_planner_predicts() {
     let config = ModelConfig::preset("tiny").unwrap();
     let model = GptModel::new(config.clone()).unwrap();
     let mut params = model.init_params(0);
+    let mut copies = WeightCopies::new(Compute::F32, &params);
     let mut grads = model.registry().zeros();
     let mut optimizer = ParallelOptimizer::new(
         model.registry(),
@@ -59,6 +61,7 @@ fn tiny_step_peak_memory_is_what_the_planner_predicts() {
         train_step(
             &model,
             &mut params,
+            &mut copies,
             &mut grads,
             &mut optimizer,
             std::slice::from_ref(&batch),
