@@ -25,11 +25,14 @@ import tempfile
 ORIGAMI = os.environ.get("ORIGAMI", "./target/release/origami")
 
 # (name, bench flags, planner layout, world); bench trains its preset's 4 sequences per step
-# over the layout's data-parallel ranks, so each rank's micro-batch is 4 / dp sequences.
+# over the layout's data-parallel ranks, so each rank's micro-batch is 4 / dp sequences; the
+# pipeline runs them as 4 micro-batches of one sequence (1F1B).
 LAYOUTS = [
     ("world 1", [], "mbs=4", 1),
     ("TP2·DP2 | EP4", ["--world", "4", "--tp", "2", "--ep", "4"], "tp=2 ep=4 mbs=2", 4),
     ("CP2·DP2 | EP4", ["--world", "4", "--cp", "2", "--ep", "4"], "cp=2 ep=4 mbs=2", 4),
+    ("PP2", ["--world", "2", "--pp", "2", "--micro-batch", "1", "--micro-batches", "4"],
+     "pp=2 mbs=1", 2),
 ]
 
 
@@ -55,7 +58,8 @@ def predict(preset, layout, world, env):
 
 
 def measure(preset, flags, steps, env):
-    out = run([ORIGAMI, "bench", "--preset", preset, "--steps", str(steps)] + flags, env)
+    out = run([ORIGAMI, "bench", "--preset", preset, "--steps", str(steps), "--precision", "f32"]
+              + flags, env)
     row = json.loads(out)
     return row["median_step_s"], row["peak_rss_mib"], row["peak_gemm_gflops"]
 
