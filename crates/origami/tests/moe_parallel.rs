@@ -4,7 +4,7 @@
 //! routing with expert bias and groups at every load-balancing scope; token dropping across
 //! ranks; the dispatch round trip; and the errors for sizes that do not split.
 
-use origami::compute::Weights;
+use origami::compute::{Compute, Weights};
 use std::sync::Arc;
 
 use origami::equivalence::{self, relative_error, Discrepancy, ModelCase, MoeLayerCase};
@@ -21,6 +21,7 @@ use origami::params::init::initialise;
 use origami::params::ParamRegistry;
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
+use origami_kernels::matmul_bf16::Bf16Kernel;
 use origami_kernels::testing::random_vec;
 use origami_parallel::ParallelState;
 
@@ -450,4 +451,29 @@ fn sizes_that_do_not_split_are_clear_errors() {
         ffn.to_string(),
         "model.moe.ffn_hidden_size = 7 must be divisible by parallel.etp = 2"
     );
+}
+
+#[test]
+fn moe_layer_in_bf16_matches_one_rank_in_bf16_for_every_ep_etp_and_dispatcher() {
+    // The experts' input travels in bf16 (rounded before the dispatch, as the experts would
+    // round it after); a width of 15 takes the f32 path and rounds after.
+    let compute = Compute::Bf16(Bf16Kernel::detect());
+    for (ep, etp, hidden) in [
+        (2, 1, 16),
+        (4, 1, 16),
+        (8, 1, 16),
+        (2, 2, 16),
+        (4, 2, 16),
+        (2, 2, 15),
+    ] {
+        for dispatcher in DISPATCHERS {
+            let case = MoeLayerCase {
+                compute,
+                hidden,
+                ..MoeLayerCase::new(ep, etp, dispatcher)
+            };
+            let what = format!("bf16 ep {ep} etp {etp} hidden {hidden} {dispatcher:?}");
+            assert_equivalent(&what, &run_layer(&case));
+        }
+    }
 }

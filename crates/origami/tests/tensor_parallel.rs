@@ -1,16 +1,21 @@
 //! Tensor and sequence parallelism against unsharded computation, values and gradients:
 //! vocabulary-parallel cross-entropy and embedding, RMSNorm on sequence-parallel slices with
-//! the all-gather / reduce-scatter around the parallel regions.
+//! the all-gather / reduce-scatter around the parallel regions, and the bf16 gather of a
+//! region's GEMM input.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use origami::compute::{round_to_bf16, Activation, Compute, WeightCopies};
 use origami::equivalence::relative_error;
 use origami::layers::tensor_parallel::TensorParallel;
 use origami::layers::vocab_parallel::VocabParallel;
+use origami::params::Buffers;
 use origami_comm::local::LocalWorld;
-use origami_comm::{Communicator, ReduceOp};
+use origami_comm::{Communicator, CountedComm, ReduceOp};
 use origami_kernels::cross_entropy::{cross_entropy_forward_backward, IGNORE_TARGET};
 use origami_kernels::embedding::{embedding_backward, embedding_forward};
+use origami_kernels::matmul_bf16::Bf16Kernel;
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use origami_kernels::testing::random_vec;
 
@@ -159,5 +164,53 @@ fn sequence_parallel_norm_matches_the_whole_sequence() {
             errors.iter().all(|&e| e <= TOLERANCE),
             "tp {tp}, seq {seq}: {errors:?}"
         );
+    }
+}
+
+#[test]
+fn bf16_input_gather_is_the_rounded_f32_gather_in_half_the_bytes() {
+    let buffers = Buffers {
+        dense: Vec::new(),
+        expert: Vec::new(),
+    };
+    let bf16 = WeightCopies::new(Compute::Bf16(Bf16Kernel::Portable), &buffers);
+    let f32_copies = WeightCopies::new(Compute::F32, &buffers);
+    // Parts of 1 and 3 tokens; width 3 with one token per rank is an odd slice (gathered in
+    // f32 and rounded after).
+    for (tp, batch, seq, width) in [(2, 2, 2, 8), (3, 1, 9, 6), (4, 3, 4, 2), (2, 1, 2, 3)] {
+        let x: Vec<f32> = random_vec(batch * seq * width, 7)
+            .iter()
+            .map(|v| v * 3.0)
+            .collect();
+        let expected = round_to_bf16(&x);
+        let sent = LocalWorld::new(tp)
+            .run(|world| {
+                let (counted, bytes) = CountedComm::wrap(world);
+                let tp = TensorParallel::new(counted);
+                let local = slice_rows(&x, batch, width, &tp);
+                let gathered =
+                    tp.gather_activation(&bf16.weights(&buffers), local.clone(), batch, width);
+                let bf16_bytes = bytes.swap(0, Ordering::SeqCst);
+                let f32_gathered =
+                    tp.gather_activation(&f32_copies.weights(&buffers), local, batch, width);
+                let f32_bytes = bytes.load(Ordering::SeqCst);
+                assert_eq!(
+                    gathered,
+                    Activation::Bf16(expected.clone()),
+                    "tp {}",
+                    tp.size()
+                );
+                assert_eq!(f32_gathered, Activation::F32(x.clone()));
+                Ok::<_, String>((bf16_bytes, f32_bytes))
+            })
+            .unwrap();
+        for (bf16_bytes, f32_bytes) in sent {
+            if width % 2 == 0 {
+                assert_eq!(2 * bf16_bytes, f32_bytes, "tp {tp}, width {width}");
+            } else {
+                assert_eq!(bf16_bytes, f32_bytes, "tp {tp}, width {width}");
+            }
+            assert!(f32_bytes > 0);
+        }
     }
 }

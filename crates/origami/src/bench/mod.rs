@@ -350,6 +350,7 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
             vpp: l.vpp,
             micro_batches,
             cp_comm_type: l.cp_comm_type,
+            bf16_gemm_inputs: settings.compute.is_bf16(),
         },
         (per_rank, seq),
         (mean_dense, mean_expert, mean_whole),

@@ -65,6 +65,9 @@ pub struct TrafficLayout {
     pub micro_batches: usize,
     /// Context-parallel exchange.
     pub cp_comm_type: CpCommType,
+    /// Whether the layers compute in bf16: the sequence-parallel gathers of GEMM inputs and the
+    /// dispatch of the experts' input then move 2 bytes a value (everything else stays f32).
+    pub bf16_gemm_inputs: bool,
 }
 
 /// Elements of a group of `n` that a rank sends in an all-gather or reduce-scatter of `len`.
@@ -104,12 +107,14 @@ pub fn theoretical_traffic(
     let per_stage = layout.micro_batches as f64 / pp;
     let bytes = |elements: f64| 4.0 * elements;
 
-    let collectives = 4 * (layers + dense_layers + shared_layers + 1);
+    // Each parallel region (attention, dense MLP, shared expert, the output layer with the
+    // embedding) gathers its input and scatters its output forward, and the reverse backward;
+    // the input gather moves bf16 when the GEMMs take bf16.
+    let regions = (layers + dense_layers + shared_layers + 1) as f64;
+    let input_bytes = if layout.bf16_gemm_inputs { 2.0 } else { 4.0 };
     let sequence_parallel = per_stage
-        * bytes(
-            collectives as f64 * gather(layout.tp, region_tokens * h)
-                + all_reduce(layout.tp, 3.0 * region_tokens),
-        );
+        * ((3.0 * 4.0 + input_bytes) * regions * gather(layout.tp, region_tokens * h)
+            + bytes(all_reduce(layout.tp, 3.0 * region_tokens)));
 
     let head_dim = config.head_dim() as f64;
     let q = region_tokens * (config.num_heads / layout.tp) as f64 * head_dim;
@@ -127,8 +132,10 @@ pub fn theoretical_traffic(
 
     let expert_dispatch = (config.moe.dispatcher == DispatcherKind::Alltoall && layout.etp == 1)
         .then(|| {
+            // Dispatch and combine forward, their gradients backward; the dispatch carries the
+            // experts' input, bf16 when they compute in bf16.
             let routed = rank_tokens * config.moe.topk as f64 * h;
-            per_stage * bytes(moe_layers as f64 * 4.0 * gather(layout.ep, routed))
+            per_stage * (3.0 * 4.0 + input_bytes) * moe_layers as f64 * gather(layout.ep, routed)
         });
 
     let gradients = bytes(

@@ -119,3 +119,34 @@ pub fn round_into(out: &mut [Bf16], x: &[f32]) {
             .for_each(|(o, v)| to_bf16_slice(o, v));
     }
 }
+
+/// bf16 values packed two to an f32 word, as a communicator (which moves f32 words) carries
+/// them; `values` must have an even length.
+pub fn bf16_words(values: &[Bf16]) -> Vec<f32> {
+    assert!(
+        values.len().is_multiple_of(2),
+        "{} bf16 values do not fill whole words",
+        values.len()
+    );
+    let mut words = vec![0.0f32; values.len() / 2];
+    words_as_bf16_mut(&mut words).copy_from_slice(values);
+    words
+}
+
+/// The bf16 values packed in `words` (two to a word, as [`bf16_words`] packs them).
+pub fn words_as_bf16(words: &[f32]) -> &[Bf16] {
+    // SAFETY: `Bf16` is `repr(transparent)` over `u16`, every bit pattern is a valid value, an
+    // f32 buffer is aligned for it, and the view covers exactly the buffer's bytes.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<Bf16>(), words.len() * 2) }
+}
+
+/// [`words_as_bf16`], writable.
+pub fn words_as_bf16_mut(words: &mut [f32]) -> &mut [Bf16] {
+    // SAFETY: as in `words_as_bf16`; the view borrows `words` mutably for its lifetime.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<Bf16>(), words.len() * 2) }
+}
+
+/// `x` widened to f32 (exact).
+pub fn widen(x: &[Bf16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}

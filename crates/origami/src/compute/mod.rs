@@ -15,7 +15,10 @@ mod linear;
 mod precision;
 mod weights;
 
-pub use activation::{round_into, round_to_bf16, Activation, Input};
+pub use activation::{
+    bf16_words, round_into, round_to_bf16, widen, words_as_bf16, words_as_bf16_mut, Activation,
+    Input,
+};
 pub use linear::LinearShape;
 pub use origami_kernels::matmul::LinearGrads;
 pub use precision::{Compute, PrecisionSetting};

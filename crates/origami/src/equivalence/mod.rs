@@ -20,7 +20,7 @@ use origami_comm::{Communicator, ReduceOp, SoloComm};
 use origami_kernels::testing::random_vec;
 use origami_parallel::{ParallelConfig, ParallelState};
 
-use crate::compute::Weights;
+use crate::compute::{Compute, WeightCopies};
 use crate::layers::context_parallel::CpCommType;
 use crate::layers::moe::config::{AuxLossScope, DispatcherKind, MoeConfig};
 use crate::layers::moe::parallel::MoeParallel;
@@ -102,6 +102,8 @@ pub struct MoeLayerCase {
     pub expert_bias: Option<Vec<f32>>,
     /// Seed of parameters and inputs.
     pub seed: u64,
+    /// Precision of both runs (the reference's too).
+    pub compute: Compute,
 }
 
 impl MoeLayerCase {
@@ -128,6 +130,7 @@ impl MoeLayerCase {
             all_to_expert: None,
             expert_bias: None,
             seed: 7,
+            compute: Compute::F32,
         }
     }
 }
@@ -214,17 +217,11 @@ pub fn moe_layer(world: &Arc<dyn Communicator>, case: &MoeLayerCase) -> HarnessR
         set_expert_biases(&full_registry, &mut full_params, bias);
     }
     let dy = random_vec(total * h, case.seed + 2);
-    let (y_ref, saved, stats_ref) =
-        full.forward_batch(&Weights::f32(&full_params), &x, case.sequences);
+    let full_copies = WeightCopies::new(case.compute, &full_params);
+    let full_weights = full_copies.weights(&full_params);
+    let (y_ref, saved, stats_ref) = full.forward_batch(&full_weights, &x, case.sequences);
     let mut grads_ref = full_registry.zeros();
-    let dx_ref = full.backward(
-        &Weights::f32(&full_params),
-        &mut grads_ref,
-        saved,
-        &x,
-        &dy,
-        1.0,
-    );
+    let dx_ref = full.backward(&full_weights, &mut grads_ref, saved, &x, &dy, 1.0);
 
     let state = moe_only_state(world, case.ep, case.etp)?;
     let mut registry = ParamRegistry::default();
@@ -244,16 +241,11 @@ pub fn moe_layer(world: &Arc<dyn Communicator>, case: &MoeLayerCase) -> HarnessR
             .collect()
     };
     let x_mine = rows(&x);
-    let (y, saved, stats) = layer.forward_batch(&Weights::f32(&params), &x_mine, case.sequences);
+    let copies = WeightCopies::new(case.compute, &params);
+    let weights = copies.weights(&params);
+    let (y, saved, stats) = layer.forward_batch(&weights, &x_mine, case.sequences);
     let mut grads = registry.zeros();
-    let dx = layer.backward(
-        &Weights::f32(&params),
-        &mut grads,
-        saved,
-        &x_mine,
-        &rows(&dy),
-        1.0,
-    );
+    let dx = layer.backward(&weights, &mut grads, saved, &x_mine, &rows(&dy), 1.0);
     let mut losses = [stats.losses.load_balancing as f32, stats.losses.z as f32];
     world.all_reduce(&mut losses, ReduceOp::Sum)?;
     world.all_reduce(&mut grads.dense, ReduceOp::Sum)?;

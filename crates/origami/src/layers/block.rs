@@ -151,17 +151,19 @@ impl Block {
                 self.norm_eps,
             )
         });
-        let gathered = self.tp.gather_sequence(normed, batch, self.hidden);
-        (params.activation(gathered), rstd)
+        let gathered = self
+            .tp
+            .gather_activation(params, normed, batch, self.hidden);
+        (gathered, rstd)
     }
 
     /// The feed-forward part's input from the normalised residual: gathered over tp for a
     /// dense MLP, as it is (f32, the router's input) for MoE.
     fn ffn_input(&self, params: &Weights, normed: Vec<f32>, batch: usize) -> Activation {
         match &self.ffn {
-            FeedForward::Dense(_) => {
-                params.activation(self.tp.gather_sequence(normed, batch, self.hidden))
-            }
+            FeedForward::Dense(_) => self
+                .tp
+                .gather_activation(params, normed, batch, self.hidden),
             FeedForward::Moe(_) => Activation::F32(normed),
         }
     }

@@ -11,12 +11,18 @@
 //!
 //! Row order: a sequence-parallel slice is `[batch][part]`, the gathered tokens
 //! `[batch][tp · part]` (rank-major inside each sequence), so a sequence's tokens stay in order.
+//!
+//! In bf16 the gather that makes a region's GEMM input travels in bf16
+//! ([`TensorParallel::gather_activation`]): each rank rounds its slice, and the group gathers
+//! half the bytes. Rounding is per element, so the result is exactly the rounded f32 gather.
+//! Partial sums and gradients travel in f32.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use origami_comm::{Communicator, ReduceOp, SoloComm};
 
+use crate::compute::{bf16_words, round_to_bf16, words_as_bf16, Activation, Weights};
 use crate::layers::comm_ok;
 use crate::profile::{scope, Phase};
 
@@ -95,6 +101,38 @@ impl TensorParallel {
         )
     }
 
+    /// All-gathers sequence-parallel slices `[batch][part][width]` as the GEMM input of a
+    /// parallel region, in the precision of `params`: f32 as [`Self::gather_sequence`]; in
+    /// bf16 the slices are rounded first and gathered in bf16, two values to a word of the
+    /// communicator, so the group moves half the bytes.
+    pub fn gather_activation(
+        &self,
+        params: &Weights,
+        local: Vec<f32>,
+        batch: usize,
+        width: usize,
+    ) -> Activation {
+        let tp = self.size();
+        if tp == 1 || !params.compute().is_bf16() || !local.len().is_multiple_of(2) {
+            return params.activation(self.gather_sequence(local, batch, width));
+        }
+        let send = bf16_words(&round_to_bf16(&local));
+        let _phase = scope(Phase::CommSequence);
+        let mut by_rank = vec![0.0f32; send.len() * tp];
+        comm_ok(
+            self.group
+                .all_gather_v(&send, &vec![send.len(); tp], &mut by_rank),
+        );
+        Activation::Bf16(reorder(
+            words_as_bf16(&by_rank),
+            tp,
+            batch,
+            local.len() / batch.max(1) / width,
+            width,
+            true,
+        ))
+    }
+
     /// Sums partial results `[batch][tp · part][width]` over the group and keeps this rank's
     /// slice `[batch][part][width]` of each sequence.
     pub fn scatter_sequence(&self, full: Vec<f32>, batch: usize, width: usize) -> Vec<f32> {
@@ -124,16 +162,16 @@ impl TensorParallel {
 
 /// Converts between rank-major `[tp][batch][part][width]` and sequence-major
 /// `[batch][tp][part][width]` row orders (`to_sequence_major` chooses the direction).
-fn reorder(
-    data: &[f32],
+fn reorder<T: Copy + Default>(
+    data: &[T],
     tp: usize,
     batch: usize,
     part: usize,
     width: usize,
     to_sequence_major: bool,
-) -> Vec<f32> {
+) -> Vec<T> {
     let run = part * width;
-    let mut out = vec![0.0; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for r in 0..tp {
         for b in 0..batch {
             let rank_major = (r * batch + b) * run;

@@ -236,7 +236,7 @@ impl ModelChunk {
             ctx.norm_eps,
         );
         drop(elementwise);
-        let normed = params.activation(ctx.tp.gather_sequence(normed, local.batch, h));
+        let normed = ctx.tp.gather_activation(params, normed, local.batch, h);
         let counted = counted().max(1);
         let (sums, d_normed) = match mode {
             ForwardMode::Train { grads, loss_scale } => {

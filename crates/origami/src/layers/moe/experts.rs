@@ -95,15 +95,19 @@ impl GroupedExperts {
         self.hidden
     }
 
-    /// `y[rows, hidden]` for expert-grouped rows `x` (`offsets` has `experts + 1` entries).
+    /// `y[rows, hidden]` for expert-grouped rows `x` (`offsets` has `experts + 1` entries), f32
+    /// or already rounded to bf16 where the experts compute in bf16.
     pub fn forward(
         &self,
         params: &Weights,
-        x: Vec<f32>,
+        x: Activation,
         offsets: &[usize],
     ) -> (Vec<f32>, ExpertsSaved) {
         let rows = x.len() / self.hidden;
-        let input = params.activation(x);
+        let input = match x {
+            Activation::F32(x) => params.activation(x),
+            rounded => rounded,
+        };
         let mut fc1_out = vec![0.0; rows * 2 * self.ffn];
         params.grouped_linear_forward(
             &mut fc1_out,

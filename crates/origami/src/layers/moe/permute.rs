@@ -80,9 +80,9 @@ impl Permutation {
 }
 
 /// Gathers `x[tokens, width]` into the permuted rows.
-pub fn permute(x: &[f32], perm: &Permutation, width: usize) -> Vec<f32> {
+pub fn permute<T: Copy + Default>(x: &[T], perm: &Permutation, width: usize) -> Vec<T> {
     let _phase = scope(Phase::Permutation);
-    let mut out = vec![0.0; perm.token_of_row.len() * width];
+    let mut out = vec![T::default(); perm.token_of_row.len() * width];
     for (row, &t) in out.chunks_mut(width).zip(&perm.token_of_row) {
         if t != PADDING {
             row.copy_from_slice(&x[t * width..(t + 1) * width]);

@@ -72,8 +72,9 @@ impl SharedExpert {
         x: &[f32],
         sequences: usize,
     ) -> (Vec<f32>, SharedExpertSaved) {
-        let gathered_input =
-            params.activation(self.tp.gather_sequence(x.to_vec(), sequences, self.hidden));
+        let gathered_input = self
+            .tp
+            .gather_activation(params, x.to_vec(), sequences, self.hidden);
         let (partial, mlp) = self.mlp.forward(params, &gathered_input);
         let mlp_out = self.tp.scatter_sequence(partial, sequences, self.hidden);
         let _phase = scope(Phase::Elementwise);

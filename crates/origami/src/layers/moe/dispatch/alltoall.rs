@@ -10,8 +10,10 @@
 //! [`AllToAllPlan::to_experts`] is [`AllToAllPlan::from_experts`] and vice versa: the layer runs
 //! `to` then `from` in its forward and again `to` then `from` in its backward.
 
+use crate::compute::{bf16_words, round_to_bf16, widen, words_as_bf16};
 use crate::layers::stored::Stored;
 use origami_comm::ReduceOp;
+use origami_kernels::bf16::Bf16;
 
 use super::super::comm_ok;
 use super::super::parallel::MoeParallel;
@@ -144,32 +146,56 @@ impl AllToAllPlan {
         if parallel.is_local() {
             return rows.to_vec();
         }
-        let received: usize = self.recv_counts.iter().sum();
-        let mut from_ep = vec![0.0; received];
-        timed(Phase::CommDispatch, || {
-            comm_ok(parallel.ep.all_to_all_v(
-                rows,
-                &self.send_counts,
-                &mut from_ep,
-                &self.recv_counts,
-            ))
-        });
-        let gathered = if parallel.etp.size() > 1 {
-            let mut all = vec![0.0; self.gather_counts.iter().sum()];
-            timed(Phase::CommDispatch, || {
-                comm_ok(
-                    parallel
-                        .etp
-                        .all_gather_v(&from_ep, &self.gather_counts, &mut all),
-                )
-            });
-            all
+        self.sort_received(&self.exchange(parallel, rows, 1), self.hidden)
+    }
+
+    /// [`AllToAllPlan::to_experts`] of bf16 rows (the experts' input in bf16): two values
+    /// travel in each word, half the bytes of f32.
+    pub fn to_experts_bf16(&self, parallel: &MoeParallel, rows: &[Bf16]) -> Vec<Bf16> {
+        if parallel.is_local() {
+            rows.to_vec()
+        } else if self.hidden.is_multiple_of(2) {
+            let words = self.exchange(parallel, &bf16_words(rows), 2);
+            self.sort_received(words_as_bf16(&words), self.hidden)
         } else {
-            from_ep
+            round_to_bf16(&self.to_experts(parallel, &widen(rows)))
+        }
+    }
+
+    /// The all-to-all over ep (and all-gather over etp) of `words`, rows of
+    /// `hidden / values_per_word` words each; returns what arrived, in arrival order.
+    fn exchange(&self, parallel: &MoeParallel, words: &[f32], values_per_word: usize) -> Vec<f32> {
+        let in_words = |counts: &[usize]| -> Vec<usize> {
+            counts.iter().map(|c| c / values_per_word).collect()
         };
+        let (send_counts, recv_counts) = (in_words(&self.send_counts), in_words(&self.recv_counts));
+        let mut from_ep = vec![0.0; recv_counts.iter().sum()];
+        timed(Phase::CommDispatch, || {
+            comm_ok(
+                parallel
+                    .ep
+                    .all_to_all_v(words, &send_counts, &mut from_ep, &recv_counts),
+            )
+        });
+        if parallel.etp.size() == 1 {
+            return from_ep;
+        }
+        let gather_counts = in_words(&self.gather_counts);
+        let mut all = vec![0.0; gather_counts.iter().sum()];
+        timed(Phase::CommDispatch, || {
+            comm_ok(
+                parallel
+                    .etp
+                    .all_gather_v(&from_ep, &gather_counts, &mut all),
+            )
+        });
+        all
+    }
+
+    /// The arrived rows (`h` values each) re-sorted expert-major.
+    fn sort_received<T: Copy + Default>(&self, gathered: &[T], h: usize) -> Vec<T> {
         let _phase = scope(Phase::Permutation);
-        let h = self.hidden;
-        let mut sorted = vec![0.0; self.expert_rows() * h];
+        let mut sorted = vec![T::default(); self.expert_rows() * h];
         for chunk in &self.chunks {
             sorted[chunk.sorted_at * h..][..chunk.rows * h]
                 .copy_from_slice(&gathered[chunk.received_at * h..][..chunk.rows * h]);

@@ -15,7 +15,7 @@ use super::permute::{
     permute, permute_backward, unpermute, unpermute_backward, Permutation, DROPPED,
 };
 use super::router::Routing;
-use crate::compute::Weights;
+use crate::compute::{round_to_bf16, Activation, Weights};
 use crate::layers::moe::config::DispatcherKind;
 use crate::params::Buffers;
 use allgather::AllGatherPlan;
@@ -99,7 +99,12 @@ pub fn forward(
                     input.fixed_rows,
                     hidden,
                 );
-                let rows = plan.to_experts(parallel, &permute(input.x, perm, hidden));
+                let rows = if params.compute().is_bf16() {
+                    let rounded = permute(&round_to_bf16(input.x), perm, hidden);
+                    Activation::Bf16(plan.to_experts_bf16(parallel, &rounded))
+                } else {
+                    Activation::F32(plan.to_experts(parallel, &permute(input.x, perm, hidden)))
+                };
                 (plan, rows)
             });
             let (expert_output, saved) = timed(&mut times.experts, || {
@@ -123,8 +128,13 @@ pub fn forward(
                 let experts_total = perm.offsets.len() - 1;
                 let plan =
                     AllGatherPlan::new(parallel, input.routing, &kept, experts_total, hidden);
-                let gathered = plan.gather(parallel, input.x);
-                let rows = permute(&gathered, &plan.permutation, hidden);
+                let rows = if params.compute().is_bf16() {
+                    let gathered = plan.gather_bf16(parallel, &round_to_bf16(input.x));
+                    Activation::Bf16(permute(&gathered, &plan.permutation, hidden))
+                } else {
+                    let gathered = plan.gather(parallel, input.x);
+                    Activation::F32(permute(&gathered, &plan.permutation, hidden))
+                };
                 (plan, rows)
             });
             let (expert_output, saved) = timed(&mut times.experts, || {
