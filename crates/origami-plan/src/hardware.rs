@@ -70,6 +70,15 @@ pub struct Efficiency {
     pub context_attention: f64,
     /// Element-wise and memory-bound kernels: fraction of the memory bandwidth.
     pub memory: f64,
+    /// The optimizer step (gradient norm, clipping and AdamW over a rank's shard): fraction of
+    /// the memory bandwidth for the bytes the update is charged; `memory` where absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<f64>,
+    /// The cross-entropy over the vocabulary (an exponential per logit, which a CPU computes
+    /// slower than it streams the bytes): fraction of the memory bandwidth for the bytes it is
+    /// charged; `memory` where absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_entropy: Option<f64>,
 }
 
 /// Bandwidth and latency of one collective on one kind of link.

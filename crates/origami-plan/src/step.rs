@@ -165,6 +165,17 @@ impl Rates<'_> {
         device.memory_bandwidth * self.hardware.efficiency.memory
     }
 
+    fn optimizer_rate(&self) -> f64 {
+        let efficiency = &self.hardware.efficiency;
+        self.hardware.device.memory_bandwidth * efficiency.optimizer.unwrap_or(efficiency.memory)
+    }
+
+    fn cross_entropy_rate(&self) -> f64 {
+        let efficiency = &self.hardware.efficiency;
+        self.hardware.device.memory_bandwidth
+            * efficiency.cross_entropy.unwrap_or(efficiency.memory)
+    }
+
     fn gemm_seconds(&self, gemm: &Gemm) -> f64 {
         let efficiency = if gemm.grouped {
             self.hardware.efficiency.grouped_gemm
@@ -217,6 +228,7 @@ impl Rates<'_> {
             share,
         );
         let memory = per_pass(work.memory_bytes, self.memory_rate(), share);
+        let cross_entropy = per_pass(work.cross_entropy_bytes, self.cross_entropy_rate(), share);
         let (glue_rate, glue_share) = self.glue();
         let glue = per_pass(work.glue_bytes, glue_rate, glue_share);
         // The dispatcher's overhead, split over the passes like its all-to-alls (half each).
@@ -225,7 +237,7 @@ impl Rates<'_> {
             dense_gemm: 3.0 * dense_forward,
             expert_gemm: 3.0 * expert_forward,
             attention: attention.total(),
-            memory_bound: memory.total() + glue.total(),
+            memory_bound: memory.total() + cross_entropy.total() + glue.total(),
             optimizer: 0.0,
             dispatch_overhead: dispatch,
         };
@@ -234,11 +246,13 @@ impl Rates<'_> {
                 + expert_forward
                 + attention.forward
                 + memory.forward
+                + cross_entropy.forward
                 + glue.forward
                 + dispatch / 2.0,
             backward: 2.0 * (dense_forward + expert_forward)
                 + attention.backward
                 + memory.backward
+                + cross_entropy.backward
                 + glue.backward
                 + dispatch / 2.0,
         };
@@ -335,7 +349,7 @@ impl Rates<'_> {
         let b = self.bytes;
         let update = shard * (2.0 * b.optimizer + b.gradient + 2.0 * b.weight);
         let (glue_rate, glue_share) = self.glue();
-        update / self.memory_rate() * self.sharing + held * b.gradient / glue_rate * glue_share
+        update / self.optimizer_rate() * self.sharing + held * b.gradient / glue_rate * glue_share
     }
 }
 
@@ -438,5 +452,55 @@ mod tests {
         let four = shared.layer(&work, 1.0);
         assert!((four.passes.total() / one.passes.total() - 4.0).abs() < 1e-12);
         assert!((one.passes.backward / one.passes.forward - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn optimizer_and_cross_entropy_run_at_their_own_efficiency_or_the_memory_one() {
+        let mut hardware = Hardware::h100_dgx();
+        hardware.efficiency.optimizer = None;
+        hardware.efficiency.cross_entropy = None;
+        let topology = origami_parallel::Topology::new(
+            &origami_parallel::ParallelConfig::default()
+                .layout(1)
+                .unwrap(),
+        );
+        let spans = Spans::new(&topology, 8);
+        let rates = |hardware| Rates {
+            hardware,
+            peak: 989.5e12,
+            bytes: Precision::Bf16.bytes(),
+            sharing: 1.0,
+            serial_sharing: 1.0,
+            spans: &spans,
+        };
+        let work = LayerWork {
+            cross_entropy_bytes: Passes {
+                forward: 1e9,
+                backward: 3e9,
+            },
+            ..LayerWork::default()
+        };
+        let memory = hardware.device.memory_bandwidth * hardware.efficiency.memory;
+        let plain = rates(&hardware);
+        let (optimizer, cross_entropy) =
+            (plain.optimizer_seconds(1e9, 0.0), plain.layer(&work, 1.0));
+        let update_bytes =
+            1e9 * (2.0 * plain.bytes.optimizer + plain.bytes.gradient + 2.0 * plain.bytes.weight);
+        assert!((optimizer / (update_bytes / memory) - 1.0).abs() < 1e-12);
+        assert!((cross_entropy.passes.total() / (4e9 / memory) - 1.0).abs() < 1e-12);
+        let mut slower = hardware.clone();
+        slower.efficiency.optimizer = Some(hardware.efficiency.memory / 4.0);
+        slower.efficiency.cross_entropy = Some(hardware.efficiency.memory / 8.0);
+        let slow = rates(&slower);
+        assert!((slow.optimizer_seconds(1e9, 0.0) / optimizer - 4.0).abs() < 1e-9);
+        assert!(
+            (slow.layer(&work, 1.0).passes.total() / cross_entropy.passes.total() - 8.0).abs()
+                < 1e-9
+        );
+        assert!(
+            (slow.layer(&work, 1.0).passes.backward / slow.layer(&work, 1.0).passes.forward - 3.0)
+                .abs()
+                < 1e-9
+        );
     }
 }

@@ -164,8 +164,10 @@ pub struct LayerWork {
     pub attention_flops: Passes,
     /// Whether the attention core runs as context-parallel blocks.
     pub context_parallel_attention: bool,
-    /// Bytes read and written by element-wise kernels (norms, RoPE, SwiGLU, loss, embedding).
+    /// Bytes read and written by element-wise kernels (norms, RoPE, SwiGLU, embedding).
     pub memory_bytes: Passes,
+    /// Bytes read and written by the output layer's cross-entropy over the vocabulary.
+    pub cross_entropy_bytes: Passes,
     /// Bytes read and written by the element-wise glue between kernels: residual adds, router
     /// scores and top-k, permutation and weighted un-permutation, the etp re-sort. origami's
     /// CPU engine runs it on the rank's own thread (see `Engine::serial_glue`).
@@ -651,10 +653,14 @@ impl WorkInputs<'_> {
             grouped: false,
         });
         // Cross-entropy in f32: the forward reads the logits twice (max, sum of exponentials),
-        // the backward writes the logit gradient from them.
+        // the backward writes the logit gradient from them; the final norm around it.
+        work.cross_entropy_bytes.add(Passes {
+            forward: 2.0 * vocab * region * F32,
+            backward: 2.0 * vocab * region * F32,
+        });
         work.memory_bytes.add(Passes {
-            forward: 2.0 * vocab * region * F32 + 2.0 * h * slice * a,
-            backward: 2.0 * vocab * region * F32 + 3.0 * h * slice * a,
+            forward: 2.0 * h * slice * a,
+            backward: 3.0 * h * slice * a,
         });
         work.comms.extend(self.sequence_parallel(1.0, 1.0, true));
         work.stored.extend([

@@ -8,9 +8,11 @@
 //! - **GEMM, grouped GEMM, attention efficiencies**: forward + backward of the kernels the
 //!   layers call, at shapes of the presets, as FLOPs over `peak × time` (attention also as the
 //!   masked blocks of a context-parallel ring);
-//! - **memory bandwidth**: SwiGLU, RMSNorm and AdamW forward/backward, as the bytes the
-//!   planner counts for them over their time; and one thread's rate for the glue the layers
-//!   run outside kernels (a residual add, a row permutation);
+//! - **memory bandwidth**: SwiGLU and RMSNorm forward/backward, as the bytes the planner counts
+//!   for them over their time; the optimizer step (gradient norm, clipping, AdamW over a buffer
+//!   far beyond the caches) and the cross-entropy (an exponential per logit) as their own
+//!   fractions of it; and one thread's rate for the glue the layers run outside kernels (a
+//!   residual add, a row permutation);
 //! - **collectives**: all-reduce, all-gather, all-to-all and point-to-point of the local backend
 //!   on four ranks, as bytes each rank sends over the time (bandwidth) and the time of a
 //!   4 KiB call (latency);
@@ -27,10 +29,10 @@ use std::time::Instant;
 use anyhow::Context;
 use origami_comm::local::LocalWorld;
 use origami_comm::{Communicator, ReduceOp};
-use origami_kernels::adamw::{adamw_update, AdamWStep};
 use origami_kernels::attention::{
     attention_backward, attention_forward, AttentionShape, QkvLayout,
 };
+use origami_kernels::cross_entropy::cross_entropy_forward_backward;
 use origami_kernels::grouped_matmul::{grouped_linear_backward, grouped_linear_forward};
 use origami_kernels::masked_attention::{
     attention_row_dots, masked_attention_backward, masked_attention_forward,
@@ -45,6 +47,9 @@ use origami_plan::Hardware;
 use crate::bench::peak_gemm_gflops;
 use crate::layers::context_parallel::local_positions;
 use crate::model::chunk::OUTPUT_CHUNK_ROWS;
+use crate::optim::adamw::AdamWConfig;
+use crate::optim::parallel::{OptimizerGroups, ParallelOptimizer};
+use crate::params::{Buffers, Init, ParamGroup, ParamRegistry};
 
 /// Timed repetitions of each measurement (after one untimed run); the median counts.
 const REPEATS: usize = 5;
@@ -238,9 +243,8 @@ fn context_attention_rate() -> f64 {
     3.0 * forward / seconds
 }
 
-/// Bytes/s of the memory-bound kernels, counting their bytes as the planner does: SwiGLU
-/// forward 3·f and backward 5·f per row, RMSNorm forward 2·h and backward 3·h per row, AdamW
-/// 28 and gradient zeroing 4 per parameter (f32).
+/// Bytes/s of the element-wise kernels, counting their bytes as the planner does: SwiGLU
+/// forward 3·f and backward 5·f per row, RMSNorm forward 2·h and backward 3·h per row (f32).
 fn memory_rate() -> f64 {
     let (rows, ffn, hidden) = (4096, 1024, 512);
     let gate_up = filled(rows * 2 * ffn, 0.1);
@@ -261,32 +265,56 @@ fn memory_rate() -> f64 {
         let rstd = rmsnorm_forward(&mut y, &x, &weight, hidden, 1e-5);
         rmsnorm_backward(&mut dx, &mut dweight, &dy, &x, &weight, &rstd, hidden);
     });
-    let params = 8 << 20;
-    let mut p = filled(params, 0.02);
-    let mut g = filled(params, 0.001);
-    let mut m = vec![0.0; params];
-    let mut v = vec![0.0; params];
-    let mut step = 0;
-    let adamw = median_seconds(|| {
-        step += 1;
-        adamw_update(
-            &mut p,
-            &g,
-            &mut m,
-            &mut v,
-            AdamWStep {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step,
-            },
-        );
-        g.fill(0.0);
+    let bytes = 4.0 * ((rows * 8 * ffn) as f64 + (rows * 5 * hidden) as f64);
+    bytes / (swiglu + norm)
+}
+
+/// Bytes/s of the optimizer step as the trainer runs it (gradient norm, clipping, AdamW) over
+/// a buffer far larger than the caches, counting 28 bytes per parameter as the planner charges
+/// the update (moments read and written, gradient read, weight read and written; f32).
+fn optimizer_rate() -> f64 {
+    let params = 32 << 20;
+    let mut registry = ParamRegistry::default();
+    registry.register(
+        "calibration.weight".into(),
+        &[params],
+        ParamGroup::Dense,
+        Init::Constant(0.02),
+    );
+    let mut optimizer = ParallelOptimizer::new(
+        &registry,
+        AdamWConfig::default(),
+        OptimizerGroups::single(),
+        false,
+        1 << 22,
+    );
+    let mut weights = Buffers {
+        dense: filled(params, 0.02),
+        expert: Vec::new(),
+    };
+    let mut grads = Buffers {
+        dense: filled(params, 0.001),
+        expert: Vec::new(),
+    };
+    let seconds = median_seconds(|| {
+        optimizer
+            .step(&registry, &mut weights, &mut grads, 1e-4)
+            .expect("a one-rank optimizer step");
     });
-    let bytes = 4.0 * ((rows * 8 * ffn) as f64 + (rows * 5 * hidden) as f64 + 32.0 * params as f64);
-    bytes / (swiglu + norm + adamw)
+    28.0 * params as f64 / seconds
+}
+
+/// Bytes/s of the output layer's cross-entropy (forward and backward fused, one chunk of
+/// `OUTPUT_CHUNK_ROWS` rows of the `small` preset's vocabulary), counting its bytes as the
+/// planner does: the logits read twice forward, read and written backward (f32).
+fn cross_entropy_rate() -> f64 {
+    let (rows, vocab) = (OUTPUT_CHUNK_ROWS, 8192);
+    let targets: Vec<u32> = (0..rows).map(|r| (r * 7919 % vocab) as u32).collect();
+    let mut logits = filled(rows * vocab, 0.1);
+    let seconds = median_seconds(|| {
+        cross_entropy_forward_backward(&mut logits, &targets, vocab, 0.0, 1.0);
+    });
+    4.0 * 4.0 * (rows * vocab) as f64 / seconds
 }
 
 /// Bytes/s of the glue the layers run on their own thread, counted as the planner counts it:
@@ -462,7 +490,17 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
         context_attention / 1e9
     ));
     let memory = memory_rate();
-    progress(&format!("memory-bound kernels {:.2} GB/s", memory / 1e9));
+    progress(&format!("element-wise kernels {:.2} GB/s", memory / 1e9));
+    let optimizer = optimizer_rate();
+    progress(&format!(
+        "optimizer step {:.2} GB/s as charged",
+        optimizer / 1e9
+    ));
+    let cross_entropy = cross_entropy_rate();
+    progress(&format!(
+        "cross-entropy {:.2} GB/s as charged",
+        cross_entropy / 1e9
+    ));
     let core_memory = core_memory_rate();
     progress(&format!("one-thread glue {:.2} GB/s", core_memory / 1e9));
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -502,6 +540,8 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
             attention: fraction(attention),
             context_attention: fraction(context_attention),
             memory: 1.0,
+            optimizer: Some(optimizer / memory),
+            cross_entropy: Some(cross_entropy / memory),
         },
         network: Network {
             intra_node: link,
