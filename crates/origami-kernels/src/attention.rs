@@ -187,6 +187,38 @@ pub fn attention_forward(
     lse
 }
 
+/// Zeroes, in every row of sequence `b` of the gradient buffer behind `grad`, the columns a
+/// backward task (b, g) owns: the q columns of kv group g's heads and the k and v columns of kv
+/// head g (the buffer has `qkv`'s layout).
+///
+/// # Safety
+/// `grad` must point to `shape.batch · shape.seq` rows of `layout.row_stride` values, and no
+/// other thread may access these columns meanwhile.
+pub(crate) unsafe fn zero_group_gradients(
+    grad: SharedOut,
+    layout: QkvLayout,
+    shape: AttentionShape,
+    b: usize,
+    g: usize,
+) {
+    let hd = shape.head_dim;
+    let heads = g * shape.queries_per_kv_head()..(g + 1) * shape.queries_per_kv_head();
+    for s in 0..shape.seq {
+        // SAFETY: the caller guarantees the rows exist and that only this task touches these
+        // columns of them.
+        unsafe {
+            let base = grad.get().add((b * shape.seq + s) * layout.row_stride);
+            std::ptr::write_bytes(
+                base.add(layout.q_offset + heads.start * hd),
+                0,
+                heads.len() * hd,
+            );
+            std::ptr::write_bytes(base.add(layout.k_offset + g * hd), 0, hd);
+            std::ptr::write_bytes(base.add(layout.v_offset + g * hd), 0, hd);
+        }
+    }
+}
+
 /// Causal attention backward. Writes the q, k and v parts of `dqkv` (same layout as `qkv`).
 pub fn attention_backward(
     dqkv: &mut [f32],
@@ -226,18 +258,7 @@ pub fn attention_backward(
             let heads = g * shape.queries_per_kv_head()..(g + 1) * shape.queries_per_kv_head();
             // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
             // group g and the dk, dv columns of kv head g; they are zeroed here before use.
-            unsafe {
-                for s in 0..shape.seq {
-                    let base = grad_ptr.get().add(row(s));
-                    std::ptr::write_bytes(
-                        base.add(layout.q_offset + heads.start * hd),
-                        0,
-                        heads.len() * hd,
-                    );
-                    std::ptr::write_bytes(base.add(layout.k_offset + g * hd), 0, hd);
-                    std::ptr::write_bytes(base.add(layout.v_offset + g * hd), 0, hd);
-                }
-            }
+            unsafe { zero_group_gradients(grad_ptr, layout, shape, b, g) };
             for h in heads {
                 for kj in 0..shape.blocks() {
                     let (k0, k_rows) = shape.block_rows(kj);

@@ -10,7 +10,7 @@
 //!
 //! Saved state: the output (f32) and `lse` per (batch, head, position). Gradients are written.
 
-use crate::attention::{check_shapes, AttentionShape, QkvLayout, BLOCK};
+use crate::attention::{check_shapes, zero_group_gradients, AttentionShape, QkvLayout, BLOCK};
 use crate::bf16::Bf16;
 use crate::math::fast_exp;
 use crate::matmul::{Par, View, ViewMut};
@@ -191,18 +191,7 @@ pub fn attention_backward_bf16(
             let heads = g * shape.queries_per_kv_head()..(g + 1) * shape.queries_per_kv_head();
             // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
             // group g and the dk, dv columns of kv head g; they are zeroed here before use.
-            unsafe {
-                for s in 0..shape.seq {
-                    let base = grad_ptr.get().add(row(s));
-                    std::ptr::write_bytes(
-                        base.add(layout.q_offset + heads.start * hd),
-                        0,
-                        heads.len() * hd,
-                    );
-                    std::ptr::write_bytes(base.add(layout.k_offset + g * hd), 0, hd);
-                    std::ptr::write_bytes(base.add(layout.v_offset + g * hd), 0, hd);
-                }
-            }
+            unsafe { zero_group_gradients(grad_ptr, layout, shape, b, g) };
             for h in heads {
                 for kj in 0..shape.blocks() {
                     let (k0, k_rows) = shape.block_rows(kj);

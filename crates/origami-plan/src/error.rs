@@ -85,7 +85,11 @@ pub enum PlanError {
         value: f64,
     },
     /// A precision the hardware gives no peak for.
-    #[error("hardware {hardware} gives no peak FLOP/s for {precision}")]
+    #[error(
+        "hardware {hardware} gives no peak FLOP/s for {precision} (`[device] peak_flops_{precision}` is absent); plan with --precision {other}, the precision it describes{calibrate_hint}",
+        other = if *precision == "bf16" { "f32" } else { "bf16" },
+        calibrate_hint = if hardware == "local" { " (`origami plan --calibrate` measures this machine's f32 kernels only)" } else { "" }
+    )]
     NoPeak {
         /// Hardware name.
         hardware: String,
