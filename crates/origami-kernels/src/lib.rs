@@ -21,6 +21,7 @@ pub mod grad_norm;
 pub mod grouped_matmul;
 pub mod grouped_matmul_bf16;
 pub mod masked_attention;
+pub mod masked_attention_bf16;
 pub mod math;
 pub mod matmul;
 pub mod matmul_bf16;

@@ -24,7 +24,7 @@ use crate::tiles::{tile, SharedOut};
 use rayon::prelude::*;
 
 /// Tile edge for queries and keys.
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// Sizes of one masked attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,19 +44,19 @@ pub struct MaskedAttentionShape {
 }
 
 impl MaskedAttentionShape {
-    fn queries_per_kv_head(&self) -> usize {
+    pub(crate) fn queries_per_kv_head(&self) -> usize {
         self.heads / self.kv_heads
     }
 
-    fn q_stride(&self) -> usize {
+    pub(crate) fn q_stride(&self) -> usize {
         self.heads * self.head_dim
     }
 
-    fn kv_stride(&self) -> usize {
+    pub(crate) fn kv_stride(&self) -> usize {
         2 * self.kv_heads * self.head_dim
     }
 
-    fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
+    pub(crate) fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
         (b * self.heads + h) * self.q_len + i
     }
 
@@ -78,15 +78,15 @@ impl MaskedAttentionShape {
 
 /// One tile of positions: where it starts, how many rows, and the range of positions in it.
 #[derive(Clone, Copy, Debug)]
-struct Tile {
-    start: usize,
-    rows: usize,
+pub(crate) struct Tile {
+    pub(crate) start: usize,
+    pub(crate) rows: usize,
     min: usize,
     max: usize,
 }
 
 /// Splits `positions` into tiles of `BLOCK` rows with their position ranges.
-fn tiles(positions: &[usize]) -> Vec<Tile> {
+pub(crate) fn tiles(positions: &[usize]) -> Vec<Tile> {
     positions
         .chunks(BLOCK)
         .enumerate()
@@ -101,14 +101,14 @@ fn tiles(positions: &[usize]) -> Vec<Tile> {
 
 impl Tile {
     /// Whether no query of `self` sees any key of `keys`.
-    fn blind_to(&self, keys: &Tile) -> bool {
+    pub(crate) fn blind_to(&self, keys: &Tile) -> bool {
         keys.min > self.max
     }
 }
 
-fn check_inputs(
-    q: &[f32],
-    kv: &[f32],
+pub(crate) fn check_inputs<T>(
+    q: &[T],
+    kv: &[T],
     q_positions: &[usize],
     kv_positions: &[usize],
     shape: MaskedAttentionShape,
@@ -399,14 +399,16 @@ pub fn masked_attention_backward(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::attention::{attention_backward, attention_forward, AttentionShape, QkvLayout};
-    use crate::testing::{assert_close, check_gradient_with, probe_loss, random_vec};
+pub(crate) mod cases {
+    //! Shapes, inputs and layouts shared by the tests of the f32 and bf16 kernels.
 
-    const SCALE: f32 = 0.35;
+    use super::MaskedAttentionShape;
+    use crate::attention::QkvLayout;
+    use crate::testing::random_vec;
 
-    fn shape(batch: usize, q_len: usize, kv_len: usize) -> MaskedAttentionShape {
+    pub(crate) const SCALE: f32 = 0.35;
+
+    pub(crate) fn shape(batch: usize, q_len: usize, kv_len: usize) -> MaskedAttentionShape {
         MaskedAttentionShape {
             batch,
             q_len,
@@ -418,7 +420,7 @@ mod tests {
     }
 
     /// Random q and kv for `shape`, scaled so the softmax is far from uniform.
-    fn inputs(shape: MaskedAttentionShape, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn inputs(shape: MaskedAttentionShape, seed: u64) -> (Vec<f32>, Vec<f32>) {
         let scaled = |len, seed| random_vec(len, seed).iter().map(|v| v * 2.0).collect();
         (
             scaled(shape.q_elements(), seed),
@@ -427,7 +429,11 @@ mod tests {
     }
 
     /// The fused `[q | k | v]` buffer of the causal kernel and its layout.
-    fn fused(q: &[f32], kv: &[f32], shape: MaskedAttentionShape) -> (Vec<f32>, QkvLayout) {
+    pub(crate) fn fused(
+        q: &[f32],
+        kv: &[f32],
+        shape: MaskedAttentionShape,
+    ) -> (Vec<f32>, QkvLayout) {
         let (qs, ks) = (shape.q_stride(), shape.kv_stride());
         let rows = shape.batch * shape.q_len;
         let qkv = (0..rows)
@@ -446,6 +452,30 @@ mod tests {
         };
         (qkv, layout)
     }
+
+    /// Splits a fused `[q | k | v]` gradient into the compact q and kv layouts.
+    pub(crate) fn split_fused(dqkv: &[f32], shape: MaskedAttentionShape) -> (Vec<f32>, Vec<f32>) {
+        let (qs, ks) = (shape.q_stride(), shape.kv_stride());
+        let rows = dqkv.chunks(qs + ks);
+        let dq = rows.clone().flat_map(|r| &r[..qs]).copied().collect();
+        let dkv = rows.flat_map(|r| &r[qs..]).copied().collect();
+        (dq, dkv)
+    }
+
+    /// Shuffled, non-contiguous positions: query 0 (position 1) sees no key.
+    pub(crate) fn scattered_positions(len: usize, seed: usize) -> Vec<usize> {
+        (0..len)
+            .map(|i| 2 + (i * 37 + seed * 11) % (3 * len))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cases::{fused, inputs, scattered_positions, shape, split_fused, SCALE};
+    use super::*;
+    use crate::attention::{attention_backward, attention_forward, AttentionShape};
+    use crate::testing::{assert_close, check_gradient_with, probe_loss, random_vec};
 
     fn forward(
         q: &[f32],
@@ -503,22 +533,6 @@ mod tests {
             assert_close(&dq, &expected_dq, 1e-5, "dq");
             assert_close(&dkv, &expected_dkv, 1e-5, "dkv");
         }
-    }
-
-    /// Splits a fused `[q | k | v]` gradient into the compact q and kv layouts.
-    fn split_fused(dqkv: &[f32], shape: MaskedAttentionShape) -> (Vec<f32>, Vec<f32>) {
-        let (qs, ks) = (shape.q_stride(), shape.kv_stride());
-        let rows = dqkv.chunks(qs + ks);
-        let dq = rows.clone().flat_map(|r| &r[..qs]).copied().collect();
-        let dkv = rows.flat_map(|r| &r[qs..]).copied().collect();
-        (dq, dkv)
-    }
-
-    /// Shuffled, non-contiguous positions: query 0 (position 1) sees no key.
-    fn scattered_positions(len: usize, seed: usize) -> Vec<usize> {
-        (0..len)
-            .map(|i| 2 + (i * 37 + seed * 11) % (3 * len))
-            .collect()
     }
 
     #[test]

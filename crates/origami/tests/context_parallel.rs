@@ -1,16 +1,25 @@
 //! Context-parallel attention against the causal kernel on whole sequences: every rank's output
 //! rows and its dq, dk, dv rows must equal the reference rows of its tokens, for both exchanges
-//! (ring `p2p`, Ulysses `a2a`), several cp sizes, GQA and chunk sizes that cross tile edges.
+//! (ring `p2p`, Ulysses `a2a`), several cp sizes, GQA and chunk sizes that cross tile edges;
+//! in f32 against the f32 kernel, and in bf16 against the causal bf16 kernel of the same
+//! (bf16-valued) inputs.
 
+use origami::compute::Compute;
 use origami::layers::context_parallel::{local_positions, ContextAttention, CpCommType};
 use origami_comm::local::LocalWorld;
 use origami_kernels::attention::{
     attention_backward, attention_forward, AttentionShape, QkvLayout,
 };
+use origami_kernels::attention_bf16::{attention_backward_bf16, attention_forward_bf16};
+use origami_kernels::bf16::{to_bf16_vec, to_f32_vec};
 use origami_kernels::masked_attention::MaskedAttentionShape;
+use origami_kernels::matmul_bf16::Bf16Kernel;
 use origami_kernels::testing::random_vec;
 
 const TOLERANCE: f32 = 1e-5;
+/// bf16: the ring and the one-call reference round each probability against their own running
+/// maxima, so a weight may differ by `u₁₆ = 2⁻⁸` relative on each side, and `dS` once more.
+const BF16_TOLERANCE: f32 = 4.0 / 256.0;
 const BATCH: usize = 2;
 const HEAD_DIM: usize = 8;
 
@@ -21,6 +30,7 @@ struct Case {
     seq: usize,
     heads: usize,
     kv_heads: usize,
+    compute: Compute,
 }
 
 /// Whole-sequence tensors and the causal kernel's results on them, in compact layouts.
@@ -49,9 +59,13 @@ impl Case {
     fn reference(&self) -> Reference {
         let rows = BATCH * self.seq;
         let (qw, kw) = (self.q_width(), self.kv_width());
-        let q: Vec<f32> = random_vec(rows * qw, 1).iter().map(|v| v * 2.0).collect();
-        let kv: Vec<f32> = random_vec(rows * kw, 2).iter().map(|v| v * 2.0).collect();
-        let dout = random_vec(rows * qw, 3);
+        let representable = |x: Vec<f32>| match self.compute {
+            Compute::F32 => x,
+            Compute::Bf16(_) => to_f32_vec(&to_bf16_vec(&x)),
+        };
+        let q = representable(random_vec(rows * qw, 1).iter().map(|v| v * 2.0).collect());
+        let kv = representable(random_vec(rows * kw, 2).iter().map(|v| v * 2.0).collect());
+        let dout = representable(random_vec(rows * qw, 3));
         let qkv: Vec<f32> = (0..rows)
             .flat_map(|r| {
                 q[r * qw..(r + 1) * qw]
@@ -74,18 +88,38 @@ impl Case {
             head_dim: HEAD_DIM,
         };
         let mut out = vec![0.0; rows * qw];
-        let lse = attention_forward(&mut out, &qkv, layout, shape, self.scale());
         let mut dqkv = vec![0.0; qkv.len()];
-        attention_backward(
-            &mut dqkv,
-            &dout,
-            &out,
-            &qkv,
-            &lse,
-            layout,
-            shape,
-            self.scale(),
-        );
+        match self.compute {
+            Compute::F32 => {
+                let lse = attention_forward(&mut out, &qkv, layout, shape, self.scale());
+                attention_backward(
+                    &mut dqkv,
+                    &dout,
+                    &out,
+                    &qkv,
+                    &lse,
+                    layout,
+                    shape,
+                    self.scale(),
+                );
+            }
+            Compute::Bf16(kernel) => {
+                let qkv = to_bf16_vec(&qkv);
+                let lse =
+                    attention_forward_bf16(&mut out, &qkv, layout, shape, self.scale(), kernel);
+                attention_backward_bf16(
+                    &mut dqkv,
+                    &to_bf16_vec(&dout),
+                    &out,
+                    &qkv,
+                    &lse,
+                    layout,
+                    shape,
+                    self.scale(),
+                    kernel,
+                );
+            }
+        }
         let dq = dqkv
             .chunks(qw + kw)
             .flat_map(|r| &r[..qw])
@@ -147,9 +181,18 @@ fn run(case: Case) -> Vec<[f32; 3]> {
             let q = case.local_rows(&reference.q, case.q_width(), rank);
             let kv = case.local_rows(&reference.kv, case.kv_width(), rank);
             let dout = case.local_rows(&reference.dout, case.q_width(), rank);
-            let (out, saved) = attention.forward(&q, &kv, &positions, shape, case.scale());
-            let (dq, dkv) =
-                attention.backward(saved, &q, &kv, &dout, &positions, shape, case.scale());
+            let (out, saved) =
+                attention.forward(case.compute, &q, &kv, &positions, shape, case.scale());
+            let (dq, dkv) = attention.backward(
+                case.compute,
+                saved,
+                &q,
+                &kv,
+                &dout,
+                &positions,
+                shape,
+                case.scale(),
+            );
             let expected = |x: &[f32], width| case.local_rows(x, width, rank);
             Ok::<_, origami_comm::CommError>([
                 relative_error(&out, &expected(&reference.out, case.q_width())),
@@ -161,9 +204,13 @@ fn run(case: Case) -> Vec<[f32; 3]> {
 }
 
 fn assert_matches_reference(case: Case) {
+    let tolerance = match case.compute {
+        Compute::F32 => TOLERANCE,
+        Compute::Bf16(_) => BF16_TOLERANCE,
+    };
     for (rank, errors) in run(case).iter().enumerate() {
         assert!(
-            errors.iter().all(|&e| e <= TOLERANCE),
+            errors.iter().all(|&e| e <= tolerance),
             "{case:?} rank {rank}: relative errors of out, dq, dkv {errors:?}"
         );
     }
@@ -184,6 +231,29 @@ fn ring_attention_matches_whole_sequence_attention() {
                 seq,
                 heads: 4,
                 kv_heads: 2,
+                compute: Compute::F32,
+            });
+        }
+    }
+}
+
+#[test]
+fn bf16_context_attention_tracks_the_causal_bf16_kernel() {
+    let compute = Compute::Bf16(Bf16Kernel::detect());
+    for (cp, comm_type) in [
+        (1, CpCommType::P2p),
+        (2, CpCommType::P2p),
+        (4, CpCommType::P2p),
+        (2, CpCommType::A2a),
+    ] {
+        for seq in sequence_lengths(cp) {
+            assert_matches_reference(Case {
+                cp,
+                comm_type,
+                seq,
+                heads: 4,
+                kv_heads: 2,
+                compute,
             });
         }
     }
@@ -199,6 +269,7 @@ fn all_to_all_attention_matches_whole_sequence_attention() {
                 seq,
                 heads,
                 kv_heads,
+                compute: Compute::F32,
             });
         }
     }
@@ -212,6 +283,7 @@ fn all_to_all_rejects_heads_that_cp_does_not_divide() {
         seq: 8,
         heads: 8,
         kv_heads: 2,
+        compute: Compute::F32,
     };
     let failure = std::panic::catch_unwind(|| run(case)).unwrap_err();
     let message = failure

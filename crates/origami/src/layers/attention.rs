@@ -169,6 +169,7 @@ impl Attention {
             Some(cp) => {
                 let (q, kv) = self.split_qkv(qkv);
                 let (context, saved) = cp.forward(
+                    params.compute(),
                     &q,
                     &kv,
                     positions.in_sequence,
@@ -348,6 +349,7 @@ impl Attention {
             (Some(cp), CoreSaved::Context(core)) => {
                 let (q, kv) = self.split_qkv(&saved.qkv);
                 let (dq, dkv) = cp.backward(
+                    params.compute(),
                     core,
                     &q,
                     &kv,

@@ -16,15 +16,24 @@
 //!   inverse all-to-all. Backward mirrors it.
 //!
 //! The kernel masks by global token position, so neither needs the tokens in sequence order.
+//! In bf16 the blocks run the bf16 masked kernel on rounded q, k, v and output gradient (the
+//! exchanges still carry f32).
 
 use crate::layers::stored::Stored;
 use std::sync::Arc;
 
 use origami_comm::Communicator;
+use origami_kernels::bf16::Bf16;
 use origami_kernels::masked_attention::{
     attention_row_dots, masked_attention_backward, masked_attention_forward,
     merge_partial_attention, MaskedAttentionShape,
 };
+use origami_kernels::masked_attention_bf16::{
+    masked_attention_backward_bf16, masked_attention_forward_bf16,
+};
+use origami_kernels::matmul_bf16::Bf16Kernel;
+
+use crate::compute::{round_to_bf16, widen, Compute};
 
 use crate::layers::comm_ok;
 use crate::profile::{scope, timed, Phase};
@@ -106,6 +115,7 @@ impl ContextAttention {
     /// what the backward needs.
     pub fn forward(
         &self,
+        compute: Compute,
         q: &[f32],
         kv: &[f32],
         positions: &[usize],
@@ -115,9 +125,9 @@ impl ContextAttention {
         let _phase = scope(Phase::Attention);
         self.check_positions(positions, shape);
         if self.uses_all_to_all() {
-            self.all_to_all_forward(q, kv, shape, scale)
+            self.all_to_all_forward(compute, q, kv, shape, scale)
         } else {
-            self.ring_forward(q, kv, positions, shape, scale)
+            self.ring_forward(compute, q, kv, positions, shape, scale)
         }
     }
 
@@ -126,6 +136,7 @@ impl ContextAttention {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
+        compute: Compute,
         saved: ContextAttentionSaved,
         q: &[f32],
         kv: &[f32],
@@ -137,8 +148,10 @@ impl ContextAttention {
         let _phase = scope(Phase::Attention);
         self.check_positions(positions, shape);
         match saved.gathered {
-            Some(ref gathered) => self.all_to_all_backward(&saved, gathered, dout, shape, scale),
-            None => self.ring_backward(&saved, q, kv, dout, positions, shape, scale),
+            Some(ref gathered) => {
+                self.all_to_all_backward(compute, &saved, gathered, dout, shape, scale)
+            }
+            None => self.ring_backward(compute, &saved, q, kv, dout, positions, shape, scale),
         }
     }
 
@@ -181,6 +194,7 @@ impl ContextAttention {
 
     fn ring_forward(
         &self,
+        compute: Compute,
         q: &[f32],
         kv: &[f32],
         positions: &[usize],
@@ -188,8 +202,9 @@ impl ContextAttention {
         scale: f32,
     ) -> (Vec<f32>, ContextAttentionSaved) {
         let (previous, next) = self.ring_neighbours();
+        let blocks = BlockKernels::new(compute, q, None);
         let mut out = vec![0.0; shape.q_elements()];
-        let mut lse = masked_attention_forward(&mut out, q, kv, positions, positions, shape, scale);
+        let mut lse = blocks.forward(&mut out, q, kv, positions, positions, shape, scale);
         let mut current = kv.to_vec();
         let mut incoming = vec![0.0; kv.len()];
         let mut part = vec![0.0; out.len()];
@@ -208,7 +223,7 @@ impl ContextAttention {
             if !sees_any(positions, &kv_positions) {
                 continue;
             }
-            let part_lse = masked_attention_forward(
+            let part_lse = blocks.forward(
                 &mut part,
                 q,
                 &current,
@@ -230,6 +245,7 @@ impl ContextAttention {
     #[allow(clippy::too_many_arguments)]
     fn ring_backward(
         &self,
+        compute: Compute,
         saved: &ContextAttentionSaved,
         q: &[f32],
         kv: &[f32],
@@ -239,7 +255,8 @@ impl ContextAttention {
         scale: f32,
     ) -> (Vec<f32>, Vec<f32>) {
         let (previous, next) = self.ring_neighbours();
-        let row_dots = attention_row_dots(dout, &saved.out, shape);
+        let blocks = BlockKernels::new(compute, q, Some(dout));
+        let row_dots = blocks.row_dots(dout, &saved.out, shape);
         let mut dq = vec![0.0; q.len()];
         // The travelling block: keys/values followed by their gradient accumulator.
         let mut travelling = [kv, &vec![0.0; kv.len()]].concat();
@@ -262,7 +279,7 @@ impl ContextAttention {
                 continue;
             }
             let (block_kv, block_dkv) = travelling.split_at_mut(kv.len());
-            masked_attention_backward(
+            blocks.backward(
                 &mut dq,
                 block_dkv,
                 dout,
@@ -331,6 +348,7 @@ impl ContextAttention {
 
     fn all_to_all_forward(
         &self,
+        compute: Compute,
         q: &[f32],
         kv: &[f32],
         shape: MaskedAttentionShape,
@@ -342,7 +360,7 @@ impl ContextAttention {
         let q_full = sequence_to_heads(&*self.cp, q, q_split);
         let kv_full = sequence_to_heads(&*self.cp, kv, kv_split);
         let mut out_full = vec![0.0; full.q_elements()];
-        let lse = masked_attention_forward(
+        let lse = BlockKernels::new(compute, &q_full, None).forward(
             &mut out_full,
             &q_full,
             &kv_full,
@@ -365,6 +383,7 @@ impl ContextAttention {
 
     fn all_to_all_backward(
         &self,
+        compute: Compute,
         saved: &ContextAttentionSaved,
         gathered: &GatheredInputs,
         dout: &[f32],
@@ -375,10 +394,11 @@ impl ContextAttention {
         let full = self.head_split_shape(shape);
         let positions = self.all_positions(shape);
         let dout_full = sequence_to_heads(&*self.cp, dout, q_split);
-        let row_dots = attention_row_dots(&dout_full, &saved.out, full);
+        let blocks = BlockKernels::new(compute, &gathered.q, Some(&dout_full));
+        let row_dots = blocks.row_dots(&dout_full, &saved.out, full);
         let mut dq_full = vec![0.0; gathered.q.len()];
         let mut dkv_full = vec![0.0; gathered.kv.len()];
-        masked_attention_backward(
+        blocks.backward(
             &mut dq_full,
             &mut dkv_full,
             &dout_full,
@@ -395,6 +415,112 @@ impl ContextAttention {
             heads_to_sequence(&*self.cp, &dq_full, q_split),
             heads_to_sequence(&*self.cp, &dkv_full, kv_split),
         )
+    }
+}
+
+/// The masked attention kernels of the compute precision for one call's blocks: f32, or bf16
+/// with the queries (and the output gradient) rounded once and each key/value block as it
+/// arrives.
+struct BlockKernels {
+    kernel: Option<Bf16Kernel>,
+    q: Vec<Bf16>,
+    dout: Vec<Bf16>,
+}
+
+impl BlockKernels {
+    fn new(compute: Compute, q: &[f32], dout: Option<&[f32]>) -> Self {
+        match compute {
+            Compute::F32 => BlockKernels {
+                kernel: None,
+                q: Vec::new(),
+                dout: Vec::new(),
+            },
+            Compute::Bf16(kernel) => BlockKernels {
+                kernel: Some(kernel),
+                q: round_to_bf16(q),
+                dout: dout.map(round_to_bf16).unwrap_or_default(),
+            },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        kv: &[f32],
+        q_positions: &[usize],
+        kv_positions: &[usize],
+        shape: MaskedAttentionShape,
+        scale: f32,
+    ) -> Vec<f32> {
+        match self.kernel {
+            None => masked_attention_forward(out, q, kv, q_positions, kv_positions, shape, scale),
+            Some(kernel) => masked_attention_forward_bf16(
+                out,
+                &self.q,
+                &round_to_bf16(kv),
+                q_positions,
+                kv_positions,
+                shape,
+                scale,
+                kernel,
+            ),
+        }
+    }
+
+    /// `D = Σ dO∘O` of the output gradient the kernels see (rounded in bf16).
+    fn row_dots(&self, dout: &[f32], out: &[f32], shape: MaskedAttentionShape) -> Vec<f32> {
+        match self.kernel {
+            None => attention_row_dots(dout, out, shape),
+            Some(_) => attention_row_dots(&widen(&self.dout), out, shape),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dq: &mut [f32],
+        dkv: &mut [f32],
+        dout: &[f32],
+        q: &[f32],
+        kv: &[f32],
+        lse: &[f32],
+        row_dots: &[f32],
+        q_positions: &[usize],
+        kv_positions: &[usize],
+        shape: MaskedAttentionShape,
+        scale: f32,
+    ) {
+        match self.kernel {
+            None => masked_attention_backward(
+                dq,
+                dkv,
+                dout,
+                q,
+                kv,
+                lse,
+                row_dots,
+                q_positions,
+                kv_positions,
+                shape,
+                scale,
+            ),
+            Some(kernel) => masked_attention_backward_bf16(
+                dq,
+                dkv,
+                &self.dout,
+                &self.q,
+                &round_to_bf16(kv),
+                lse,
+                row_dots,
+                q_positions,
+                kv_positions,
+                shape,
+                scale,
+                kernel,
+            ),
+        }
     }
 }
 
