@@ -22,7 +22,7 @@ use rayon::prelude::*;
 const LANES: usize = 16;
 
 /// The largest of `row`'s values times `scale`.
-fn scaled_max(row: &[f32], scale: f32) -> f32 {
+pub(crate) fn scaled_max(row: &[f32], scale: f32) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -39,7 +39,7 @@ fn scaled_max(row: &[f32], scale: f32) -> f32 {
 
 /// `p[c] = bf16(e^(s[c]·scale − shift))` for the `valid` columns (0 after them); returns the
 /// sum of the rounded values.
-fn exp_rounded(p: &mut [Bf16], s: &[f32], valid: usize, scale: f32, shift: f32) -> f32 {
+pub(crate) fn exp_rounded(p: &mut [Bf16], s: &[f32], valid: usize, scale: f32, shift: f32) -> f32 {
     let mut lanes = [0.0f32; LANES];
     for (p, s) in p[..valid].chunks_mut(LANES).zip(s[..valid].chunks(LANES)) {
         for ((p, &s), l) in p.iter_mut().zip(s).zip(lanes.iter_mut()) {

@@ -104,6 +104,11 @@ impl Tile {
     pub(crate) fn blind_to(&self, keys: &Tile) -> bool {
         keys.min > self.max
     }
+
+    /// Whether every query of `self` sees every key of `keys` (no mask inside the pair).
+    pub(crate) fn sees_all_of(&self, keys: &Tile) -> bool {
+        keys.max <= self.min
+    }
 }
 
 pub(crate) fn check_inputs<T>(

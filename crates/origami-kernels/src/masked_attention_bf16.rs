@@ -7,6 +7,7 @@
 //! sum adds the rounded `P`. On contiguous positions it computes what the causal bf16 kernel
 //! computes.
 
+use crate::attention_bf16::{exp_rounded, scaled_max};
 use crate::bf16::Bf16;
 use crate::masked_attention::{check_inputs, tiles, MaskedAttentionShape, Tile, BLOCK};
 use crate::math::fast_exp;
@@ -70,10 +71,25 @@ pub fn masked_attention_forward_bf16(
                 let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
                 let scores_view = ViewMut::new(s, qt.rows, kt.rows);
                 matmul_bf16_with(kernel, scores_view, q_tile, k.t(), false, Par::Seq);
+                let unmasked = qt.sees_all_of(kt);
                 for r in 0..qt.rows {
                     let position = q_positions[qt.start + r];
                     let s_row = &s[r * kt.rows..(r + 1) * kt.rows];
                     let p_row = &mut p[r * kt.rows..(r + 1) * kt.rows];
+                    if unmasked {
+                        // Every key visible: the causal kernel's vectorised row passes.
+                        let new_max = max[r].max(scaled_max(s_row, scale));
+                        let correction = fast_exp(max[r] - new_max);
+                        let tile_sum = exp_rounded(p_row, s_row, kt.rows, scale, new_max);
+                        sum[r] = sum[r] * correction + tile_sum;
+                        max[r] = new_max;
+                        if correction != 1.0 {
+                            acc[r * hd..(r + 1) * hd]
+                                .iter_mut()
+                                .for_each(|a| *a *= correction);
+                        }
+                        continue;
+                    }
                     let tile_max = s_row
                         .iter()
                         .zip(key_positions)
@@ -197,6 +213,7 @@ pub fn masked_attention_backward_bf16(
                         matmul_bf16_with(kernel, dp_view, d_out, v.t(), false, Par::Seq);
                         let p16 = &mut probs[..qt.rows * kt.rows];
                         let ds16 = &mut dprobs[..qt.rows * kt.rows];
+                        let unmasked = qt.sees_all_of(kt);
                         for r in 0..qt.rows {
                             let i = qt.start + r;
                             let (position, lse_r) = (q_positions[i], lse[shape.lse_index(b, h, i)]);
@@ -204,6 +221,15 @@ pub fn masked_attention_backward_bf16(
                             let at = r * kt.rows..(r + 1) * kt.rows;
                             let (s_row, dp_row) = (&s[at.clone()], &dp[at.clone()]);
                             let (p_row, ds_row) = (&mut p16[at.clone()], &mut ds16[at]);
+                            if unmasked {
+                                // Every key visible (so this query's lse is finite).
+                                for c in 0..kt.rows {
+                                    let p = fast_exp(s_row[c] * scale - lse_r);
+                                    p_row[c] = Bf16::from_f32(p);
+                                    ds_row[c] = Bf16::from_f32(p * (dp_row[c] - d_r) * scale);
+                                }
+                                continue;
+                            }
                             for c in 0..kt.rows {
                                 if key_positions[c] <= position && lse_r != f32::NEG_INFINITY {
                                     let p = fast_exp(s_row[c] * scale - lse_r);
