@@ -65,13 +65,15 @@ fn folded_layouts_send_what_the_theory_says() {
     let mut sent = Vec::new();
     for (layout, micro_batches, compute) in [
         (tensor.clone(), 1, Compute::F32),
-        (context, 1, Compute::F32),
+        (context.clone(), 1, Compute::F32),
         (all_to_all, 1, Compute::F32),
         (pipeline.clone(), 4, Compute::F32),
         (interleaved, 4, Compute::F32),
-        // In bf16 the GEMM inputs that travel (sequence-parallel gathers, the dispatch) are bf16.
+        // In bf16 the GEMM inputs that travel (sequence-parallel gathers, the dispatch, the
+        // context-parallel ring's key/value blocks) are bf16.
         (tensor, 1, bf16),
         (pipeline, 4, bf16),
+        (context, 1, bf16),
     ] {
         let (ratio, bytes) = measured_over_theory(layout.clone(), micro_batches, compute);
         // Routing is not exactly uniform and small statistics all-reduces are not in the theory.

@@ -65,8 +65,9 @@ pub struct TrafficLayout {
     pub micro_batches: usize,
     /// Context-parallel exchange.
     pub cp_comm_type: CpCommType,
-    /// Whether the layers compute in bf16: the sequence-parallel gathers of GEMM inputs and the
-    /// dispatch of the experts' input then move 2 bytes a value (everything else stays f32).
+    /// Whether the layers compute in bf16: the sequence-parallel gathers of GEMM inputs, the
+    /// dispatch of the experts' input and the context-parallel ring's key/value blocks then
+    /// move 2 bytes a value (everything else stays f32).
     pub bf16_gemm_inputs: bool,
 }
 
@@ -120,15 +121,16 @@ pub fn theoretical_traffic(
     let q = region_tokens * (config.num_heads / layout.tp) as f64 * head_dim;
     let kv = region_tokens * 2.0 * (config.num_kv_heads / layout.tp) as f64 * head_dim;
     let cp = layout.cp;
-    let per_layer = match (cp, layout.cp_comm_type) {
+    let per_layer_bytes = match (cp, layout.cp_comm_type) {
         (1, _) => 0.0,
         // Forward: cp − 1 key/value blocks on; backward: cp − 1 blocks with their gradient
-        // accumulators, then the last accumulator home.
-        (_, CpCommType::P2p) => (cp - 1) as f64 * 3.0 * kv + kv,
+        // accumulators, then the last accumulator home (the blocks bf16 when the attention
+        // computes in bf16, the accumulators f32).
+        (_, CpCommType::P2p) => (cp - 1) as f64 * (2.0 * input_bytes + 4.0) * kv + 4.0 * kv,
         // Forward: q, kv out and the output back; backward: dout out, dq and dkv back.
-        (_, CpCommType::A2a) => gather(cp, 2.0 * q + kv) + gather(cp, 2.0 * q + kv),
+        (_, CpCommType::A2a) => bytes(gather(cp, 2.0 * q + kv) + gather(cp, 2.0 * q + kv)),
     };
-    let context_parallel = per_stage * bytes(layers as f64 * per_layer);
+    let context_parallel = per_stage * layers as f64 * per_layer_bytes;
 
     let expert_dispatch = (config.moe.dispatcher == DispatcherKind::Alltoall && layout.etp == 1)
         .then(|| {

@@ -16,8 +16,9 @@
 //!   inverse all-to-all. Backward mirrors it.
 //!
 //! The kernel masks by global token position, so neither needs the tokens in sequence order.
-//! In bf16 the blocks run the bf16 masked kernel on rounded q, k, v and output gradient (the
-//! exchanges still carry f32).
+//! In bf16 the blocks run the bf16 masked kernel on rounded q, k, v and output gradient; the
+//! ring's key/value blocks travel rounded, in half the bytes (their gradient accumulators, and
+//! the all-to-all exchanges, carry f32).
 
 use crate::layers::stored::Stored;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use origami_kernels::masked_attention_bf16::{
 };
 use origami_kernels::matmul_bf16::Bf16Kernel;
 
-use crate::compute::{round_to_bf16, widen, Compute};
+use crate::compute::{bf16_words, round_to_bf16, widen, words_as_bf16, Compute};
 
 use crate::layers::comm_ok;
 use crate::profile::{scope, timed, Phase};
@@ -204,9 +205,9 @@ impl ContextAttention {
         let (previous, next) = self.ring_neighbours();
         let blocks = BlockKernels::new(compute, q, None);
         let mut out = vec![0.0; shape.q_elements()];
-        let mut lse = blocks.forward(&mut out, q, kv, positions, positions, shape, scale);
-        let mut current = kv.to_vec();
-        let mut incoming = vec![0.0; kv.len()];
+        let mut current = blocks.pack(kv);
+        let mut lse = blocks.forward(&mut out, q, &current, positions, positions, shape, scale);
+        let mut incoming = vec![0.0; current.len()];
         let mut part = vec![0.0; out.len()];
         for step in 1..self.cp.size() {
             timed(Phase::CommContext, || {
@@ -259,7 +260,9 @@ impl ContextAttention {
         let row_dots = blocks.row_dots(dout, &saved.out, shape);
         let mut dq = vec![0.0; q.len()];
         // The travelling block: keys/values followed by their gradient accumulator.
-        let mut travelling = [kv, &vec![0.0; kv.len()]].concat();
+        let packed = blocks.pack(kv);
+        let packed_len = packed.len();
+        let mut travelling = [packed.as_slice(), &vec![0.0; kv.len()]].concat();
         let mut incoming = vec![0.0; travelling.len()];
         for step in 0..self.cp.size() {
             if step > 0 {
@@ -278,7 +281,7 @@ impl ContextAttention {
             if !sees_any(positions, &kv_positions) {
                 continue;
             }
-            let (block_kv, block_dkv) = travelling.split_at_mut(kv.len());
+            let (block_kv, block_dkv) = travelling.split_at_mut(packed_len);
             blocks.backward(
                 &mut dq,
                 block_dkv,
@@ -294,7 +297,7 @@ impl ContextAttention {
             );
         }
         // The last block came from the next rank: one more step returns its gradient.
-        let accumulated = travelling.split_off(kv.len());
+        let accumulated = travelling.split_off(packed_len);
         if self.cp.size() == 1 {
             return (dq, accumulated);
         }
@@ -360,10 +363,11 @@ impl ContextAttention {
         let q_full = sequence_to_heads(&*self.cp, q, q_split);
         let kv_full = sequence_to_heads(&*self.cp, kv, kv_split);
         let mut out_full = vec![0.0; full.q_elements()];
-        let lse = BlockKernels::new(compute, &q_full, None).forward(
+        let blocks = BlockKernels::new(compute, &q_full, None);
+        let lse = blocks.forward(
             &mut out_full,
             &q_full,
-            &kv_full,
+            &blocks.pack(&kv_full),
             &positions,
             &positions,
             full,
@@ -403,7 +407,7 @@ impl ContextAttention {
             &mut dkv_full,
             &dout_full,
             &gathered.q,
-            &gathered.kv,
+            &blocks.pack(&gathered.kv),
             &saved.lse,
             &row_dots,
             &positions,
@@ -419,8 +423,8 @@ impl ContextAttention {
 }
 
 /// The masked attention kernels of the compute precision for one call's blocks: f32, or bf16
-/// with the queries (and the output gradient) rounded once and each key/value block as it
-/// arrives.
+/// with the queries (and the output gradient) rounded once and the key/value blocks rounded
+/// before they travel, two values to a communicator word ([`BlockKernels::pack`]).
 struct BlockKernels {
     kernel: Option<Bf16Kernel>,
     q: Vec<Bf16>,
@@ -443,6 +447,15 @@ impl BlockKernels {
         }
     }
 
+    /// A key/value block as it travels and as `forward` and `backward` take it: f32, or its
+    /// bf16 rounding packed two to a word (every kv block has an even length: keys and values).
+    fn pack(&self, kv: &[f32]) -> Vec<f32> {
+        match self.kernel {
+            None => kv.to_vec(),
+            Some(_) => bf16_words(&round_to_bf16(kv)),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -459,7 +472,7 @@ impl BlockKernels {
             Some(kernel) => masked_attention_forward_bf16(
                 out,
                 &self.q,
-                &round_to_bf16(kv),
+                words_as_bf16(kv),
                 q_positions,
                 kv_positions,
                 shape,
@@ -511,7 +524,7 @@ impl BlockKernels {
                 dkv,
                 &self.dout,
                 &self.q,
-                &round_to_bf16(kv),
+                words_as_bf16(kv),
                 lse,
                 row_dots,
                 q_positions,
