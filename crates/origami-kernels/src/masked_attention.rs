@@ -130,6 +130,41 @@ pub(crate) fn check_inputs<T>(
     assert_eq!(kv_positions.len(), shape.kv_len, "kv positions length");
 }
 
+/// Writes a query tile's finished rows: output `acc / sum` (0 for a query that saw no key) and
+/// `lse = max + ln sum` (`−∞` for it).
+///
+/// # Safety
+/// `out` and `lse` must point to buffers of `shape.q_elements()` and `shape.lse_elements()`
+/// values, and no other thread may access the tile's rows of head `h` meanwhile.
+pub(crate) unsafe fn store_tile(
+    out: SharedOut,
+    lse: SharedOut,
+    shape: MaskedAttentionShape,
+    (b, h, qt): (usize, usize, Tile),
+    acc: &[f32],
+    max: &[f32],
+    sum: &[f32],
+) {
+    let (hd, qs) = (shape.head_dim, shape.q_stride());
+    for r in 0..qt.rows {
+        let i = qt.start + r;
+        let seen = sum[r] > 0.0;
+        // SAFETY: the caller guarantees the buffers' sizes and that only this task touches
+        // these rows.
+        unsafe {
+            let dst = out.get().add((b * shape.q_len + i) * qs + h * hd);
+            for d in 0..hd {
+                *dst.add(d) = if seen { acc[r * hd + d] / sum[r] } else { 0.0 };
+            }
+            *lse.get().add(shape.lse_index(b, h, i)) = if seen {
+                max[r] + sum[r].ln()
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+    }
+}
+
 /// Masked attention forward of one block. Writes `out[batch·q_len, heads·head_dim]`, returns
 /// `lse[batch, heads, q_len]` (`−∞`, with output 0, for a query that sees no key).
 pub fn masked_attention_forward(
@@ -220,22 +255,8 @@ pub fn masked_attention_forward(
                     Par::Seq,
                 );
             }
-            for r in 0..qt.rows {
-                let i = qt.start + r;
-                let seen = sum[r] > 0.0;
-                // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
-                unsafe {
-                    let dst = out_ptr.get().add((b * shape.q_len + i) * qs + h * hd);
-                    for d in 0..hd {
-                        *dst.add(d) = if seen { acc[r * hd + d] / sum[r] } else { 0.0 };
-                    }
-                    *lse_ptr.get().add(shape.lse_index(b, h, i)) = if seen {
-                        max[r] + sum[r].ln()
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
-            }
+            // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
+            unsafe { store_tile(out_ptr, lse_ptr, shape, (b, h, qt), acc, &max, &sum) };
         },
     );
     lse

@@ -9,7 +9,7 @@
 
 use crate::attention_bf16::{exp_rounded, scaled_max};
 use crate::bf16::Bf16;
-use crate::masked_attention::{check_inputs, tiles, MaskedAttentionShape, Tile, BLOCK};
+use crate::masked_attention::{check_inputs, store_tile, tiles, MaskedAttentionShape, Tile, BLOCK};
 use crate::math::fast_exp;
 use crate::matmul::{Par, View, ViewMut};
 use crate::matmul_bf16::{matmul_bf16_raw, matmul_bf16_with, Bf16Kernel};
@@ -71,45 +71,41 @@ pub fn masked_attention_forward_bf16(
                 let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
                 let scores_view = ViewMut::new(s, qt.rows, kt.rows);
                 matmul_bf16_with(kernel, scores_view, q_tile, k.t(), false, Par::Seq);
+                // Where every key is visible the causal kernel's vectorised row passes serve.
                 let unmasked = qt.sees_all_of(kt);
                 for r in 0..qt.rows {
                     let position = q_positions[qt.start + r];
                     let s_row = &s[r * kt.rows..(r + 1) * kt.rows];
                     let p_row = &mut p[r * kt.rows..(r + 1) * kt.rows];
-                    if unmasked {
-                        // Every key visible: the causal kernel's vectorised row passes.
-                        let new_max = max[r].max(scaled_max(s_row, scale));
-                        let correction = fast_exp(max[r] - new_max);
-                        let tile_sum = exp_rounded(p_row, s_row, kt.rows, scale, new_max);
-                        sum[r] = sum[r] * correction + tile_sum;
-                        max[r] = new_max;
-                        if correction != 1.0 {
-                            acc[r * hd..(r + 1) * hd]
-                                .iter_mut()
-                                .for_each(|a| *a *= correction);
-                        }
-                        continue;
-                    }
-                    let tile_max = s_row
-                        .iter()
-                        .zip(key_positions)
-                        .filter(|(_, &kp)| kp <= position)
-                        .fold(f32::NEG_INFINITY, |m, (&s, _)| m.max(s * scale));
+                    let tile_max = if unmasked {
+                        scaled_max(s_row, scale)
+                    } else {
+                        s_row
+                            .iter()
+                            .zip(key_positions)
+                            .filter(|(_, &kp)| kp <= position)
+                            .fold(f32::NEG_INFINITY, |m, (&s, _)| m.max(s * scale))
+                    };
                     if tile_max == f32::NEG_INFINITY {
                         p_row.fill(Bf16::ZERO);
                         continue;
                     }
                     let new_max = max[r].max(tile_max);
                     let correction = fast_exp(max[r] - new_max);
-                    let mut tile_sum = 0.0;
-                    for ((p, &s), &kp) in p_row.iter_mut().zip(s_row).zip(key_positions) {
-                        *p = if kp <= position {
-                            Bf16::from_f32(fast_exp(s * scale - new_max))
-                        } else {
-                            Bf16::ZERO
-                        };
-                        tile_sum += p.to_f32();
-                    }
+                    let tile_sum = if unmasked {
+                        exp_rounded(p_row, s_row, kt.rows, scale, new_max)
+                    } else {
+                        let mut tile_sum = 0.0;
+                        for ((p, &s), &kp) in p_row.iter_mut().zip(s_row).zip(key_positions) {
+                            *p = if kp <= position {
+                                Bf16::from_f32(fast_exp(s * scale - new_max))
+                            } else {
+                                Bf16::ZERO
+                            };
+                            tile_sum += p.to_f32();
+                        }
+                        tile_sum
+                    };
                     sum[r] = sum[r] * correction + tile_sum;
                     max[r] = new_max;
                     if correction != 1.0 {
@@ -122,22 +118,8 @@ pub fn masked_attention_forward_bf16(
                 let p_view = View::new(p, qt.rows, kt.rows);
                 matmul_bf16_with(kernel, acc_view, p_view, v, true, Par::Seq);
             }
-            for r in 0..qt.rows {
-                let i = qt.start + r;
-                let seen = sum[r] > 0.0;
-                // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
-                unsafe {
-                    let dst = out_ptr.get().add((b * shape.q_len + i) * qs + h * hd);
-                    for d in 0..hd {
-                        *dst.add(d) = if seen { acc[r * hd + d] / sum[r] } else { 0.0 };
-                    }
-                    *lse_ptr.get().add(shape.lse_index(b, h, i)) = if seen {
-                        max[r] + sum[r].ln()
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
-            }
+            // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
+            unsafe { store_tile(out_ptr, lse_ptr, shape, (b, h, qt), acc, &max, &sum) };
         },
     );
     lse
@@ -213,7 +195,6 @@ pub fn masked_attention_backward_bf16(
                         matmul_bf16_with(kernel, dp_view, d_out, v.t(), false, Par::Seq);
                         let p16 = &mut probs[..qt.rows * kt.rows];
                         let ds16 = &mut dprobs[..qt.rows * kt.rows];
-                        let unmasked = qt.sees_all_of(kt);
                         for r in 0..qt.rows {
                             let i = qt.start + r;
                             let (position, lse_r) = (q_positions[i], lse[shape.lse_index(b, h, i)]);
@@ -221,15 +202,6 @@ pub fn masked_attention_backward_bf16(
                             let at = r * kt.rows..(r + 1) * kt.rows;
                             let (s_row, dp_row) = (&s[at.clone()], &dp[at.clone()]);
                             let (p_row, ds_row) = (&mut p16[at.clone()], &mut ds16[at]);
-                            if unmasked {
-                                // Every key visible (so this query's lse is finite).
-                                for c in 0..kt.rows {
-                                    let p = fast_exp(s_row[c] * scale - lse_r);
-                                    p_row[c] = Bf16::from_f32(p);
-                                    ds_row[c] = Bf16::from_f32(p * (dp_row[c] - d_r) * scale);
-                                }
-                                continue;
-                            }
                             for c in 0..kt.rows {
                                 if key_positions[c] <= position && lse_r != f32::NEG_INFINITY {
                                     let p = fast_exp(s_row[c] * scale - lse_r);
