@@ -133,6 +133,19 @@ pub fn bf16_words(values: &[Bf16]) -> Vec<f32> {
     words
 }
 
+/// `x` rounded to bf16 straight into words as [`bf16_words`] packs them (no bf16 copy in
+/// between); `x` must have an even length.
+pub fn round_to_words(x: &[f32]) -> Vec<f32> {
+    assert!(
+        x.len().is_multiple_of(2),
+        "{} values do not fill whole words",
+        x.len()
+    );
+    let mut words = vec![0.0f32; x.len() / 2];
+    round_into(words_as_bf16_mut(&mut words), x);
+    words
+}
+
 /// The bf16 values packed in `words` (two to a word, as [`bf16_words`] packs them).
 pub fn words_as_bf16(words: &[f32]) -> &[Bf16] {
     // SAFETY: `Bf16` is `repr(transparent)` over `u16`, every bit pattern is a valid value, an

@@ -16,8 +16,8 @@ mod precision;
 mod weights;
 
 pub use activation::{
-    bf16_words, round_into, round_to_bf16, widen, words_as_bf16, words_as_bf16_mut, Activation,
-    Input,
+    bf16_words, round_into, round_to_bf16, round_to_words, widen, words_as_bf16, words_as_bf16_mut,
+    Activation, Input,
 };
 pub use linear::LinearShape;
 pub use origami_kernels::matmul::LinearGrads;

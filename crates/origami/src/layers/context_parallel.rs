@@ -34,7 +34,7 @@ use origami_kernels::masked_attention_bf16::{
 };
 use origami_kernels::matmul_bf16::Bf16Kernel;
 
-use crate::compute::{bf16_words, round_to_bf16, widen, words_as_bf16, Compute};
+use crate::compute::{round_to_bf16, round_to_words, widen, words_as_bf16, Compute};
 
 use crate::layers::comm_ok;
 use crate::profile::{scope, timed, Phase};
@@ -452,7 +452,7 @@ impl BlockKernels {
     fn pack(&self, kv: &[f32]) -> Vec<f32> {
         match self.kernel {
             None => kv.to_vec(),
-            Some(_) => bf16_words(&round_to_bf16(kv)),
+            Some(_) => round_to_words(kv),
         }
     }
 

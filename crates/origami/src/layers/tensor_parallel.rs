@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use origami_comm::{Communicator, ReduceOp, SoloComm};
 
-use crate::compute::{bf16_words, round_to_bf16, words_as_bf16, Activation, Weights};
+use crate::compute::{round_to_words, words_as_bf16, Activation, Weights};
 use crate::layers::comm_ok;
 use crate::profile::{scope, Phase};
 
@@ -116,7 +116,7 @@ impl TensorParallel {
         if tp == 1 || !params.compute().is_bf16() || !local.len().is_multiple_of(2) {
             return params.activation(self.gather_sequence(local, batch, width));
         }
-        let send = bf16_words(&round_to_bf16(&local));
+        let send = round_to_words(&local);
         let _phase = scope(Phase::CommSequence);
         let mut by_rank = vec![0.0f32; send.len() * tp];
         comm_ok(

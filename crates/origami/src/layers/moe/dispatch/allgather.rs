@@ -8,7 +8,7 @@
 //! Backward: all-gather of the output gradient, the local un-permute and experts backward,
 //! then reduce-scatter-v of the token and routing-weight gradients.
 
-use crate::compute::{bf16_words, round_to_bf16, widen, words_as_bf16};
+use crate::compute::{round_to_bf16, round_to_words, words_as_bf16};
 use crate::layers::stored::Stored;
 use origami_comm::ReduceOp;
 use origami_kernels::bf16::Bf16;
@@ -117,11 +117,11 @@ impl AllGatherPlan {
         all
     }
 
-    /// [`AllGatherPlan::gather`] of bf16 rows (the experts' input in bf16): two values travel
-    /// in each word, half the bytes of f32.
-    pub fn gather_bf16(&self, parallel: &MoeParallel, x: &[Bf16]) -> Vec<Bf16> {
+    /// [`AllGatherPlan::gather`] of the experts' input in bf16: `x` rounded, two values to a
+    /// word, half the bytes of f32.
+    pub fn gather_bf16(&self, parallel: &MoeParallel, x: &[f32]) -> Vec<Bf16> {
         if !self.hidden.is_multiple_of(2) {
-            return round_to_bf16(&self.gather(parallel, &widen(x)));
+            return round_to_bf16(&self.gather(parallel, x));
         }
         let counts: Vec<usize> = self.token_counts().iter().map(|c| c / 2).collect();
         let mut all = vec![0.0; counts.iter().sum()];
@@ -129,7 +129,7 @@ impl AllGatherPlan {
             comm_ok(
                 parallel
                     .tp_ep
-                    .all_gather_v(&bf16_words(x), &counts, &mut all),
+                    .all_gather_v(&round_to_words(x), &counts, &mut all),
             )
         });
         words_as_bf16(&all).to_vec()

@@ -129,7 +129,7 @@ pub fn forward(
                 let plan =
                     AllGatherPlan::new(parallel, input.routing, &kept, experts_total, hidden);
                 let rows = if params.compute().is_bf16() {
-                    let gathered = plan.gather_bf16(parallel, &round_to_bf16(input.x));
+                    let gathered = plan.gather_bf16(parallel, input.x);
                     Activation::Bf16(permute(&gathered, &plan.permutation, hidden))
                 } else {
                     let gathered = plan.gather(parallel, input.x);
