@@ -8,14 +8,21 @@
 //! the rounded `P`, so the output is exactly (up to f32 sums) the average of the values with
 //! the rounded weights.
 //!
+//! Every operand is packed into the bf16 microkernel's panels once, not per product
+//! (`tiles::TileOperand`): the forward packs each key block's `Kᵀ` and `V` before its tasks
+//! start, and each query block once per task; the backward task of a (batch, kv head) packs
+//! its heads' `Q` and `dO` blocks (both operand forms) up front and each key block once, so
+//! per tile pair only the fresh `P`, `Pᵀ`, `dS` and `dSᵀ` are packed. Products and sums are
+//! those of the blocked GEMM (one k-block), so results are unchanged.
+//!
 //! Saved state: the output (f32) and `lse` per (batch, head, position). Gradients are written.
 
 use crate::attention::{check_shapes, zero_group_gradients, AttentionShape, QkvLayout, BLOCK};
 use crate::bf16::Bf16;
 use crate::math::fast_exp;
-use crate::matmul::{Par, View, ViewMut};
-use crate::matmul_bf16::{matmul_bf16_raw, matmul_bf16_with, Bf16Kernel};
-use crate::tiles::{tile, SharedOut};
+use crate::matmul::{RawMatrix, View};
+use crate::matmul_bf16::Bf16Kernel;
+use crate::tiles::{tile, SharedOut, TileOperand};
 use rayon::prelude::*;
 
 /// Lanes of the row reductions (max, sum), so they vectorise.
@@ -52,6 +59,37 @@ pub(crate) fn exp_rounded(p: &mut [Bf16], s: &[f32], valid: usize, scale: f32, s
     lanes.iter().sum()
 }
 
+/// Every key block of every (sequence, kv head), prepared as the right operands of the tile
+/// products: `Kᵀ` (for `S = Q·Kᵀ`) and `V` (for `O += P·V`), indexed by
+/// `(b·kv_heads + g)·blocks + j`. Packed once, they serve every query block and every head of
+/// the group.
+fn packed_key_blocks(
+    qkv: &[Bf16],
+    layout: QkvLayout,
+    shape: AttentionShape,
+    kernel: Bf16Kernel,
+) -> Vec<(TileOperand, TileOperand)> {
+    let (hd, rs) = (shape.head_dim, layout.row_stride);
+    (0..shape.batch * shape.kv_heads * shape.blocks())
+        .into_par_iter()
+        .map(|idx| {
+            let (bg, j) = (idx / shape.blocks(), idx % shape.blocks());
+            let (b, g) = (bg / shape.kv_heads, bg % shape.kv_heads);
+            let (k0, k_rows) = shape.block_rows(j);
+            let at = (b * shape.seq + k0) * rs + g * hd;
+            let k = tile(qkv, at + layout.k_offset, k_rows, hd, rs);
+            let v = tile(qkv, at + layout.v_offset, k_rows, hd, rs);
+            let (mut kt, mut vs) = (TileOperand::default(), TileOperand::default());
+            // SAFETY: the callers assert that the CPU runs the kernel.
+            unsafe {
+                kernel.pack_rhs(&mut kt, k.t());
+                kernel.pack_rhs(&mut vs, v);
+            }
+            (kt, vs)
+        })
+        .collect()
+}
+
 /// Causal attention forward on bf16 `qkv`. Writes `out[batch·seq, heads·head_dim]` (f32),
 /// returns `lse[batch, heads, seq]`.
 pub fn attention_forward_bf16(
@@ -63,6 +101,10 @@ pub fn attention_forward_bf16(
     kernel: Bf16Kernel,
 ) -> Vec<f32> {
     check_shapes(qkv, layout, shape);
+    assert!(
+        kernel.is_available(),
+        "bf16 kernel {kernel:?} does not run on this CPU"
+    );
     let (hd, rs) = (shape.head_dim, layout.row_stride);
     let out_stride = shape.heads * hd;
     assert_eq!(
@@ -71,6 +113,7 @@ pub fn attention_forward_bf16(
         "attention output size"
     );
     let mut lse = vec![0.0f32; shape.batch * shape.heads * shape.seq];
+    let key_blocks = packed_key_blocks(qkv, layout, shape, kernel);
     let out_ptr = SharedOut(out.as_mut_ptr());
     let lse_ptr = SharedOut(lse.as_mut_ptr());
     let tasks: Vec<(usize, usize, usize)> = (0..shape.batch)
@@ -84,25 +127,35 @@ pub fn attention_forward_bf16(
                 vec![0.0f32; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
                 vec![0.0f32; BLOCK * hd],
+                TileOperand::default(),
+                TileOperand::default(),
             )
         },
-        |(scores, probs, acc), (b, h, qi)| {
+        |(scores, probs, acc, q_op, p_op), (b, h, qi)| {
             let g = h / shape.queries_per_kv_head();
             let (q0, q_rows) = shape.block_rows(qi);
-            let row = |s: usize| (b * shape.seq + s) * rs;
-            let q = tile(qkv, row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
+            let q = tile(
+                qkv,
+                (b * shape.seq + q0) * rs + layout.q_offset + h * hd,
+                q_rows,
+                hd,
+                rs,
+            );
+            // SAFETY: the kernel runs on this CPU (asserted above).
+            unsafe { kernel.pack_lhs(q_op, q) };
             let acc = &mut acc[..q_rows * hd];
             acc.fill(0.0);
             let mut max = [f32::NEG_INFINITY; BLOCK];
             let mut sum = [0.0f32; BLOCK];
             for kj in 0..=qi {
-                let (k0, k_rows) = shape.block_rows(kj);
-                let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
+                let k_rows = shape.block_rows(kj).1;
+                let (kt, vs) = &key_blocks[(b * shape.kv_heads + g) * shape.blocks() + kj];
                 let s = &mut scores[..q_rows * k_rows];
                 let p = &mut probs[..q_rows * k_rows];
-                let scores_view = ViewMut::new(s, q_rows, k_rows);
-                matmul_bf16_with(kernel, scores_view, q, k.t(), false, Par::Seq);
+                // SAFETY: the kernel runs on this CPU; `s` and `acc` are this task's own.
+                unsafe {
+                    kernel.multiply_tiles(own(s, q_rows, k_rows), q_op, kt, false);
+                }
                 for r in 0..q_rows {
                     let valid = if kj == qi { r + 1 } else { k_rows };
                     let s_row = &s[r * k_rows..(r + 1) * k_rows];
@@ -118,24 +171,48 @@ pub fn attention_forward_bf16(
                             .for_each(|a| *a *= correction);
                     }
                 }
-                let acc_view = ViewMut::new(acc, q_rows, hd);
-                let p_view = View::new(p, q_rows, k_rows);
-                matmul_bf16_with(kernel, acc_view, p_view, v, true, Par::Seq);
+                // SAFETY: as above.
+                unsafe {
+                    kernel.pack_lhs(p_op, View::new(p, q_rows, k_rows));
+                    kernel.multiply_tiles(own(acc, q_rows, hd), p_op, vs, true);
+                }
             }
             for r in 0..q_rows {
                 let s = q0 + r;
                 // SAFETY: task (b, h, qi) alone writes rows q0.. of head h and their lse entries.
-                unsafe {
-                    let dst = out_ptr.get().add((b * shape.seq + s) * out_stride + h * hd);
-                    for d in 0..hd {
-                        *dst.add(d) = acc[r * hd + d] / sum[r];
-                    }
+                let dst = unsafe {
+                    let at = out_ptr.get().add((b * shape.seq + s) * out_stride + h * hd);
                     *lse_ptr.get().add(shape.lse_index(b, h, s)) = max[r] + sum[r].ln();
+                    std::slice::from_raw_parts_mut(at, hd)
+                };
+                for (o, &a) in dst.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
+                    *o = a / sum[r];
                 }
             }
         },
     );
     lse
+}
+
+/// A task's own `rows × cols` row-major buffer as a product's output.
+fn own(buffer: &mut [f32], rows: usize, cols: usize) -> RawMatrix {
+    RawMatrix {
+        ptr: buffer.as_mut_ptr(),
+        rows,
+        cols,
+        row_stride: cols,
+        col_stride: 1,
+    }
+}
+
+/// One query block of one head prepared for the backward's products: `Q` and `dO` as left
+/// operands (`S = Q·Kᵀ`, `dP = dO·Vᵀ`) and as right operands (`dK += dSᵀ·Q`, `dV += Pᵀ·dO`).
+#[derive(Default)]
+struct QueryBlock {
+    q_lhs: TileOperand,
+    dout_lhs: TileOperand,
+    q_rhs: TileOperand,
+    dout_rhs: TileOperand,
 }
 
 /// Causal attention backward on bf16 `qkv` and output gradient `dout`, with the forward's f32
@@ -177,6 +254,7 @@ pub fn attention_backward_bf16(
     let tasks: Vec<(usize, usize)> = (0..shape.batch)
         .flat_map(|b| (0..shape.kv_heads).map(move |g| (b, g)))
         .collect();
+    let group = shape.queries_per_kv_head();
     tasks.into_par_iter().for_each_init(
         || {
             (
@@ -184,34 +262,63 @@ pub fn attention_backward_bf16(
                 vec![0.0f32; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
+                (0..group)
+                    .map(|_| Vec::<QueryBlock>::new())
+                    .collect::<Vec<_>>(),
+                [(); 6].map(|_| TileOperand::default()),
             )
         },
-        |(scores, dscores, probs, dprobs), (b, g)| {
+        |(scores, dscores, probs, dprobs, queries, ops), (b, g)| {
             let row = |s: usize| (b * shape.seq + s) * rs;
-            let heads = g * shape.queries_per_kv_head()..(g + 1) * shape.queries_per_kv_head();
             // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
             // group g and the dk, dv columns of kv head g; they are zeroed here before use.
             unsafe { zero_group_gradients(grad_ptr, layout, shape, b, g) };
-            for h in heads {
-                for kj in 0..shape.blocks() {
-                    let (k0, k_rows) = shape.block_rows(kj);
-                    let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                    let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
-                    let dk = grad_ptr.matrix(row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                    let dv = grad_ptr.matrix(row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
-                    for qi in kj..shape.blocks() {
+            for (slot, blocks) in queries.iter_mut().enumerate() {
+                let h = g * group + slot;
+                blocks.resize_with(shape.blocks(), QueryBlock::default);
+                for (qi, block) in blocks.iter_mut().enumerate() {
+                    let (q0, q_rows) = shape.block_rows(qi);
+                    let q = tile(qkv, row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
+                    let do_start = (b * shape.seq + q0) * out_stride + h * hd;
+                    let d_out = tile(dout, do_start, q_rows, hd, out_stride);
+                    // SAFETY: the kernel runs on this CPU (asserted above).
+                    unsafe {
+                        kernel.pack_lhs(&mut block.q_lhs, q);
+                        kernel.pack_lhs(&mut block.dout_lhs, d_out);
+                        kernel.pack_rhs(&mut block.q_rhs, q);
+                        kernel.pack_rhs(&mut block.dout_rhs, d_out);
+                    }
+                }
+            }
+            let [kt, vt, ks, pt, ds_op, dst] = ops;
+            for kj in 0..shape.blocks() {
+                let (k0, k_rows) = shape.block_rows(kj);
+                let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
+                let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
+                // SAFETY: as above.
+                unsafe {
+                    kernel.pack_rhs(kt, k.t());
+                    kernel.pack_rhs(vt, v.t());
+                    kernel.pack_rhs(ks, k);
+                }
+                let dk = grad_ptr.matrix(row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
+                let dv = grad_ptr.matrix(row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
+                for (slot, blocks) in queries.iter().enumerate() {
+                    let h = g * group + slot;
+                    for (qi, block) in blocks.iter().enumerate().skip(kj) {
                         let (q0, q_rows) = shape.block_rows(qi);
-                        let q = tile(qkv, row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
-                        let do_start = (b * shape.seq + q0) * out_stride + h * hd;
-                        let d_out = tile(dout, do_start, q_rows, hd, out_stride);
                         let s = &mut scores[..q_rows * k_rows];
                         let dp = &mut dscores[..q_rows * k_rows];
-                        let (s_view, dp_view) = (
-                            ViewMut::new(s, q_rows, k_rows),
-                            ViewMut::new(dp, q_rows, k_rows),
-                        );
-                        matmul_bf16_with(kernel, s_view, q, k.t(), false, Par::Seq);
-                        matmul_bf16_with(kernel, dp_view, d_out, v.t(), false, Par::Seq);
+                        // SAFETY: as above; `s` and `dp` are this task's own.
+                        unsafe {
+                            kernel.multiply_tiles(own(s, q_rows, k_rows), &block.q_lhs, kt, false);
+                            kernel.multiply_tiles(
+                                own(dp, q_rows, k_rows),
+                                &block.dout_lhs,
+                                vt,
+                                false,
+                            );
+                        }
                         let p16 = &mut probs[..q_rows * k_rows];
                         let ds16 = &mut dprobs[..q_rows * k_rows];
                         for r in 0..q_rows {
@@ -221,10 +328,16 @@ pub fn attention_backward_bf16(
                             let at = r * k_rows..(r + 1) * k_rows;
                             let (s_row, dp_row) = (&s[at.clone()], &dp[at.clone()]);
                             let (p_row, ds_row) = (&mut p16[at.clone()], &mut ds16[at]);
-                            for c in 0..valid {
-                                let p = fast_exp(s_row[c] * scale - lse_r);
-                                p_row[c] = Bf16::from_f32(p);
-                                ds_row[c] = Bf16::from_f32(p * (dp_row[c] - d_r) * scale);
+                            let (p_live, ds_live) = (&mut p_row[..valid], &mut ds_row[..valid]);
+                            for (((p16, ds16), &s), &dp) in p_live
+                                .iter_mut()
+                                .zip(ds_live.iter_mut())
+                                .zip(&s_row[..valid])
+                                .zip(&dp_row[..valid])
+                            {
+                                let p = fast_exp(s * scale - lse_r);
+                                *p16 = Bf16::from_f32(p);
+                                *ds16 = Bf16::from_f32(p * (dp - d_r) * scale);
                             }
                             p_row[valid..].fill(Bf16::ZERO);
                             ds_row[valid..].fill(Bf16::ZERO);
@@ -236,11 +349,14 @@ pub fn attention_backward_bf16(
                             View::new(ds16, q_rows, k_rows),
                         );
                         // SAFETY: see the zeroing above; dq, dk, dv do not overlap the inputs,
-                        // and the caller chose a kernel this CPU runs.
+                        // and the kernel runs on this CPU.
                         unsafe {
-                            matmul_bf16_raw(kernel, dv, p_view.t(), d_out, true);
-                            matmul_bf16_raw(kernel, dq, ds_view, k, true);
-                            matmul_bf16_raw(kernel, dk, ds_view.t(), q, true);
+                            kernel.pack_lhs(pt, p_view.t());
+                            kernel.pack_lhs(ds_op, ds_view);
+                            kernel.pack_lhs(dst, ds_view.t());
+                            kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
+                            kernel.multiply_tiles(dq, ds_op, ks, true);
+                            kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
                         }
                     }
                 }

@@ -31,7 +31,7 @@
 //! otherwise; A and B are only read.
 
 use crate::matmul::{RawMatrix, View};
-use crate::tiles::SharedOut;
+use crate::tiles::{Line, SharedOut, TileOperand};
 use core::arch::x86_64::*;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -84,11 +84,6 @@ pub(crate) trait Microkernel {
     /// thread alone.
     unsafe fn run_tile(units: usize, a: *const u32, b: *const u32, tile: Tile);
 }
-
-/// A cache line of packed units, so packed panels start 64-byte aligned.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u32; 16]);
 
 /// Reusable packing buffers of each thread, a stack of each kind: a call takes one out while it
 /// runs, so a nested call on the same thread (rayon work stealing while it waits) takes the
@@ -470,4 +465,83 @@ unsafe fn blocked<K: Microkernel>(
         }
     }
     give_buffer(|b| &mut b.b, bbuf);
+}
+
+/// Packs `a` (`m × k`) into `op` as the left operand of [`multiply_tiles`]: row panels of `MR`
+/// rows, each `[units][MR]`, over the whole depth.
+///
+/// # Safety
+/// The CPU has `K`'s features.
+pub(crate) unsafe fn pack_lhs<K: Microkernel>(op: &mut TileOperand, a: View<'_, K::Elem>) {
+    let (m, k) = a.shape();
+    let units = k.div_ceil(K::K_PER_UNIT);
+    let panel = units * MR;
+    let dst = operand_units(op, m.div_ceil(MR) * panel);
+    let src = Source::of(a);
+    for (r, dst) in dst.chunks_mut(panel.max(1)).enumerate() {
+        K::pack::<MR>(dst, src, r * MR, MR.min(m - r * MR), 0, k);
+    }
+    (op.rows, op.cols) = (m, k);
+}
+
+/// Packs `b` (`k × n`) into `op` as the right operand of [`multiply_tiles`]: column panels of
+/// `NR` columns, each `[units][NR]` and 64-byte aligned, over the whole depth.
+///
+/// # Safety
+/// The CPU has `K`'s features.
+pub(crate) unsafe fn pack_rhs<K: Microkernel>(op: &mut TileOperand, b: View<'_, K::Elem>) {
+    let (k, n) = b.shape();
+    let units = k.div_ceil(K::K_PER_UNIT);
+    let panel = units * NR;
+    let dst = operand_units(op, n.div_ceil(NR) * panel);
+    let src = Source::of(b).t();
+    for (q, dst) in dst.chunks_mut(panel.max(1)).enumerate() {
+        K::pack::<NR>(dst, src, q * NR, NR.min(n - q * NR), 0, k);
+    }
+    (op.rows, op.cols) = (k, n);
+}
+
+/// The first `units` units of `op`'s panels, grown if needed.
+fn operand_units(op: &mut TileOperand, units: usize) -> &mut [u32] {
+    let lines = units.div_ceil(16);
+    if op.panels.len() < lines {
+        op.panels.resize(lines, Line([0; 16]));
+    }
+    &mut as_units(&mut op.panels)[..units]
+}
+
+/// `c = a·b` or `c += a·b` on the calling thread, `a` and `b` packed by [`pack_lhs`] and
+/// [`pack_rhs`] with the same microkernel: every register tile in one pass over the depth (the
+/// blocked GEMM's order when the depth is within one k-block, as the attention tiles' are).
+///
+/// # Safety
+/// The CPU has `K`'s features; every element `c` addresses is valid for reads and writes by
+/// this thread alone and overlaps neither operand; the shapes agree.
+pub(crate) unsafe fn multiply_tiles<K: Microkernel>(
+    c: RawMatrix,
+    a: &TileOperand,
+    b: &TileOperand,
+    accumulate: bool,
+) {
+    let ((m, k), n) = ((a.rows, a.cols), b.cols);
+    debug_assert_eq!((k, c.rows, c.cols), (b.rows, m, n), "tile product shapes");
+    let units = k.div_ceil(K::K_PER_UNIT);
+    let (a_units, b_units) = (
+        a.panels.as_ptr() as *const u32,
+        b.panels.as_ptr() as *const u32,
+    );
+    for q in 0..n.div_ceil(NR) {
+        let bp = b_units.add(q * units * NR);
+        for r in 0..m.div_ceil(MR) {
+            let tile = Tile {
+                ptr: c.ptr.add(r * MR * c.row_stride + q * NR * c.col_stride),
+                row_stride: c.row_stride,
+                col_stride: c.col_stride,
+                rows: MR.min(m - r * MR),
+                cols: NR.min(n - q * NR),
+                add: accumulate,
+            };
+            K::run_tile(units, a_units.add(r * units * MR), bp, tile);
+        }
+    }
 }

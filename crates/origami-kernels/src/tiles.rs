@@ -1,5 +1,6 @@
 //! Helpers the blockwise attention kernels share: an output pointer that parallel tasks writing
-//! disjoint elements share, and strided tiles of row-major buffers.
+//! disjoint elements share, strided tiles of row-major buffers, and tile operands prepared once
+//! for many products.
 
 use crate::matmul::{RawMatrix, View};
 
@@ -43,4 +44,48 @@ pub(crate) fn tile<T>(
     row_stride: usize,
 ) -> View<'_, T> {
     View::strided(&buffer[start..], rows, width, row_stride, 1)
+}
+
+/// A cache line of packed GEMM units (an f32 or a bf16 pair), so packed panels start 64-byte
+/// aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Line(pub(crate) [u32; 16]);
+
+/// One operand of the attention's tile products, prepared once and multiplied many times: a
+/// key or value block meets every query block after it, a query block every key block before
+/// it. For an AVX-512 microkernel it holds the operand packed into the microkernel's panels
+/// (`packed_gemm::pack_lhs`, `packed_gemm::pack_rhs`), so a product only runs the register
+/// tiles; for a portable kernel, a row-major f32 copy. Buffers only grow: a warm operand
+/// re-prepared for the next block does not allocate.
+#[derive(Default)]
+pub(crate) struct TileOperand {
+    /// The packed panels (microkernel form).
+    pub(crate) panels: Vec<Line>,
+    /// The row-major copy (portable form).
+    pub(crate) plain: Vec<f32>,
+    /// Rows of the operand as multiplied (`m` of a left operand, `k` of a right one).
+    pub(crate) rows: usize,
+    /// Columns of the operand as multiplied (`k` of a left operand, `n` of a right one).
+    pub(crate) cols: usize,
+}
+
+impl TileOperand {
+    /// Prepares the portable form: `v`'s elements widened to f32, row-major.
+    pub(crate) fn set_plain<T: Copy>(&mut self, v: View<'_, T>, widen: impl Fn(T) -> f32) {
+        let (rows, cols) = v.shape();
+        let (data, row_stride, col_stride) = v.raw();
+        self.plain.clear();
+        for i in 0..rows {
+            let row = &data[i * row_stride..];
+            self.plain
+                .extend((0..cols).map(|j| widen(row[j * col_stride])));
+        }
+        (self.rows, self.cols) = (rows, cols);
+    }
+
+    /// The portable form as a view.
+    pub(crate) fn plain_view(&self) -> View<'_> {
+        View::new(&self.plain, self.rows, self.cols)
+    }
 }
