@@ -15,8 +15,8 @@
 //! `dQ` and accumulate `dK`, `dV` without races. All three gradients are written (not added).
 
 use crate::math::fast_exp;
-use crate::matmul::{matmul, matmul_raw, Par, View, ViewMut};
-use crate::tiles::{tile, SharedOut};
+use crate::matmul::{F32Kernel, RawMatrix, View};
+use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
 /// Tile edge for queries and keys.
@@ -94,6 +94,100 @@ pub(crate) fn check_shapes<T>(qkv: &[T], layout: QkvLayout, shape: AttentionShap
     );
 }
 
+/// Every key block of every (sequence, kv head), prepared as the right operands of the tile
+/// products: `Kᵀ` (for `S = Q·Kᵀ`) and `V` (for `O += P·V`), indexed by
+/// `(b·kv_heads + g)·blocks + j`. Packed once, they serve every query block and every head of
+/// the group.
+pub(crate) fn packed_key_blocks<K: TileKernel>(
+    qkv: &[K::Elem],
+    layout: QkvLayout,
+    shape: AttentionShape,
+    kernel: K,
+) -> Vec<(TileOperand, TileOperand)> {
+    let (hd, rs) = (shape.head_dim, layout.row_stride);
+    (0..shape.batch * shape.kv_heads * shape.blocks())
+        .into_par_iter()
+        .map(|idx| {
+            let (bg, j) = (idx / shape.blocks(), idx % shape.blocks());
+            let (b, g) = (bg / shape.kv_heads, bg % shape.kv_heads);
+            let (k0, k_rows) = shape.block_rows(j);
+            let at = (b * shape.seq + k0) * rs + g * hd;
+            let k = tile(qkv, at + layout.k_offset, k_rows, hd, rs);
+            let v = tile(qkv, at + layout.v_offset, k_rows, hd, rs);
+            let (mut kt, mut vs) = (TileOperand::default(), TileOperand::default());
+            // SAFETY: the callers check that the CPU runs the kernel.
+            unsafe {
+                kernel.pack_rhs(&mut kt, k.t());
+                kernel.pack_rhs(&mut vs, v);
+            }
+            (kt, vs)
+        })
+        .collect()
+}
+
+/// One query block of one head prepared for the backward's products: `Q` and `dO` as left
+/// operands (`S = Q·Kᵀ`, `dP = dO·Vᵀ`) and as right operands (`dK += dSᵀ·Q`, `dV += Pᵀ·dO`).
+#[derive(Default)]
+pub(crate) struct QueryBlock {
+    pub(crate) q_lhs: TileOperand,
+    pub(crate) dout_lhs: TileOperand,
+    pub(crate) q_rhs: TileOperand,
+    pub(crate) dout_rhs: TileOperand,
+}
+
+/// Prepares every query block of head `h` in sequence `b` (`dout` is `[batch·seq, heads·hd]`),
+/// reusing the operands' buffers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prepare_query_blocks<K: TileKernel>(
+    blocks: &mut Vec<QueryBlock>,
+    qkv: &[K::Elem],
+    dout: &[K::Elem],
+    layout: QkvLayout,
+    shape: AttentionShape,
+    b: usize,
+    h: usize,
+    kernel: K,
+) {
+    let (hd, rs) = (shape.head_dim, layout.row_stride);
+    let out_stride = shape.heads * hd;
+    blocks.resize_with(shape.blocks(), QueryBlock::default);
+    for (qi, block) in blocks.iter_mut().enumerate() {
+        let (q0, q_rows) = shape.block_rows(qi);
+        let q = tile(
+            qkv,
+            (b * shape.seq + q0) * rs + layout.q_offset + h * hd,
+            q_rows,
+            hd,
+            rs,
+        );
+        let d_out = tile(
+            dout,
+            (b * shape.seq + q0) * out_stride + h * hd,
+            q_rows,
+            hd,
+            out_stride,
+        );
+        // SAFETY: the callers check that the CPU runs the kernel.
+        unsafe {
+            kernel.pack_lhs(&mut block.q_lhs, q);
+            kernel.pack_lhs(&mut block.dout_lhs, d_out);
+            kernel.pack_rhs(&mut block.q_rhs, q);
+            kernel.pack_rhs(&mut block.dout_rhs, d_out);
+        }
+    }
+}
+
+/// A task's own `rows × cols` row-major buffer as a product's output.
+pub(crate) fn own(buffer: &mut [f32], rows: usize, cols: usize) -> RawMatrix {
+    RawMatrix {
+        ptr: buffer.as_mut_ptr(),
+        rows,
+        cols,
+        row_stride: cols,
+        col_stride: 1,
+    }
+}
+
 /// Causal attention forward. Writes `out[batch·seq, heads·head_dim]`, returns `lse[batch, heads, seq]`.
 pub fn attention_forward(
     out: &mut [f32],
@@ -110,7 +204,9 @@ pub fn attention_forward(
         shape.batch * shape.seq * out_stride,
         "attention output size"
     );
+    let kernel = F32Kernel::current();
     let mut lse = vec![0.0f32; shape.batch * shape.heads * shape.seq];
+    let key_blocks = packed_key_blocks(qkv, layout, shape, kernel);
     let out_ptr = SharedOut(out.as_mut_ptr());
     let lse_ptr = SharedOut(lse.as_mut_ptr());
     let tasks: Vec<(usize, usize, usize)> = (0..shape.batch)
@@ -119,28 +215,36 @@ pub fn attention_forward(
         })
         .collect();
     tasks.into_par_iter().for_each_init(
-        || (vec![0.0f32; BLOCK * BLOCK], vec![0.0f32; BLOCK * hd]),
-        |(scores, acc), (b, h, qi)| {
+        || {
+            (
+                vec![0.0f32; BLOCK * BLOCK],
+                vec![0.0f32; BLOCK * hd],
+                TileOperand::default(),
+                TileOperand::default(),
+            )
+        },
+        |(scores, acc, q_op, p_op), (b, h, qi)| {
             let g = h / shape.queries_per_kv_head();
             let (q0, q_rows) = shape.block_rows(qi);
-            let row = |s: usize| (b * shape.seq + s) * rs;
-            let q = tile(qkv, row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
+            let q = tile(
+                qkv,
+                (b * shape.seq + q0) * rs + layout.q_offset + h * hd,
+                q_rows,
+                hd,
+                rs,
+            );
+            // SAFETY: `F32Kernel::current` runs on this CPU.
+            unsafe { kernel.pack_lhs(q_op, q) };
             let acc = &mut acc[..q_rows * hd];
             acc.fill(0.0);
             let mut max = [f32::NEG_INFINITY; BLOCK];
             let mut sum = [0.0f32; BLOCK];
             for kj in 0..=qi {
-                let (k0, k_rows) = shape.block_rows(kj);
-                let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
+                let k_rows = shape.block_rows(kj).1;
+                let (kt, vs) = &key_blocks[(b * shape.kv_heads + g) * shape.blocks() + kj];
                 let tile = &mut scores[..q_rows * k_rows];
-                matmul(
-                    ViewMut::new(tile, q_rows, k_rows),
-                    q,
-                    k.t(),
-                    false,
-                    Par::Seq,
-                );
+                // SAFETY: as above; `tile` and `acc` are this task's own.
+                unsafe { kernel.multiply_tiles(own(tile, q_rows, k_rows), q_op, kt, false) };
                 for r in 0..q_rows {
                     let valid = if kj == qi { r + 1 } else { k_rows };
                     let p = &mut tile[r * k_rows..(r + 1) * k_rows];
@@ -163,23 +267,22 @@ pub fn attention_forward(
                             .for_each(|a| *a *= correction);
                     }
                 }
-                matmul(
-                    ViewMut::new(acc, q_rows, hd),
-                    View::new(tile, q_rows, k_rows),
-                    v,
-                    true,
-                    Par::Seq,
-                );
+                // SAFETY: as above.
+                unsafe {
+                    kernel.pack_lhs(p_op, View::new(tile, q_rows, k_rows));
+                    kernel.multiply_tiles(own(acc, q_rows, hd), p_op, vs, true);
+                }
             }
             for r in 0..q_rows {
                 let s = q0 + r;
                 // SAFETY: task (b, h, qi) alone writes rows q0.. of head h and their lse entries.
-                unsafe {
-                    let dst = out_ptr.get().add((b * shape.seq + s) * out_stride + h * hd);
-                    for d in 0..hd {
-                        *dst.add(d) = acc[r * hd + d] / sum[r];
-                    }
+                let dst = unsafe {
+                    let at = out_ptr.get().add((b * shape.seq + s) * out_stride + h * hd);
                     *lse_ptr.get().add(shape.lse_index(b, h, s)) = max[r] + sum[r].ln();
+                    std::slice::from_raw_parts_mut(at, hd)
+                };
+                for (o, &a) in dst.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
+                    *o = a / sum[r];
                 }
             }
         },
@@ -234,6 +337,7 @@ pub fn attention_backward(
     assert_eq!(dqkv.len(), qkv.len(), "dqkv buffer size");
     let (hd, rs) = (shape.head_dim, layout.row_stride);
     let out_stride = shape.heads * hd;
+    let kernel = F32Kernel::current();
     let row_dots: Vec<f32> = (0..shape.batch * shape.heads * shape.seq)
         .into_par_iter()
         .map(|idx| {
@@ -251,56 +355,89 @@ pub fn attention_backward(
     let tasks: Vec<(usize, usize)> = (0..shape.batch)
         .flat_map(|b| (0..shape.kv_heads).map(move |g| (b, g)))
         .collect();
+    let group = shape.queries_per_kv_head();
     tasks.into_par_iter().for_each_init(
-        || (vec![0.0f32; BLOCK * BLOCK], vec![0.0f32; BLOCK * BLOCK]),
-        |(probs, dprobs), (b, g)| {
+        || {
+            (
+                vec![0.0f32; BLOCK * BLOCK],
+                vec![0.0f32; BLOCK * BLOCK],
+                (0..group)
+                    .map(|_| Vec::<QueryBlock>::new())
+                    .collect::<Vec<_>>(),
+                [(); 6].map(|_| TileOperand::default()),
+            )
+        },
+        |(probs, dprobs, queries, ops), (b, g)| {
             let row = |s: usize| (b * shape.seq + s) * rs;
-            let heads = g * shape.queries_per_kv_head()..(g + 1) * shape.queries_per_kv_head();
             // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
             // group g and the dk, dv columns of kv head g; they are zeroed here before use.
             unsafe { zero_group_gradients(grad_ptr, layout, shape, b, g) };
-            for h in heads {
-                for kj in 0..shape.blocks() {
-                    let (k0, k_rows) = shape.block_rows(kj);
-                    let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                    let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
-                    let dk = grad_ptr.matrix(row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                    let dv = grad_ptr.matrix(row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
-                    for qi in kj..shape.blocks() {
+            for (slot, blocks) in queries.iter_mut().enumerate() {
+                prepare_query_blocks(
+                    blocks,
+                    qkv,
+                    dout,
+                    layout,
+                    shape,
+                    b,
+                    g * group + slot,
+                    kernel,
+                );
+            }
+            let [kt, vt, ks, pt, ds_op, dst] = ops;
+            for kj in 0..shape.blocks() {
+                let (k0, k_rows) = shape.block_rows(kj);
+                let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
+                let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
+                // SAFETY: `F32Kernel::current` runs on this CPU.
+                unsafe {
+                    kernel.pack_rhs(kt, k.t());
+                    kernel.pack_rhs(vt, v.t());
+                    kernel.pack_rhs(ks, k);
+                }
+                let dk = grad_ptr.matrix(row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
+                let dv = grad_ptr.matrix(row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
+                for (slot, blocks) in queries.iter().enumerate() {
+                    let h = g * group + slot;
+                    for (qi, block) in blocks.iter().enumerate().skip(kj) {
                         let (q0, q_rows) = shape.block_rows(qi);
-                        let q = tile(qkv, row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
-                        let do_start = (b * shape.seq + q0) * out_stride + h * hd;
-                        let d_out = tile(dout, do_start, q_rows, hd, out_stride);
                         let p = &mut probs[..q_rows * k_rows];
                         let dp = &mut dprobs[..q_rows * k_rows];
-                        matmul(ViewMut::new(p, q_rows, k_rows), q, k.t(), false, Par::Seq);
-                        matmul(
-                            ViewMut::new(dp, q_rows, k_rows),
-                            d_out,
-                            v.t(),
-                            false,
-                            Par::Seq,
-                        );
+                        // SAFETY: as above; `p` and `dp` are this task's own.
+                        unsafe {
+                            kernel.multiply_tiles(own(p, q_rows, k_rows), &block.q_lhs, kt, false);
+                            kernel.multiply_tiles(
+                                own(dp, q_rows, k_rows),
+                                &block.dout_lhs,
+                                vt,
+                                false,
+                            );
+                        }
                         for r in 0..q_rows {
                             let valid = if kj == qi { r + 1 } else { k_rows };
                             let lse_r = lse[shape.lse_index(b, h, q0 + r)];
                             let d_r = row_dots[shape.lse_index(b, h, q0 + r)];
                             let p_row = &mut p[r * k_rows..(r + 1) * k_rows];
                             let dp_row = &mut dp[r * k_rows..(r + 1) * k_rows];
-                            for c in 0..valid {
-                                p_row[c] = fast_exp(p_row[c] * scale - lse_r);
-                                dp_row[c] = p_row[c] * (dp_row[c] - d_r) * scale;
+                            for (p, dp) in p_row[..valid].iter_mut().zip(&mut dp_row[..valid]) {
+                                *p = fast_exp(*p * scale - lse_r);
+                                *dp = *p * (*dp - d_r) * scale;
                             }
                             p_row[valid..].fill(0.0);
                             dp_row[valid..].fill(0.0);
                         }
                         let dq =
                             grad_ptr.matrix(row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
+                        let (p_view, ds_view) =
+                            (View::new(p, q_rows, k_rows), View::new(dp, q_rows, k_rows));
                         // SAFETY: see the zeroing above; dq, dk, dv do not overlap the inputs.
                         unsafe {
-                            matmul_raw(dv, View::new(p, q_rows, k_rows).t(), d_out, true);
-                            matmul_raw(dq, View::new(dp, q_rows, k_rows), k, true);
-                            matmul_raw(dk, View::new(dp, q_rows, k_rows).t(), q, true);
+                            kernel.pack_lhs(pt, p_view.t());
+                            kernel.pack_lhs(ds_op, ds_view);
+                            kernel.pack_lhs(dst, ds_view.t());
+                            kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
+                            kernel.multiply_tiles(dq, ds_op, ks, true);
+                            kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
                         }
                     }
                 }

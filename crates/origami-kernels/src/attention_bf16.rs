@@ -17,12 +17,15 @@
 //!
 //! Saved state: the output (f32) and `lse` per (batch, head, position). Gradients are written.
 
-use crate::attention::{check_shapes, zero_group_gradients, AttentionShape, QkvLayout, BLOCK};
+use crate::attention::{
+    check_shapes, own, packed_key_blocks, prepare_query_blocks, zero_group_gradients,
+    AttentionShape, QkvLayout, QueryBlock, BLOCK,
+};
 use crate::bf16::Bf16;
 use crate::math::fast_exp;
-use crate::matmul::{RawMatrix, View};
+use crate::matmul::View;
 use crate::matmul_bf16::Bf16Kernel;
-use crate::tiles::{tile, SharedOut, TileOperand};
+use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
 /// Lanes of the row reductions (max, sum), so they vectorise.
@@ -57,37 +60,6 @@ pub(crate) fn exp_rounded(p: &mut [Bf16], s: &[f32], valid: usize, scale: f32, s
     }
     p[valid..].fill(Bf16::ZERO);
     lanes.iter().sum()
-}
-
-/// Every key block of every (sequence, kv head), prepared as the right operands of the tile
-/// products: `Kᵀ` (for `S = Q·Kᵀ`) and `V` (for `O += P·V`), indexed by
-/// `(b·kv_heads + g)·blocks + j`. Packed once, they serve every query block and every head of
-/// the group.
-fn packed_key_blocks(
-    qkv: &[Bf16],
-    layout: QkvLayout,
-    shape: AttentionShape,
-    kernel: Bf16Kernel,
-) -> Vec<(TileOperand, TileOperand)> {
-    let (hd, rs) = (shape.head_dim, layout.row_stride);
-    (0..shape.batch * shape.kv_heads * shape.blocks())
-        .into_par_iter()
-        .map(|idx| {
-            let (bg, j) = (idx / shape.blocks(), idx % shape.blocks());
-            let (b, g) = (bg / shape.kv_heads, bg % shape.kv_heads);
-            let (k0, k_rows) = shape.block_rows(j);
-            let at = (b * shape.seq + k0) * rs + g * hd;
-            let k = tile(qkv, at + layout.k_offset, k_rows, hd, rs);
-            let v = tile(qkv, at + layout.v_offset, k_rows, hd, rs);
-            let (mut kt, mut vs) = (TileOperand::default(), TileOperand::default());
-            // SAFETY: the callers assert that the CPU runs the kernel.
-            unsafe {
-                kernel.pack_rhs(&mut kt, k.t());
-                kernel.pack_rhs(&mut vs, v);
-            }
-            (kt, vs)
-        })
-        .collect()
 }
 
 /// Causal attention forward on bf16 `qkv`. Writes `out[batch·seq, heads·head_dim]` (f32),
@@ -194,27 +166,6 @@ pub fn attention_forward_bf16(
     lse
 }
 
-/// A task's own `rows × cols` row-major buffer as a product's output.
-fn own(buffer: &mut [f32], rows: usize, cols: usize) -> RawMatrix {
-    RawMatrix {
-        ptr: buffer.as_mut_ptr(),
-        rows,
-        cols,
-        row_stride: cols,
-        col_stride: 1,
-    }
-}
-
-/// One query block of one head prepared for the backward's products: `Q` and `dO` as left
-/// operands (`S = Q·Kᵀ`, `dP = dO·Vᵀ`) and as right operands (`dK += dSᵀ·Q`, `dV += Pᵀ·dO`).
-#[derive(Default)]
-struct QueryBlock {
-    q_lhs: TileOperand,
-    dout_lhs: TileOperand,
-    q_rhs: TileOperand,
-    dout_rhs: TileOperand,
-}
-
 /// Causal attention backward on bf16 `qkv` and output gradient `dout`, with the forward's f32
 /// `out` and `lse`. Writes the q, k and v parts of `dqkv` (f32, same layout as `qkv`).
 #[allow(clippy::too_many_arguments)]
@@ -275,20 +226,7 @@ pub fn attention_backward_bf16(
             unsafe { zero_group_gradients(grad_ptr, layout, shape, b, g) };
             for (slot, blocks) in queries.iter_mut().enumerate() {
                 let h = g * group + slot;
-                blocks.resize_with(shape.blocks(), QueryBlock::default);
-                for (qi, block) in blocks.iter_mut().enumerate() {
-                    let (q0, q_rows) = shape.block_rows(qi);
-                    let q = tile(qkv, row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
-                    let do_start = (b * shape.seq + q0) * out_stride + h * hd;
-                    let d_out = tile(dout, do_start, q_rows, hd, out_stride);
-                    // SAFETY: the kernel runs on this CPU (asserted above).
-                    unsafe {
-                        kernel.pack_lhs(&mut block.q_lhs, q);
-                        kernel.pack_lhs(&mut block.dout_lhs, d_out);
-                        kernel.pack_rhs(&mut block.q_rhs, q);
-                        kernel.pack_rhs(&mut block.dout_rhs, d_out);
-                    }
-                }
+                prepare_query_blocks(blocks, qkv, dout, layout, shape, b, h, kernel);
             }
             let [kt, vt, ks, pt, ds_op, dst] = ops;
             for kj in 0..shape.blocks() {

@@ -13,6 +13,7 @@
 //! forward `y = x·Wᵀ (+ b)`; backward `dx = dy·W` (written, or added), `dW += dyᵀ·x`,
 //! `db += Σ_rows dy` (parameters accumulate, activations are written).
 
+use crate::tiles::{TileKernel, TileOperand};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -111,6 +112,52 @@ impl F32Kernel {
         match self {
             F32Kernel::Fma512 => 1,
             F32Kernel::Portable => 2,
+        }
+    }
+}
+
+impl TileKernel for F32Kernel {
+    type Elem = f32;
+
+    unsafe fn pack_lhs(self, op: &mut TileOperand, a: View<'_>) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Fma512 => crate::packed_gemm::pack_lhs::<crate::fma512::Fma512>(op, a),
+            _ => op.set_plain(a, |x| x),
+        }
+    }
+
+    unsafe fn pack_rhs(self, op: &mut TileOperand, b: View<'_>) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Fma512 => crate::packed_gemm::pack_rhs::<crate::fma512::Fma512>(op, b),
+            _ => op.set_plain(b, |x| x),
+        }
+    }
+
+    /// `c = a·b` or `c += a·b` on the calling thread, both operands prepared by this kernel
+    /// (the products of the blockwise attention's tiles; the portable kernel multiplies the
+    /// copies).
+    unsafe fn multiply_tiles(
+        self,
+        c: RawMatrix,
+        a: &TileOperand,
+        b: &TileOperand,
+        accumulate: bool,
+    ) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Fma512 => {
+                crate::packed_gemm::multiply_tiles::<crate::fma512::Fma512>(c, a, b, accumulate)
+            }
+            _ => product_into(
+                self,
+                c,
+                a.plain_view(),
+                b.plain_view(),
+                accumulate,
+                Par::Seq,
+            ),
         }
     }
 }

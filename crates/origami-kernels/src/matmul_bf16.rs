@@ -18,7 +18,7 @@
 
 use crate::bf16::{to_f32_slice, Bf16};
 use crate::matmul::{add_bias, matmul, matmul_raw, LinearGrads, Par, RawMatrix, View, ViewMut};
-use crate::tiles::TileOperand;
+use crate::tiles::{TileKernel, TileOperand};
 
 /// The implementation behind the bf16 GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,12 +151,10 @@ pub(crate) unsafe fn matmul_bf16_raw(
     }
 }
 
-impl Bf16Kernel {
-    /// Prepares `a` (`m × k`) as the left operand of [`Bf16Kernel::multiply_tiles`].
-    ///
-    /// # Safety
-    /// The CPU runs the kernel.
-    pub(crate) unsafe fn pack_lhs(self, op: &mut TileOperand, a: View<'_, Bf16>) {
+impl TileKernel for Bf16Kernel {
+    type Elem = Bf16;
+
+    unsafe fn pack_lhs(self, op: &mut TileOperand, a: View<'_, Bf16>) {
         match self {
             #[cfg(target_arch = "x86_64")]
             Bf16Kernel::Dpbf16 => crate::packed_gemm::pack_lhs::<crate::dpbf16::Dpbf16>(op, a),
@@ -164,11 +162,7 @@ impl Bf16Kernel {
         }
     }
 
-    /// Prepares `b` (`k × n`) as the right operand of [`Bf16Kernel::multiply_tiles`].
-    ///
-    /// # Safety
-    /// The CPU runs the kernel.
-    pub(crate) unsafe fn pack_rhs(self, op: &mut TileOperand, b: View<'_, Bf16>) {
+    unsafe fn pack_rhs(self, op: &mut TileOperand, b: View<'_, Bf16>) {
         match self {
             #[cfg(target_arch = "x86_64")]
             Bf16Kernel::Dpbf16 => crate::packed_gemm::pack_rhs::<crate::dpbf16::Dpbf16>(op, b),
@@ -179,10 +173,7 @@ impl Bf16Kernel {
     /// `c = a·b` or `c += a·b` on the calling thread, both operands prepared by this kernel
     /// (the products of the blockwise attention's tiles; the portable kernel multiplies the
     /// widened copies as [`matmul_bf16_raw`] does).
-    ///
-    /// # Safety
-    /// As for [`matmul_bf16_raw`]; the depth is not zero.
-    pub(crate) unsafe fn multiply_tiles(
+    unsafe fn multiply_tiles(
         self,
         c: RawMatrix,
         a: &TileOperand,

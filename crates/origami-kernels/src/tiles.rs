@@ -89,3 +89,36 @@ impl TileOperand {
         View::new(&self.plain, self.rows, self.cols)
     }
 }
+
+/// A GEMM kernel that multiplies prepared [`TileOperand`]s on the calling thread: the f32 and
+/// the bf16 kernels, so that the attention kernels prepare their blocks the same way in both
+/// precisions.
+pub(crate) trait TileKernel: Copy + Send + Sync {
+    /// The element type of the operands.
+    type Elem: Copy + Sync;
+
+    /// Prepares `a` (`m × k`) as the left operand of [`TileKernel::multiply_tiles`].
+    ///
+    /// # Safety
+    /// The CPU runs the kernel.
+    unsafe fn pack_lhs(self, op: &mut TileOperand, a: View<'_, Self::Elem>);
+
+    /// Prepares `b` (`k × n`) as the right operand of [`TileKernel::multiply_tiles`].
+    ///
+    /// # Safety
+    /// The CPU runs the kernel.
+    unsafe fn pack_rhs(self, op: &mut TileOperand, b: View<'_, Self::Elem>);
+
+    /// `c = a·b` or `c += a·b`, both operands prepared by this kernel.
+    ///
+    /// # Safety
+    /// The CPU runs the kernel; every element `c` addresses is valid for reads and writes by
+    /// this thread alone and overlaps neither operand; the shapes agree; the depth is not zero.
+    unsafe fn multiply_tiles(
+        self,
+        c: RawMatrix,
+        a: &TileOperand,
+        b: &TileOperand,
+        accumulate: bool,
+    );
+}
