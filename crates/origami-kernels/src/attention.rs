@@ -94,6 +94,39 @@ pub(crate) fn check_shapes<T>(qkv: &[T], layout: QkvLayout, shape: AttentionShap
     );
 }
 
+/// Lanes of the row reductions (max, sum), so they vectorise.
+pub(crate) const LANES: usize = 16;
+
+/// The largest of `row`'s values times `scale`.
+pub(crate) fn scaled_max(row: &[f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = l.max(v * scale);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// `row[c] = e^(row[c]·scale − shift)` for the `valid` columns (0 after them); returns their
+/// sum, taken in `LANES` partial sums so that the loop vectorises.
+pub(crate) fn exp_in_place(row: &mut [f32], valid: usize, scale: f32, shift: f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    for chunk in row[..valid].chunks_mut(LANES) {
+        for (v, l) in chunk.iter_mut().zip(lanes.iter_mut()) {
+            *v = fast_exp(*v * scale - shift);
+            *l += *v;
+        }
+    }
+    row[valid..].fill(0.0);
+    lanes.iter().sum()
+}
+
 /// Every key block of every (sequence, kv head), prepared as the right operands of the tile
 /// products: `Kᵀ` (for `S = Q·Kᵀ`) and `V` (for `O += P·V`), indexed by
 /// `(b·kv_heads + g)·blocks + j`. Packed once, they serve every query block and every head of
@@ -248,17 +281,9 @@ pub fn attention_forward(
                 for r in 0..q_rows {
                     let valid = if kj == qi { r + 1 } else { k_rows };
                     let p = &mut tile[r * k_rows..(r + 1) * k_rows];
-                    let tile_max = p[..valid]
-                        .iter()
-                        .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-                    let new_max = max[r].max(tile_max);
+                    let new_max = max[r].max(scaled_max(&p[..valid], scale));
                     let correction = fast_exp(max[r] - new_max);
-                    let mut tile_sum = 0.0;
-                    for v in &mut p[..valid] {
-                        *v = fast_exp(*v * scale - new_max);
-                        tile_sum += *v;
-                    }
-                    p[valid..].fill(0.0);
+                    let tile_sum = exp_in_place(p, valid, scale, new_max);
                     sum[r] = sum[r] * correction + tile_sum;
                     max[r] = new_max;
                     if correction != 1.0 {

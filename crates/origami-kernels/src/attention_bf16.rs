@@ -18,8 +18,8 @@
 //! Saved state: the output (f32) and `lse` per (batch, head, position). Gradients are written.
 
 use crate::attention::{
-    check_shapes, own, packed_key_blocks, prepare_query_blocks, zero_group_gradients,
-    AttentionShape, QkvLayout, QueryBlock, BLOCK,
+    check_shapes, own, packed_key_blocks, prepare_query_blocks, scaled_max, zero_group_gradients,
+    AttentionShape, QkvLayout, QueryBlock, BLOCK, LANES,
 };
 use crate::bf16::Bf16;
 use crate::math::fast_exp;
@@ -27,25 +27,6 @@ use crate::matmul::View;
 use crate::matmul_bf16::Bf16Kernel;
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
-
-/// Lanes of the row reductions (max, sum), so they vectorise.
-const LANES: usize = 16;
-
-/// The largest of `row`'s values times `scale`.
-pub(crate) fn scaled_max(row: &[f32], scale: f32) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l = l.max(v * scale);
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-    lanes.iter().fold(tail, |m, &v| m.max(v))
-}
 
 /// `p[c] = bf16(e^(s[c]·scale − shift))` for the `valid` columns (0 after them); returns the
 /// sum of the rounded values.

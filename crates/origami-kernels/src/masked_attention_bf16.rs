@@ -7,7 +7,8 @@
 //! sum adds the rounded `P`. On contiguous positions it computes what the causal bf16 kernel
 //! computes.
 
-use crate::attention_bf16::{exp_rounded, scaled_max};
+use crate::attention::scaled_max;
+use crate::attention_bf16::exp_rounded;
 use crate::bf16::Bf16;
 use crate::masked_attention::{check_inputs, store_tile, tiles, MaskedAttentionShape, Tile, BLOCK};
 use crate::math::fast_exp;
