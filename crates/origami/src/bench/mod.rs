@@ -131,7 +131,8 @@ pub struct BenchReport {
     pub tokens_per_s: f64,
     /// Achieved model TFLOP/s (DESIGN.md §5 FLOPs).
     pub model_tflops: f64,
-    /// Best f32 GEMM rate measured in this run, GFLOP/s (the CPU peak for f32 MFU).
+    /// Best f32 GEMM rate measured in this run (before and after the steps), GFLOP/s (the CPU
+    /// peak for f32 MFU).
     pub peak_gemm_gflops: f64,
     /// Best bf16 GEMM rate measured in this run, GFLOP/s (the CPU peak for bf16 MFU).
     pub peak_gemm_gflops_bf16: f64,
@@ -271,6 +272,9 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
     let groups = StepGroups::from_state(&state, world.clone());
     let mut steps = Vec::with_capacity(settings.steps);
     let mut loss = 0.0;
+    // The peak is sampled before and after the steps and the best kept: a slow spell of these
+    // shared machines during one sample would otherwise lower the peak and inflate the MFU.
+    let peak_before = (world.rank() == 0).then(|| (peak_gemm_gflops(), peak_gemm_gflops_bf16()));
     for step in 0..=settings.steps {
         world.barrier()?;
         let before = sent.load(Ordering::Relaxed);
@@ -328,10 +332,12 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
     let tokens = micro_batch * micro_batches * seq;
     let tokens_per_s = tokens as f64 / median;
     let model_tflops = tokens_per_s * training_flops_per_token(&config, seq) / 1e12;
-    let (peak_gemm_gflops, peak_gemm_gflops_bf16) = if world.rank() == 0 {
-        (peak_gemm_gflops(), peak_gemm_gflops_bf16())
-    } else {
-        (1.0, 1.0)
+    let (peak_gemm_gflops, peak_gemm_gflops_bf16) = match peak_before {
+        Some((f32_before, bf16_before)) => (
+            peak_gemm_gflops().max(f32_before),
+            peak_gemm_gflops_bf16().max(bf16_before),
+        ),
+        None => (1.0, 1.0),
     };
     let peak = match settings.compute {
         Compute::F32 => peak_gemm_gflops,
