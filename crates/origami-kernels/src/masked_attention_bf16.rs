@@ -8,14 +8,45 @@
 //! computes.
 
 use crate::attention::scaled_max;
+use crate::attention::{own, QueryBlock};
 use crate::attention_bf16::exp_rounded;
 use crate::bf16::Bf16;
 use crate::masked_attention::{check_inputs, store_tile, tiles, MaskedAttentionShape, Tile, BLOCK};
 use crate::math::fast_exp;
-use crate::matmul::{Par, View, ViewMut};
-use crate::matmul_bf16::{matmul_bf16_raw, matmul_bf16_with, Bf16Kernel};
-use crate::tiles::{tile, SharedOut};
+use crate::matmul::View;
+use crate::matmul_bf16::Bf16Kernel;
+use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
+
+/// Every key tile of every (sequence, kv head), prepared as the right operands of the tile
+/// products (`Kᵀ` and `V`), indexed by `(b·kv_heads + g)·tiles + j`: packed once, they serve
+/// every query tile and every head of the group.
+fn packed_key_tiles(
+    kv: &[Bf16],
+    kv_tiles: &[Tile],
+    shape: MaskedAttentionShape,
+    kernel: Bf16Kernel,
+) -> Vec<(TileOperand, TileOperand)> {
+    let (hd, ks) = (shape.head_dim, shape.kv_stride());
+    let v_offset = shape.kv_heads * hd;
+    (0..shape.batch * shape.kv_heads * kv_tiles.len())
+        .into_par_iter()
+        .map(|idx| {
+            let (bg, kt) = (idx / kv_tiles.len(), kv_tiles[idx % kv_tiles.len()]);
+            let (b, g) = (bg / shape.kv_heads, bg % shape.kv_heads);
+            let kv_row = (b * shape.kv_len + kt.start) * ks;
+            let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
+            let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+            let (mut k_op, mut v_op) = (TileOperand::default(), TileOperand::default());
+            // SAFETY: the callers assert that the CPU runs the kernel.
+            unsafe {
+                kernel.pack_rhs(&mut k_op, k.t());
+                kernel.pack_rhs(&mut v_op, v);
+            }
+            (k_op, v_op)
+        })
+        .collect()
+}
 
 /// Masked attention forward of one block on bf16 `q` and `kv`. Writes `out[batch·q_len,
 /// heads·head_dim]` (f32), returns `lse[batch, heads, q_len]` (`−∞`, with output 0, for a
@@ -37,12 +68,12 @@ pub fn masked_attention_forward_bf16(
         kernel.is_available(),
         "bf16 kernel {kernel:?} does not run on this CPU"
     );
-    let (hd, qs, ks) = (shape.head_dim, shape.q_stride(), shape.kv_stride());
-    let v_offset = shape.kv_heads * hd;
+    let (hd, qs) = (shape.head_dim, shape.q_stride());
     let (q_tiles, kv_tiles) = (tiles(q_positions), tiles(kv_positions));
     let mut lse = vec![0.0f32; shape.lse_elements()];
     let out_ptr = SharedOut(out.as_mut_ptr());
     let lse_ptr = SharedOut(lse.as_mut_ptr());
+    let key_tiles = packed_key_tiles(kv, &kv_tiles, shape, kernel);
     let q_tiles = &q_tiles;
     let tasks: Vec<(usize, usize, Tile)> = (0..shape.batch)
         .flat_map(|b| (0..shape.heads).flat_map(move |h| q_tiles.iter().map(move |&t| (b, h, t))))
@@ -53,25 +84,30 @@ pub fn masked_attention_forward_bf16(
                 vec![0.0f32; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
                 vec![0.0f32; BLOCK * hd],
+                TileOperand::default(),
+                TileOperand::default(),
             )
         },
-        |(scores, probs, acc), (b, h, qt)| {
+        |(scores, probs, acc, q_op, p_op), (b, h, qt)| {
             let g = h / shape.queries_per_kv_head();
             let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-            let q_tile = tile(q, q_row, qt.rows, hd, qs);
+            // SAFETY: the kernel runs on this CPU (asserted above).
+            unsafe { kernel.pack_lhs(q_op, tile(q, q_row, qt.rows, hd, qs)) };
             let acc = &mut acc[..qt.rows * hd];
             acc.fill(0.0);
             let mut max = [f32::NEG_INFINITY; BLOCK];
             let mut sum = [0.0f32; BLOCK];
-            for kt in kv_tiles.iter().filter(|kt| !qt.blind_to(kt)) {
-                let kv_row = (b * shape.kv_len + kt.start) * ks;
-                let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
-                let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+            let first_key_tile = (b * shape.kv_heads + g) * kv_tiles.len();
+            for (j, kt) in kv_tiles.iter().enumerate() {
+                if qt.blind_to(kt) {
+                    continue;
+                }
+                let (k_op, v_op) = &key_tiles[first_key_tile + j];
                 let s = &mut scores[..qt.rows * kt.rows];
                 let p = &mut probs[..qt.rows * kt.rows];
                 let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
-                let scores_view = ViewMut::new(s, qt.rows, kt.rows);
-                matmul_bf16_with(kernel, scores_view, q_tile, k.t(), false, Par::Seq);
+                // SAFETY: the kernel runs on this CPU; `s` is this task's own.
+                unsafe { kernel.multiply_tiles(own(s, qt.rows, kt.rows), q_op, k_op, false) };
                 // Where every key is visible the causal kernel's vectorised row passes serve.
                 let unmasked = qt.sees_all_of(kt);
                 for r in 0..qt.rows {
@@ -115,9 +151,11 @@ pub fn masked_attention_forward_bf16(
                             .for_each(|a| *a *= correction);
                     }
                 }
-                let acc_view = ViewMut::new(acc, qt.rows, hd);
-                let p_view = View::new(p, qt.rows, kt.rows);
-                matmul_bf16_with(kernel, acc_view, p_view, v, true, Par::Seq);
+                // SAFETY: as above; `acc` is this task's own.
+                unsafe {
+                    kernel.pack_lhs(p_op, View::new(p, qt.rows, kt.rows));
+                    kernel.multiply_tiles(own(acc, qt.rows, hd), p_op, v_op, true);
+                }
             }
             // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
             unsafe { store_tile(out_ptr, lse_ptr, shape, (b, h, qt), acc, &max, &sum) };
@@ -163,6 +201,7 @@ pub fn masked_attention_backward_bf16(
     let tasks: Vec<(usize, usize)> = (0..shape.batch)
         .flat_map(|b| (0..shape.kv_heads).map(move |g| (b, g)))
         .collect();
+    let group = shape.queries_per_kv_head();
     tasks.into_par_iter().for_each_init(
         || {
             (
@@ -170,30 +209,67 @@ pub fn masked_attention_backward_bf16(
                 vec![0.0f32; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
+                (0..group)
+                    .map(|_| Vec::<QueryBlock>::new())
+                    .collect::<Vec<_>>(),
+                [(); 6].map(|_| TileOperand::default()),
             )
         },
-        |(scores, dscores, probs, dprobs), (b, g)| {
-            let group = shape.queries_per_kv_head();
-            for h in g * group..(g + 1) * group {
-                for kt in &kv_tiles {
-                    let kv_row = (b * shape.kv_len + kt.start) * ks;
-                    let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
-                    let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
-                    let dk = dkv_ptr.matrix(kv_row + g * hd, kt.rows, hd, ks);
-                    let dv = dkv_ptr.matrix(kv_row + v_offset + g * hd, kt.rows, hd, ks);
-                    let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
-                    for qt in q_tiles.iter().filter(|qt| !qt.blind_to(kt)) {
+        |(scores, dscores, probs, dprobs, queries, ops), (b, g)| {
+            for (slot, blocks) in queries.iter_mut().enumerate() {
+                let h = g * group + slot;
+                blocks.resize_with(q_tiles.len(), QueryBlock::default);
+                for (block, qt) in blocks.iter_mut().zip(&q_tiles) {
+                    let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
+                    let q_tile = tile(q, q_row, qt.rows, hd, qs);
+                    let d_out = tile(dout, q_row, qt.rows, hd, qs);
+                    // SAFETY: the kernel runs on this CPU (asserted above).
+                    unsafe {
+                        kernel.pack_lhs(&mut block.q_lhs, q_tile);
+                        kernel.pack_lhs(&mut block.dout_lhs, d_out);
+                        kernel.pack_rhs(&mut block.q_rhs, q_tile);
+                        kernel.pack_rhs(&mut block.dout_rhs, d_out);
+                    }
+                }
+            }
+            let [k_op, v_op, k_rhs, pt, ds_op, dst] = ops;
+            for kt in &kv_tiles {
+                let kv_row = (b * shape.kv_len + kt.start) * ks;
+                let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
+                let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                // SAFETY: as above.
+                unsafe {
+                    kernel.pack_rhs(k_op, k.t());
+                    kernel.pack_rhs(v_op, v.t());
+                    kernel.pack_rhs(k_rhs, k);
+                }
+                let dk = dkv_ptr.matrix(kv_row + g * hd, kt.rows, hd, ks);
+                let dv = dkv_ptr.matrix(kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
+                for (slot, blocks) in queries.iter().enumerate() {
+                    let h = g * group + slot;
+                    for (block, qt) in blocks.iter().zip(&q_tiles) {
+                        if qt.blind_to(kt) {
+                            continue;
+                        }
                         let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-                        let q_tile = tile(q, q_row, qt.rows, hd, qs);
-                        let d_out = tile(dout, q_row, qt.rows, hd, qs);
                         let s = &mut scores[..qt.rows * kt.rows];
                         let dp = &mut dscores[..qt.rows * kt.rows];
-                        let (s_view, dp_view) = (
-                            ViewMut::new(s, qt.rows, kt.rows),
-                            ViewMut::new(dp, qt.rows, kt.rows),
-                        );
-                        matmul_bf16_with(kernel, s_view, q_tile, k.t(), false, Par::Seq);
-                        matmul_bf16_with(kernel, dp_view, d_out, v.t(), false, Par::Seq);
+                        // SAFETY: as above; `s` and `dp` are this task's own.
+                        unsafe {
+                            kernel.multiply_tiles(
+                                own(s, qt.rows, kt.rows),
+                                &block.q_lhs,
+                                k_op,
+                                false,
+                            );
+                            kernel.multiply_tiles(
+                                own(dp, qt.rows, kt.rows),
+                                &block.dout_lhs,
+                                v_op,
+                                false,
+                            );
+                        }
                         let p16 = &mut probs[..qt.rows * kt.rows];
                         let ds16 = &mut dprobs[..qt.rows * kt.rows];
                         for r in 0..qt.rows {
@@ -223,9 +299,12 @@ pub fn masked_attention_backward_bf16(
                         // the heads of group g and the dk, dv columns of kv head g; the
                         // gradient buffers do not overlap the inputs, and the kernel runs here.
                         unsafe {
-                            matmul_bf16_raw(kernel, dv, p_view.t(), d_out, true);
-                            matmul_bf16_raw(kernel, dq_tile, ds_view, k, true);
-                            matmul_bf16_raw(kernel, dk, ds_view.t(), q_tile, true);
+                            kernel.pack_lhs(pt, p_view.t());
+                            kernel.pack_lhs(ds_op, ds_view);
+                            kernel.pack_lhs(dst, ds_view.t());
+                            kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
+                            kernel.multiply_tiles(dq_tile, ds_op, k_rhs, true);
+                            kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
                         }
                     }
                 }

@@ -119,38 +119,6 @@ pub fn matmul_bf16_with(
     }
 }
 
-/// `c = a·b` or `c += a·b` into a raw output, on the calling thread (the tiles of the
-/// blockwise bf16 attention, whose tasks write interleaved parts of one buffer).
-///
-/// # Safety
-/// Every element `c` addresses must be valid for writes and touched by no other thread during
-/// the call, and must not overlap `a` or `b`; the CPU must run `kernel`.
-pub(crate) unsafe fn matmul_bf16_raw(
-    kernel: Bf16Kernel,
-    c: RawMatrix,
-    a: View<'_, Bf16>,
-    b: View<'_, Bf16>,
-    accumulate: bool,
-) {
-    let ((m, k), (kb, n)) = (a.shape(), b.shape());
-    assert_eq!(k, kb, "matmul_bf16 inner dimensions differ");
-    assert_eq!((c.rows, c.cols), (m, n), "matmul_bf16 output shape differs");
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(k > 0, "matmul_bf16_raw needs k > 0");
-    match kernel {
-        Bf16Kernel::Portable => {
-            let (a32, b32) = (Widened::of(a), Widened::of(b));
-            matmul_raw(c, a32.view(), b32.view(), accumulate);
-        }
-        #[cfg(target_arch = "x86_64")]
-        Bf16Kernel::Dpbf16 => crate::dpbf16::gemm(c, a, b, accumulate, 1),
-        #[cfg(not(target_arch = "x86_64"))]
-        Bf16Kernel::Dpbf16 => unreachable!("Dpbf16 is never available off x86_64"),
-    }
-}
-
 impl TileKernel for Bf16Kernel {
     type Elem = Bf16;
 
@@ -172,7 +140,7 @@ impl TileKernel for Bf16Kernel {
 
     /// `c = a·b` or `c += a·b` on the calling thread, both operands prepared by this kernel
     /// (the products of the blockwise attention's tiles; the portable kernel multiplies the
-    /// widened copies as [`matmul_bf16_raw`] does).
+    /// widened copies with the f32 GEMM).
     unsafe fn multiply_tiles(
         self,
         c: RawMatrix,
