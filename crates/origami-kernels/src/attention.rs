@@ -168,6 +168,24 @@ pub(crate) struct QueryBlock {
     pub(crate) dout_rhs: TileOperand,
 }
 
+impl QueryBlock {
+    /// Packs the four operands from the block's queries `q` and output gradient `d_out`.
+    ///
+    /// # Safety
+    /// The CPU runs the kernel.
+    pub(crate) unsafe fn pack<K: TileKernel>(
+        &mut self,
+        kernel: K,
+        q: View<'_, K::Elem>,
+        d_out: View<'_, K::Elem>,
+    ) {
+        kernel.pack_lhs(&mut self.q_lhs, q);
+        kernel.pack_lhs(&mut self.dout_lhs, d_out);
+        kernel.pack_rhs(&mut self.q_rhs, q);
+        kernel.pack_rhs(&mut self.dout_rhs, d_out);
+    }
+}
+
 /// Prepares every query block of head `h` in sequence `b` (`dout` is `[batch·seq, heads·hd]`),
 /// reusing the operands' buffers.
 #[allow(clippy::too_many_arguments)]
@@ -201,12 +219,7 @@ pub(crate) fn prepare_query_blocks<K: TileKernel>(
             out_stride,
         );
         // SAFETY: the callers check that the CPU runs the kernel.
-        unsafe {
-            kernel.pack_lhs(&mut block.q_lhs, q);
-            kernel.pack_lhs(&mut block.dout_lhs, d_out);
-            kernel.pack_rhs(&mut block.q_rhs, q);
-            kernel.pack_rhs(&mut block.dout_rhs, d_out);
-        }
+        unsafe { block.pack(kernel, q, d_out) };
     }
 }
 

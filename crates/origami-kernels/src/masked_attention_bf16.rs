@@ -224,12 +224,7 @@ pub fn masked_attention_backward_bf16(
                     let q_tile = tile(q, q_row, qt.rows, hd, qs);
                     let d_out = tile(dout, q_row, qt.rows, hd, qs);
                     // SAFETY: the kernel runs on this CPU (asserted above).
-                    unsafe {
-                        kernel.pack_lhs(&mut block.q_lhs, q_tile);
-                        kernel.pack_lhs(&mut block.dout_lhs, d_out);
-                        kernel.pack_rhs(&mut block.q_rhs, q_tile);
-                        kernel.pack_rhs(&mut block.dout_rhs, d_out);
-                    }
+                    unsafe { block.pack(kernel, q_tile, d_out) };
                 }
             }
             let [k_op, v_op, k_rhs, pt, ds_op, dst] = ops;
