@@ -13,6 +13,9 @@
 //! `P = e^(S − lse)`, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − D)`, `dQ += scale·dS·K`,
 //! `dK += scale·dSᵀ·Q`. Tasks own one (batch, kv head), so the query heads of its group write
 //! `dQ` and accumulate `dK`, `dV` without races. All three gradients are written (not added).
+//!
+//! Tile products run on prepared operands (`tiles::TileOperand`): each key block is packed once
+//! for every query block after it, each query block once per task; see `attention_bf16.rs`.
 
 use crate::math::fast_exp;
 use crate::matmul::{F32Kernel, RawMatrix, View};
