@@ -189,6 +189,16 @@ impl QueryBlock {
     }
 }
 
+/// A backward task's prepared operands: the query blocks of each head of its group (filled by
+/// [`QueryBlock::pack`]) and six per-key-block and per-tile-pair operands (`Kᵀ`, `Vᵀ`, `K`,
+/// `Pᵀ`, `dS`, `dSᵀ`), empty until first packed.
+pub(crate) fn backward_operands(group: usize) -> (Vec<Vec<QueryBlock>>, [TileOperand; 6]) {
+    (
+        (0..group).map(|_| Vec::new()).collect(),
+        [(); 6].map(|_| TileOperand::default()),
+    )
+}
+
 /// Prepares every query block of head `h` in sequence `b` (`dout` is `[batch·seq, heads·hd]`),
 /// reusing the operands' buffers.
 #[allow(clippy::too_many_arguments)]
@@ -402,13 +412,10 @@ pub fn attention_backward(
             (
                 vec![0.0f32; BLOCK * BLOCK],
                 vec![0.0f32; BLOCK * BLOCK],
-                (0..group)
-                    .map(|_| Vec::<QueryBlock>::new())
-                    .collect::<Vec<_>>(),
-                [(); 6].map(|_| TileOperand::default()),
+                backward_operands(group),
             )
         },
-        |(probs, dprobs, queries, ops), (b, g)| {
+        |(probs, dprobs, (queries, ops)), (b, g)| {
             let row = |s: usize| (b * shape.seq + s) * rs;
             // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
             // group g and the dk, dv columns of kv head g; they are zeroed here before use.

@@ -18,8 +18,8 @@
 //! Saved state: the output (f32) and `lse` per (batch, head, position). Gradients are written.
 
 use crate::attention::{
-    check_shapes, own, packed_key_blocks, prepare_query_blocks, scaled_max, zero_group_gradients,
-    AttentionShape, QkvLayout, QueryBlock, BLOCK, LANES,
+    backward_operands, check_shapes, own, packed_key_blocks, prepare_query_blocks, scaled_max,
+    zero_group_gradients, AttentionShape, QkvLayout, BLOCK, LANES,
 };
 use crate::bf16::Bf16;
 use crate::math::fast_exp;
@@ -194,13 +194,10 @@ pub fn attention_backward_bf16(
                 vec![0.0f32; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
-                (0..group)
-                    .map(|_| Vec::<QueryBlock>::new())
-                    .collect::<Vec<_>>(),
-                [(); 6].map(|_| TileOperand::default()),
+                backward_operands(group),
             )
         },
-        |(scores, dscores, probs, dprobs, queries, ops), (b, g)| {
+        |(scores, dscores, probs, dprobs, (queries, ops)), (b, g)| {
             let row = |s: usize| (b * shape.seq + s) * rs;
             // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
             // group g and the dk, dv columns of kv head g; they are zeroed here before use.

@@ -8,7 +8,7 @@
 //! computes.
 
 use crate::attention::scaled_max;
-use crate::attention::{own, QueryBlock};
+use crate::attention::{backward_operands, own, QueryBlock};
 use crate::attention_bf16::exp_rounded;
 use crate::bf16::Bf16;
 use crate::masked_attention::{check_inputs, store_tile, tiles, MaskedAttentionShape, Tile, BLOCK};
@@ -209,13 +209,10 @@ pub fn masked_attention_backward_bf16(
                 vec![0.0f32; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
                 vec![Bf16::ZERO; BLOCK * BLOCK],
-                (0..group)
-                    .map(|_| Vec::<QueryBlock>::new())
-                    .collect::<Vec<_>>(),
-                [(); 6].map(|_| TileOperand::default()),
+                backward_operands(group),
             )
         },
-        |(scores, dscores, probs, dprobs, queries, ops), (b, g)| {
+        |(scores, dscores, probs, dprobs, (queries, ops)), (b, g)| {
             for (slot, blocks) in queries.iter_mut().enumerate() {
                 let h = g * group + slot;
                 blocks.resize_with(q_tiles.len(), QueryBlock::default);
