@@ -19,6 +19,7 @@
 
 use crate::math::fast_exp;
 use crate::matmul::{F32Kernel, RawMatrix, View};
+use crate::online_softmax::{exp_in_place, probabilities_and_grad, scaled_max};
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
@@ -95,39 +96,6 @@ pub(crate) fn check_shapes<T>(qkv: &[T], layout: QkvLayout, shape: AttentionShap
         shape.batch * shape.seq * layout.row_stride,
         "qkv buffer size"
     );
-}
-
-/// Lanes of the row reductions (max, sum), so they vectorise.
-pub(crate) const LANES: usize = 16;
-
-/// The largest of `row`'s values times `scale`.
-pub(crate) fn scaled_max(row: &[f32], scale: f32) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l = l.max(v * scale);
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-    lanes.iter().fold(tail, |m, &v| m.max(v))
-}
-
-/// `row[c] = e^(row[c]·scale − shift)` for the `valid` columns (0 after them); returns their
-/// sum, taken in `LANES` partial sums so that the loop vectorises.
-pub(crate) fn exp_in_place(row: &mut [f32], valid: usize, scale: f32, shift: f32) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    for chunk in row[..valid].chunks_mut(LANES) {
-        for (v, l) in chunk.iter_mut().zip(lanes.iter_mut()) {
-            *v = fast_exp(*v * scale - shift);
-            *l += *v;
-        }
-    }
-    row[valid..].fill(0.0);
-    lanes.iter().sum()
 }
 
 /// Every key block of every (sequence, kv head), prepared as the right operands of the tile
@@ -465,14 +433,9 @@ pub fn attention_backward(
                             let valid = if kj == qi { r + 1 } else { k_rows };
                             let lse_r = lse[shape.lse_index(b, h, q0 + r)];
                             let d_r = row_dots[shape.lse_index(b, h, q0 + r)];
-                            let p_row = &mut p[r * k_rows..(r + 1) * k_rows];
-                            let dp_row = &mut dp[r * k_rows..(r + 1) * k_rows];
-                            for (p, dp) in p_row[..valid].iter_mut().zip(&mut dp_row[..valid]) {
-                                *p = fast_exp(*p * scale - lse_r);
-                                *dp = *p * (*dp - d_r) * scale;
-                            }
-                            p_row[valid..].fill(0.0);
-                            dp_row[valid..].fill(0.0);
+                            let at = r * k_rows..(r + 1) * k_rows;
+                            let (p_row, dp_row) = (&mut p[at.clone()], &mut dp[at]);
+                            probabilities_and_grad(p_row, dp_row, valid, scale, lse_r, d_r);
                         }
                         let dq =
                             grad_ptr.matrix(row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);

@@ -18,30 +18,16 @@
 //! Saved state: the output (f32) and `lse` per (batch, head, position). Gradients are written.
 
 use crate::attention::{
-    backward_operands, check_shapes, own, packed_key_blocks, prepare_query_blocks, scaled_max,
-    zero_group_gradients, AttentionShape, QkvLayout, BLOCK, LANES,
+    backward_operands, check_shapes, own, packed_key_blocks, prepare_query_blocks,
+    zero_group_gradients, AttentionShape, QkvLayout, BLOCK,
 };
 use crate::bf16::Bf16;
 use crate::math::fast_exp;
 use crate::matmul::View;
 use crate::matmul_bf16::Bf16Kernel;
+use crate::online_softmax::{exp_rounded, probabilities_and_grad_rounded, scaled_max};
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
-
-/// `p[c] = bf16(e^(s[c]·scale − shift))` for the `valid` columns (0 after them); returns the
-/// sum of the rounded values.
-pub(crate) fn exp_rounded(p: &mut [Bf16], s: &[f32], valid: usize, scale: f32, shift: f32) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    for (p, s) in p[..valid].chunks_mut(LANES).zip(s[..valid].chunks(LANES)) {
-        for ((p, &s), l) in p.iter_mut().zip(s).zip(lanes.iter_mut()) {
-            let rounded = Bf16::from_f32(fast_exp(s * scale - shift));
-            *p = rounded;
-            *l += rounded.to_f32();
-        }
-    }
-    p[valid..].fill(Bf16::ZERO);
-    lanes.iter().sum()
-}
 
 /// Causal attention forward on bf16 `qkv`. Writes `out[batch·seq, heads·head_dim]` (f32),
 /// returns `lse[batch, heads, seq]`.
@@ -244,19 +230,9 @@ pub fn attention_backward_bf16(
                             let at = r * k_rows..(r + 1) * k_rows;
                             let (s_row, dp_row) = (&s[at.clone()], &dp[at.clone()]);
                             let (p_row, ds_row) = (&mut p16[at.clone()], &mut ds16[at]);
-                            let (p_live, ds_live) = (&mut p_row[..valid], &mut ds_row[..valid]);
-                            for (((p16, ds16), &s), &dp) in p_live
-                                .iter_mut()
-                                .zip(ds_live.iter_mut())
-                                .zip(&s_row[..valid])
-                                .zip(&dp_row[..valid])
-                            {
-                                let p = fast_exp(s * scale - lse_r);
-                                *p16 = Bf16::from_f32(p);
-                                *ds16 = Bf16::from_f32(p * (dp - d_r) * scale);
-                            }
-                            p_row[valid..].fill(Bf16::ZERO);
-                            ds_row[valid..].fill(Bf16::ZERO);
+                            probabilities_and_grad_rounded(
+                                p_row, ds_row, s_row, dp_row, valid, scale, lse_r, d_r,
+                            );
                         }
                         let dq =
                             grad_ptr.matrix(row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);

@@ -7,14 +7,13 @@
 //! sum adds the rounded `P`. On contiguous positions it computes what the causal bf16 kernel
 //! computes.
 
-use crate::attention::scaled_max;
 use crate::attention::{backward_operands, own, QueryBlock};
-use crate::attention_bf16::exp_rounded;
 use crate::bf16::Bf16;
 use crate::masked_attention::{check_inputs, store_tile, tiles, MaskedAttentionShape, Tile, BLOCK};
 use crate::math::fast_exp;
 use crate::matmul::View;
 use crate::matmul_bf16::Bf16Kernel;
+use crate::online_softmax::{exp_rounded, scaled_max};
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
