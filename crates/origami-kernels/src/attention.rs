@@ -19,7 +19,7 @@
 
 use crate::math::fast_exp;
 use crate::matmul::{F32Kernel, RawMatrix, View};
-use crate::online_softmax::{exp_in_place, probabilities_and_grad, scaled_max};
+use crate::row_exp::{exp_in_place, probabilities_and_grad, scaled_max};
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 

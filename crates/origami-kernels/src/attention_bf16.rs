@@ -25,7 +25,7 @@ use crate::bf16::Bf16;
 use crate::math::fast_exp;
 use crate::matmul::View;
 use crate::matmul_bf16::Bf16Kernel;
-use crate::online_softmax::{exp_rounded, probabilities_and_grad_rounded, scaled_max};
+use crate::row_exp::{exp_rounded, probabilities_and_grad_rounded, scaled_max};
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 

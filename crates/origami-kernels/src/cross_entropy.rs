@@ -7,7 +7,7 @@
 //! Rows whose target is [`IGNORE_TARGET`] contribute nothing and get a zero gradient.
 //! Sums are taken in row order, so results do not depend on thread scheduling.
 
-use crate::math::fast_exp;
+use crate::row_exp::{exp_in_place, scaled_max};
 use rayon::prelude::*;
 
 /// Target value that excludes a row from the loss (padding).
@@ -32,9 +32,12 @@ impl std::ops::AddAssign for CrossEntropySums {
     }
 }
 
-fn row_lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|v| fast_exp(v - max)).sum::<f32>().ln()
+/// `row ← e^(row − max)`; returns `(lse, Σ e^(row − max))`. The passes are [`crate::row_exp`]'s
+/// (16 lanes, summed in a fixed tree), so training and evaluation get the same `lse`.
+fn exponentials_in_place(row: &mut [f32]) -> (f32, f32) {
+    let max = scaled_max(row, 1.0);
+    let sum = exp_in_place(row, row.len(), 1.0, max);
+    (max + sum.ln(), sum)
 }
 
 /// Per-row cross-entropy of `logits[rows, vocab]` (forward only, e.g. for evaluation);
@@ -43,12 +46,13 @@ pub fn cross_entropy_rows(logits: &[f32], targets: &[u32], vocab: usize) -> Vec<
     logits
         .par_chunks(vocab)
         .zip(targets.par_iter())
-        .map(|(row, &t)| {
+        .map_init(Vec::new, |scratch, (row, &t)| {
             if t == IGNORE_TARGET {
-                0.0
-            } else {
-                row_lse(row) - row[t as usize]
+                return 0.0;
             }
+            scratch.clear();
+            scratch.extend_from_slice(row);
+            exponentials_in_place(scratch).0 - row[t as usize]
         })
         .collect()
 }
@@ -76,12 +80,11 @@ pub fn cross_entropy_forward_backward(
             }
             let t = t as usize;
             assert!(t < vocab, "target {t} outside vocabulary of {vocab}");
-            let lse = row_lse(row);
-            let ce = lse - row[t];
-            let factor = scale * (1.0 + 2.0 * z_loss_coeff * lse);
-            for v in row.iter_mut() {
-                *v = fast_exp(*v - lse) * factor;
-            }
+            let target_logit = row[t];
+            let (lse, sum) = exponentials_in_place(row);
+            let ce = lse - target_logit;
+            let factor = scale * (1.0 + 2.0 * z_loss_coeff * lse) / sum;
+            row.iter_mut().for_each(|v| *v *= factor);
             row[t] -= scale;
             CrossEntropySums {
                 cross_entropy: ce as f64,

@@ -25,11 +25,11 @@ pub mod masked_attention_bf16;
 pub mod math;
 pub mod matmul;
 pub mod matmul_bf16;
-mod online_softmax;
 #[cfg(target_arch = "x86_64")]
 mod packed_gemm;
 pub mod rmsnorm;
 pub mod rope;
+mod row_exp;
 pub mod softmax;
 pub mod swiglu;
 pub mod testing;

@@ -13,7 +13,7 @@ use crate::masked_attention::{check_inputs, store_tile, tiles, MaskedAttentionSh
 use crate::math::fast_exp;
 use crate::matmul::View;
 use crate::matmul_bf16::Bf16Kernel;
-use crate::online_softmax::{exp_rounded, scaled_max};
+use crate::row_exp::{exp_rounded, scaled_max};
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 

@@ -1,13 +1,15 @@
-//! The row passes of the attention kernels' softmax. Forward (FlashAttention's online softmax,
-//! a running max and sum): a score row's largest scaled value, and its exponentials shifted by
-//! the running max, written as probabilities (f32 in place, or rounded to bf16) and summed.
-//! Backward: a row's probabilities recomputed from the saved `lse`, `P = e^(S·scale − lse)`, and
-//! the scores' gradient `dS = P∘(dP − D)·scale` (f32 in place, or both rounded to bf16).
+//! Row passes of exponentials, for the softmaxes of the attention kernels and the
+//! cross-entropy. Forward: a row's largest scaled value, and its exponentials shifted by a
+//! (running) max, written as probabilities (f32 in place, or rounded to bf16) and summed — the
+//! online softmax of FlashAttention, or one row of logits. Backward of attention: a row's
+//! probabilities recomputed from the saved `lse`, `P = e^(S·scale − lse)`, and the scores'
+//! gradient `dS = P∘(dP − D)·scale` (f32 in place, or both rounded to bf16).
 //!
 //! Each pass has an AVX-512 path, used when the CPU has AVX-512 F and BW, and a portable path;
 //! both give the same bits. Element `i` belongs to lane `i mod 16`; each lane adds its elements
 //! in order, and the 16 lane sums meet in a fixed tree (lane `i` takes lane `i + 8`, then
-//! `i + 4`, `i + 2`, `i + 1`). The exponential is [`fast_exp`], step for step, without FMA.
+//! `i + 4`, `i + 2`, `i + 1`). The exponential is
+//! [`crate::math::fast_exp`], step for step, without FMA.
 
 use crate::bf16::Bf16;
 
