@@ -19,9 +19,13 @@ pub struct AdamWStep {
     pub weight_decay: f32,
     /// 1-based step count, for the bias correction.
     pub step: u64,
+    /// Factor each gradient is multiplied by before it is used: the global-norm clipping
+    /// factor, fused here so the gradients are not rewritten (1 when not clipping).
+    pub grad_scale: f32,
 }
 
-/// Updates `params` and the moments `m`, `v` in place from `grads`.
+/// Updates `params` and the moments `m`, `v` in place from `grads` times `s.grad_scale`
+/// (`grads` is only read).
 pub fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
     assert!(s.step >= 1, "AdamW steps count from 1");
     let bias1 = 1.0 - (s.beta1 as f64).powi(s.step as i32);
@@ -36,8 +40,9 @@ pub fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f
         .zip(v.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| {
             for i in 0..p.len() {
-                m[i] = s.beta1 * m[i] + (1.0 - s.beta1) * g[i];
-                v[i] = s.beta2 * v[i] + (1.0 - s.beta2) * g[i] * g[i];
+                let g = g[i] * s.grad_scale;
+                m[i] = s.beta1 * m[i] + (1.0 - s.beta1) * g;
+                v[i] = s.beta2 * v[i] + (1.0 - s.beta2) * g * g;
                 let denom = (v[i].sqrt() / bias2_sqrt as f32) + s.eps;
                 p[i] = p[i] * decay - step_size * m[i] / denom;
             }
@@ -57,6 +62,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.5,
             step,
+            grad_scale: 1.0,
         };
         let (mut p, mut m, mut v) = (vec![1.0f32], vec![0.0f32], vec![0.0f32]);
         adamw_update(&mut p, &[0.2], &mut m, &mut v, s(1));
@@ -72,5 +78,28 @@ mod tests {
             "{} vs {expected}",
             p[0]
         );
+    }
+
+    #[test]
+    fn gradient_scale_equals_scaling_the_gradients_first() {
+        let hyper = |grad_scale| AdamWStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 3,
+            grad_scale,
+        };
+        let grads = [0.3f32, -1.7, 2.5e-3, 0.0, 41.0];
+        let start = [0.5f32, -0.25, 1.0, 0.0, 3.0];
+        let factor = 0.173_f32;
+        let (mut fused, mut mf, mut vf) = (start, [0.01f32; 5], [0.02f32; 5]);
+        adamw_update(&mut fused, &grads, &mut mf, &mut vf, hyper(factor));
+        let scaled = grads.map(|g| g * factor);
+        let (mut plain, mut mp, mut vp) = (start, [0.01f32; 5], [0.02f32; 5]);
+        adamw_update(&mut plain, &scaled, &mut mp, &mut vp, hyper(1.0));
+        assert_eq!((fused, mf, vf), (plain, mp, vp));
+        assert_ne!(fused, start);
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::params::{Buffers, ParamRegistry};
 use origami_kernels::adamw::{adamw_update, AdamWStep};
-use origami_kernels::grad_norm::{clip_factor, scale_in_place, sum_of_squares};
+use origami_kernels::grad_norm::{clip_factor, sum_of_squares};
 use serde::{Deserialize, Serialize};
 
 /// AdamW hyper-parameters (the learning rate comes from the schedule each step).
@@ -58,7 +58,9 @@ impl AdamW {
         }
     }
 
-    /// Clips `grads` to the global norm limit and applies one update; returns the norm before clipping.
+    /// Applies one update with `grads` clipped to the global norm limit (the clipping factor
+    /// is applied inside the update; `grads` is left as it is); returns the norm before
+    /// clipping.
     pub fn step(
         &mut self,
         registry: &ParamRegistry,
@@ -68,12 +70,6 @@ impl AdamW {
     ) -> f64 {
         let norm = global_norm(grads);
         let factor = clip_factor(norm, self.config.grad_clip as f64);
-        if factor != 1.0 {
-            grads
-                .buffers_mut()
-                .into_iter()
-                .for_each(|b| scale_in_place(b, factor));
-        }
         self.step += 1;
         for info in registry.params().iter().filter(|p| p.trainable) {
             let id = info.id;
@@ -88,6 +84,7 @@ impl AdamW {
                     0.0
                 },
                 step: self.step,
+                grad_scale: factor,
             };
             adamw_update(
                 params.get_mut(id),

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use origami_comm::{Communicator, Result, SoloComm};
 use origami_kernels::adamw::{adamw_update, AdamWStep};
-use origami_kernels::grad_norm::{clip_factor, scale_in_place, sum_of_squares};
+use origami_kernels::grad_norm::{clip_factor, sum_of_squares};
 use origami_parallel::ParallelState;
 
 use self::collectives::Buckets;
@@ -109,7 +109,8 @@ impl ParallelOptimizer {
 
     /// Reduces the gradients, clips to the global norm and updates `params`; returns the norm
     /// before clipping. Every rank ends with identical replicas. `grads` is used as scratch:
-    /// afterwards only this rank's range holds the reduced, clipped gradients.
+    /// afterwards only this rank's range holds the reduced gradients (not clipped: the clipping
+    /// factor is applied inside the update).
     pub fn step(
         &mut self,
         registry: &ParamRegistry,
@@ -148,11 +149,10 @@ impl ParallelOptimizer {
             eps: self.config.eps,
             weight_decay: self.config.weight_decay,
             step: self.step,
+            grad_scale: factor,
         };
-        self.dense
-            .update(&mut params.dense, &mut grads.dense, factor, hyper);
-        self.expert
-            .update(&mut params.expert, &mut grads.expert, factor, hyper);
+        self.dense.update(&mut params.dense, &grads.dense, hyper);
+        self.expert.update(&mut params.expert, &grads.expert, hyper);
         self.dense.share_updates(&mut params.dense, &mut buckets)?;
         self.expert
             .share_updates(&mut params.expert, &mut buckets)?;
@@ -346,12 +346,9 @@ impl BufferShard {
             .fold(0.0, |total, part| total + part)
     }
 
-    /// Step 4: clips this rank's range of `grads` by `factor` and applies AdamW to the trainable
-    /// elements of its range of `params`.
-    fn update(&mut self, params: &mut [f32], grads: &mut [f32], factor: f32, hyper: AdamWStep) {
-        if factor != 1.0 {
-            scale_in_place(&mut grads[self.owned.clone()], factor);
-        }
+    /// Step 4: applies AdamW to the trainable elements of this rank's range of `params`, with
+    /// the gradients clipped by `hyper.grad_scale` inside the update.
+    fn update(&mut self, params: &mut [f32], grads: &[f32], hyper: AdamWStep) {
         let start = self.owned.start;
         for (span, piece) in self.layout.pieces(self.owned.clone()) {
             if !span.trainable {
