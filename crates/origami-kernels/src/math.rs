@@ -15,8 +15,13 @@ pub fn fast_exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
+    // `n` is an integer in −126..=127 (x is clamped), or NaN when x is, and then `p` is NaN
+    // too. Converting without `as`'s saturation checks lets loops over this function
+    // vectorise (`as` kept every conversion scalar); the NaN takes 0, as `as` gives it.
+    let n = if n.is_nan() { 0.0 } else { n };
+    // SAFETY: `n` is finite and within i32's range (above).
+    let exponent = unsafe { n.to_int_unchecked::<i32>() } + 127;
+    p * f32::from_bits((exponent as u32) << 23)
 }
 
 /// `1 / (1 + e^(−x))` through [`fast_exp`].
