@@ -42,7 +42,11 @@ pub fn grouped_linear_forward_bf16(
     };
     let parts = split_groups(y, offsets, out_features);
     if par == Par::Seq {
-        parts.into_par_iter().enumerate().for_each(run);
+        parts
+            .into_par_iter()
+            .enumerate()
+            .with_max_len(1)
+            .for_each(run);
     } else {
         parts.into_iter().enumerate().for_each(run);
     }
@@ -97,7 +101,10 @@ pub fn grouped_linear_backward_bf16(
     };
     let work: Vec<_> = dweights.chunks_mut(weight_size).zip(dx_parts).collect();
     if par == Par::Seq {
-        work.into_par_iter().enumerate().for_each(run);
+        work.into_par_iter()
+            .enumerate()
+            .with_max_len(1)
+            .for_each(run);
     } else {
         work.into_iter().enumerate().for_each(run);
     }
