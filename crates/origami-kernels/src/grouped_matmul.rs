@@ -3,7 +3,8 @@
 //! multiplied by its own weight `W[e]` of shape `[out, in]`: `y_e = x_e·W[e]ᵀ`.
 //!
 //! Backward: `dx_e = dy_e·W[e]` (written), `dW[e] += dy_eᵀ·x_e` (accumulated).
-//! Groups run in parallel, each GEMM on one thread, unless there are too few groups to keep
+//! Groups run in parallel, each GEMM on one thread and each group its own task (so that
+//! experts of unequal size balance over the threads), unless there are too few groups to keep
 //! every thread busy, in which case each GEMM uses all threads.
 
 use crate::matmul::{matmul, Par, View, ViewMut};

@@ -4,7 +4,8 @@
 //! `y_e = x_e·W[e]ᵀ`, f32 accumulation and f32 output.
 //!
 //! Backward: `dx_e = dy_e·W[e]` (written), `dW[e] += dy_eᵀ·x_e` (accumulated, f32).
-//! Groups run in parallel, each GEMM on one thread, unless there are too few groups to keep
+//! Groups run in parallel, each GEMM on one thread and each group its own task (so that
+//! experts of unequal size balance over the threads), unless there are too few groups to keep
 //! every thread busy, in which case each GEMM uses all threads (as the f32 version).
 
 use crate::bf16::Bf16;
