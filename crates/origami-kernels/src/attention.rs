@@ -180,18 +180,12 @@ pub(crate) fn prepare_query_blocks<K: TileKernel>(
     h: usize,
     kernel: K,
 ) {
-    let (hd, rs) = (shape.head_dim, layout.row_stride);
+    let hd = shape.head_dim;
     let out_stride = shape.heads * hd;
     blocks.resize_with(shape.blocks(), QueryBlock::default);
     for (qi, block) in blocks.iter_mut().enumerate() {
         let (q0, q_rows) = shape.block_rows(qi);
-        let q = tile(
-            qkv,
-            (b * shape.seq + q0) * rs + layout.q_offset + h * hd,
-            q_rows,
-            hd,
-            rs,
-        );
+        let q = query_tile(qkv, layout, shape, b, h, qi);
         let d_out = tile(
             dout,
             (b * shape.seq + q0) * out_stride + h * hd,
@@ -202,6 +196,56 @@ pub(crate) fn prepare_query_blocks<K: TileKernel>(
         // SAFETY: the callers check that the CPU runs the kernel.
         unsafe { block.pack(kernel, q, d_out) };
     }
+}
+
+/// Query block `qi` of head `h` in sequence `b`, as a tile of `qkv`.
+pub(crate) fn query_tile<T>(
+    qkv: &[T],
+    layout: QkvLayout,
+    shape: AttentionShape,
+    b: usize,
+    h: usize,
+    qi: usize,
+) -> View<'_, T> {
+    let (q0, q_rows) = shape.block_rows(qi);
+    let (hd, rs) = (shape.head_dim, layout.row_stride);
+    tile(
+        qkv,
+        (b * shape.seq + q0) * rs + layout.q_offset + h * hd,
+        q_rows,
+        hd,
+        rs,
+    )
+}
+
+/// Prepares key block `kj` of kv head `g` in sequence `b` as the backward's three right
+/// operands — `Kᵀ` (`S = Q·Kᵀ`), `Vᵀ` (`dP = dO·Vᵀ`) and `K` (`dQ += dS·K`) — and returns the
+/// block's `dK` and `dV` tiles of the gradient buffer behind `grad` (`qkv`'s layout).
+///
+/// # Safety
+/// The CPU runs the kernel; `grad` points to a buffer of `qkv`'s size.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn prepare_key_block<K: TileKernel>(
+    [kt, vt, ks]: [&mut TileOperand; 3],
+    kernel: K,
+    qkv: &[K::Elem],
+    grad: SharedOut,
+    layout: QkvLayout,
+    shape: AttentionShape,
+    (b, g, kj): (usize, usize, usize),
+) -> (RawMatrix, RawMatrix) {
+    let (hd, rs) = (shape.head_dim, layout.row_stride);
+    let (k0, k_rows) = shape.block_rows(kj);
+    let at = (b * shape.seq + k0) * rs + g * hd;
+    let k = tile(qkv, at + layout.k_offset, k_rows, hd, rs);
+    let v = tile(qkv, at + layout.v_offset, k_rows, hd, rs);
+    kernel.pack_rhs(kt, k.t());
+    kernel.pack_rhs(vt, v.t());
+    kernel.pack_rhs(ks, k);
+    (
+        grad.matrix(at + layout.k_offset, k_rows, hd, rs),
+        grad.matrix(at + layout.v_offset, k_rows, hd, rs),
+    )
 }
 
 /// A task's own `rows × cols` row-major buffer as a product's output.
@@ -224,7 +268,7 @@ pub fn attention_forward(
     scale: f32,
 ) -> Vec<f32> {
     check_shapes(qkv, layout, shape);
-    let (hd, rs) = (shape.head_dim, layout.row_stride);
+    let hd = shape.head_dim;
     let out_stride = shape.heads * hd;
     assert_eq!(
         out.len(),
@@ -253,15 +297,8 @@ pub fn attention_forward(
         |(scores, acc, q_op, p_op), (b, h, qi)| {
             let g = h / shape.queries_per_kv_head();
             let (q0, q_rows) = shape.block_rows(qi);
-            let q = tile(
-                qkv,
-                (b * shape.seq + q0) * rs + layout.q_offset + h * hd,
-                q_rows,
-                hd,
-                rs,
-            );
             // SAFETY: `F32Kernel::current` runs on this CPU.
-            unsafe { kernel.pack_lhs(q_op, q) };
+            unsafe { kernel.pack_lhs(q_op, query_tile(qkv, layout, shape, b, h, qi)) };
             let acc = &mut acc[..q_rows * hd];
             acc.fill(0.0);
             let mut max = [f32::NEG_INFINITY; BLOCK];
@@ -402,17 +439,12 @@ pub fn attention_backward(
             }
             let [kt, vt, ks, pt, ds_op, dst] = ops;
             for kj in 0..shape.blocks() {
-                let (k0, k_rows) = shape.block_rows(kj);
-                let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
-                // SAFETY: `F32Kernel::current` runs on this CPU.
-                unsafe {
-                    kernel.pack_rhs(kt, k.t());
-                    kernel.pack_rhs(vt, v.t());
-                    kernel.pack_rhs(ks, k);
-                }
-                let dk = grad_ptr.matrix(row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                let dv = grad_ptr.matrix(row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
+                let k_rows = shape.block_rows(kj).1;
+                // SAFETY: `F32Kernel::current` runs on this CPU; `grad_ptr` is `dqkv`.
+                let (dk, dv) = unsafe {
+                    let operands = [&mut *kt, &mut *vt, &mut *ks];
+                    prepare_key_block(operands, kernel, qkv, grad_ptr, layout, shape, (b, g, kj))
+                };
                 for (slot, blocks) in queries.iter().enumerate() {
                     let h = g * group + slot;
                     for (qi, block) in blocks.iter().enumerate().skip(kj) {

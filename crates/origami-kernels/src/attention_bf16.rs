@@ -18,15 +18,15 @@
 //! Saved state: the output (f32) and `lse` per (batch, head, position). Gradients are written.
 
 use crate::attention::{
-    backward_operands, check_shapes, own, packed_key_blocks, prepare_query_blocks,
-    zero_group_gradients, AttentionShape, QkvLayout, BLOCK,
+    backward_operands, check_shapes, own, packed_key_blocks, prepare_key_block,
+    prepare_query_blocks, query_tile, zero_group_gradients, AttentionShape, QkvLayout, BLOCK,
 };
 use crate::bf16::Bf16;
 use crate::math::fast_exp;
 use crate::matmul::View;
 use crate::matmul_bf16::Bf16Kernel;
 use crate::row_exp::{exp_rounded, probabilities_and_grad_rounded, scaled_max};
-use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
+use crate::tiles::{SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
 /// Causal attention forward on bf16 `qkv`. Writes `out[batch·seq, heads·head_dim]` (f32),
@@ -44,7 +44,7 @@ pub fn attention_forward_bf16(
         kernel.is_available(),
         "bf16 kernel {kernel:?} does not run on this CPU"
     );
-    let (hd, rs) = (shape.head_dim, layout.row_stride);
+    let hd = shape.head_dim;
     let out_stride = shape.heads * hd;
     assert_eq!(
         out.len(),
@@ -73,15 +73,8 @@ pub fn attention_forward_bf16(
         |(scores, probs, acc, q_op, p_op), (b, h, qi)| {
             let g = h / shape.queries_per_kv_head();
             let (q0, q_rows) = shape.block_rows(qi);
-            let q = tile(
-                qkv,
-                (b * shape.seq + q0) * rs + layout.q_offset + h * hd,
-                q_rows,
-                hd,
-                rs,
-            );
             // SAFETY: the kernel runs on this CPU (asserted above).
-            unsafe { kernel.pack_lhs(q_op, q) };
+            unsafe { kernel.pack_lhs(q_op, query_tile(qkv, layout, shape, b, h, qi)) };
             let acc = &mut acc[..q_rows * hd];
             acc.fill(0.0);
             let mut max = [f32::NEG_INFINITY; BLOCK];
@@ -194,17 +187,12 @@ pub fn attention_backward_bf16(
             }
             let [kt, vt, ks, pt, ds_op, dst] = ops;
             for kj in 0..shape.blocks() {
-                let (k0, k_rows) = shape.block_rows(kj);
-                let k = tile(qkv, row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                let v = tile(qkv, row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
-                // SAFETY: as above.
-                unsafe {
-                    kernel.pack_rhs(kt, k.t());
-                    kernel.pack_rhs(vt, v.t());
-                    kernel.pack_rhs(ks, k);
-                }
-                let dk = grad_ptr.matrix(row(k0) + layout.k_offset + g * hd, k_rows, hd, rs);
-                let dv = grad_ptr.matrix(row(k0) + layout.v_offset + g * hd, k_rows, hd, rs);
+                let k_rows = shape.block_rows(kj).1;
+                // SAFETY: as above; `grad_ptr` is `dqkv`.
+                let (dk, dv) = unsafe {
+                    let operands = [&mut *kt, &mut *vt, &mut *ks];
+                    prepare_key_block(operands, kernel, qkv, grad_ptr, layout, shape, (b, g, kj))
+                };
                 for (slot, blocks) in queries.iter().enumerate() {
                     let h = g * group + slot;
                     for (qi, block) in blocks.iter().enumerate().skip(kj) {
