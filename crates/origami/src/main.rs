@@ -50,7 +50,10 @@ static ALLOCATOR: ProfiledAllocator = ProfiledAllocator;
 /// kernel: a training step allocates and frees the same large activation buffers every
 /// micro-batch, and glibc's defaults give each one back (`munmap`, or trimming the heap) and
 /// take fresh pages again, which the kernel zeroes on first touch. Every block comes from the
-/// heap — none from its own mapping, whatever its size — and the heap is never trimmed.
+/// heap — none from its own mapping, whatever its size — and the heap is never trimmed. All
+/// threads share the one heap: glibc gives other threads arenas of 64 MiB mappings and unmaps
+/// one whenever it falls empty, whatever the trim threshold, so the ranks of a local run took
+/// fresh pages every step.
 /// Measured on the quick-start layout: page faults per step from 22,000–32,000 down to
 /// 1,300–4,000, the step 15 % faster; on `small` bf16, where expert outputs and the SwiGLU
 /// backward exceed glibc's largest mmap threshold (32 MiB), from ≈ 107,000 to none, the step
@@ -61,6 +64,7 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
