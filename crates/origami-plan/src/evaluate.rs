@@ -185,11 +185,14 @@ impl Planner {
         let pipeline = self
             .pipelines
             .run(layout.pp, layout.vpp, micro_batches, slowest)?;
-        let mut time = StepTime::from_pipeline(
-            &stage_times[busiest],
-            micro_batches,
-            pipeline.makespan - micro_batches as f64 * stage_times[busiest].passes.total(),
-        );
+        // Ranks sharing one node's cores fill each other's bubble: a stage waiting in the
+        // pipeline leaves the cores to the stages that compute, so the node's work sets the step.
+        let bubble = if hardware.device.shared_by_ranks && i.gpus <= devices_per_node {
+            0.0
+        } else {
+            pipeline.makespan - micro_batches as f64 * stage_times[busiest].passes.total()
+        };
+        let mut time = StepTime::from_pipeline(&stage_times[busiest], micro_batches, bubble);
         let sharding = Sharding {
             distributed: i.distributed_optimizer,
             dense_replicas: parallel.dp() * parallel.cp(),
@@ -334,4 +337,41 @@ fn node_memory(world: usize, memories: &[MemoryBreakdown], devices_per_node: usi
                 .sum::<f64>()
         })
         .fold(0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{paper_model, Hardware, PlanInputs, Planner, Precision};
+
+    /// The bubble of a 4-stage 1F1B pipeline over `gpus`, with the node's cores shared by its
+    /// ranks or not.
+    fn bubble(shared_by_ranks: bool, gpus: usize) -> f64 {
+        let mut hardware = Hardware::h100_dgx();
+        hardware.device.shared_by_ranks = shared_by_ranks;
+        let mut planner = Planner::new(PlanInputs {
+            model: paper_model("qwen2-57b-a14b").unwrap(),
+            hardware,
+            gpus,
+            global_batch: 16,
+            seq: 4096,
+            precision: Precision::Bf16,
+            distributed_optimizer: true,
+            cp_all_to_all: false,
+            expert_imbalance: 1.0,
+        })
+        .unwrap();
+        planner
+            .evaluate(&"pp=4 ep=2 mbs=1".parse().unwrap())
+            .unwrap()
+            .time
+            .bubble
+    }
+
+    #[test]
+    fn a_pipeline_inside_one_node_of_shared_cores_has_no_bubble() {
+        assert!(bubble(false, 8) > 0.0);
+        assert_eq!(bubble(true, 8), 0.0);
+        // Across two nodes the stages no longer share cores.
+        assert!(bubble(true, 16) > 0.0);
+    }
 }

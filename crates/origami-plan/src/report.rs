@@ -29,7 +29,7 @@ pub fn assumptions(hardware: &Hardware) -> Vec<String> {
         overlap(e.overlap_param_gather, "the distributed optimizer's parameter all-gather", "one micro-batch's forward"),
         "the pipeline is simulated with the slowest stage's forward and backward times for every stage".into(),
         if hardware.device.shared_by_ranks {
-            "the ranks of a node share its cores: a rank's kernels take as long as all of the node's ranks' kernels".into()
+            "the ranks of a node share its cores: a rank's kernels take as long as all of the node's ranks' kernels, and a pipeline inside one node has no bubble (a waiting stage leaves the cores to the others)".into()
         } else {
             "each rank has its own device".into()
         },
