@@ -33,6 +33,24 @@ pub(crate) fn inner_par(groups: usize) -> Par {
     }
 }
 
+/// Runs `run` on every group's `(index, work)`: each group its own task when the GEMMs run on
+/// one thread (`par` from [`inner_par`]), so unequal groups balance over the threads; else one
+/// after another, each GEMM on all threads.
+pub(crate) fn for_each_group<W: Send>(
+    work: Vec<W>,
+    par: Par,
+    run: impl Fn((usize, W)) + Sync + Send,
+) {
+    if par == Par::Seq {
+        work.into_par_iter()
+            .enumerate()
+            .with_max_len(1)
+            .for_each(run);
+    } else {
+        work.into_iter().enumerate().for_each(run);
+    }
+}
+
 /// `y[rows, out]` from `x[rows, in]` and `weights[groups, out, in]`.
 pub fn grouped_linear_forward(
     y: &mut [f32],
@@ -61,16 +79,7 @@ pub fn grouped_linear_forward(
             par,
         );
     };
-    let parts = split_groups(y, offsets, out_features);
-    if par == Par::Seq {
-        parts
-            .into_par_iter()
-            .enumerate()
-            .with_max_len(1)
-            .for_each(run);
-    } else {
-        parts.into_iter().enumerate().for_each(run);
-    }
+    for_each_group(split_groups(y, offsets, out_features), par, run);
 }
 
 /// Backward of [`grouped_linear_forward`]: writes `dx` (if given), accumulates `dweights`.
@@ -123,14 +132,7 @@ pub fn grouped_linear_backward(
         );
     };
     let work: Vec<_> = dweights.chunks_mut(weight_size).zip(dx_parts).collect();
-    if par == Par::Seq {
-        work.into_par_iter()
-            .enumerate()
-            .with_max_len(1)
-            .for_each(run);
-    } else {
-        work.into_iter().enumerate().for_each(run);
-    }
+    for_each_group(work, par, run);
 }
 
 #[cfg(test)]

@@ -9,10 +9,9 @@
 //! every thread busy, in which case each GEMM uses all threads (as the f32 version).
 
 use crate::bf16::Bf16;
-use crate::grouped_matmul::{inner_par, split_groups};
-use crate::matmul::{Par, View, ViewMut};
+use crate::grouped_matmul::{for_each_group, inner_par, split_groups};
+use crate::matmul::{View, ViewMut};
 use crate::matmul_bf16::{matmul_bf16_with, Bf16Kernel};
-use rayon::prelude::*;
 
 /// `y[rows, out]` from `x[rows, in]` and `weights[groups, out, in]`.
 pub fn grouped_linear_forward_bf16(
@@ -41,16 +40,7 @@ pub fn grouped_linear_forward_bf16(
             par,
         );
     };
-    let parts = split_groups(y, offsets, out_features);
-    if par == Par::Seq {
-        parts
-            .into_par_iter()
-            .enumerate()
-            .with_max_len(1)
-            .for_each(run);
-    } else {
-        parts.into_iter().enumerate().for_each(run);
-    }
+    for_each_group(split_groups(y, offsets, out_features), par, run);
 }
 
 /// Backward of [`grouped_linear_forward_bf16`]: writes `dx` (if given), accumulates `dweights`.
@@ -101,14 +91,7 @@ pub fn grouped_linear_backward_bf16(
         matmul_bf16_with(kernel, out, dy_e.t(), x_e, true, par);
     };
     let work: Vec<_> = dweights.chunks_mut(weight_size).zip(dx_parts).collect();
-    if par == Par::Seq {
-        work.into_par_iter()
-            .enumerate()
-            .with_max_len(1)
-            .for_each(run);
-    } else {
-        work.into_iter().enumerate().for_each(run);
-    }
+    for_each_group(work, par, run);
 }
 
 #[cfg(test)]
