@@ -89,7 +89,9 @@ pub struct Evaluation {
     pub tokens_per_s: f64,
     /// Model FLOPs utilisation against the device's peak.
     pub mfu: f64,
-    /// The simulated pipeline.
+    /// The simulated pipeline. Its bubble is what `time.bubble` charges, except where the ranks
+    /// share one node's cores: there the waiting stages' cores serve the others and `time`
+    /// charges none.
     pub pipeline: PipelineRun,
 }
 
