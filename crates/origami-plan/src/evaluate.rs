@@ -126,7 +126,7 @@ impl Planner {
         let (parallel, micro_batches) = layout.resolve(&i.model, i.gpus, i.global_batch, i.seq)?;
         let split = StageLayers::new(i.model.layers, layout.pp, layout.vpp, None, None)?;
         let hardware = &i.hardware;
-        let bytes = i.precision.bytes();
+        let bytes = i.precision.bytes(hardware.engine.mixed_precision);
         let work_inputs = WorkInputs {
             model: &i.model,
             layout,
@@ -149,6 +149,7 @@ impl Planner {
         let rates = Rates {
             hardware,
             peak: hardware.peak_flops(i.precision)?,
+            kernels: hardware.kernel_efficiency(i.precision),
             bytes,
             sharing: if hardware.device.shared_by_ranks {
                 node_ranks as f64
@@ -267,7 +268,7 @@ impl Planner {
         slowest: &StageTimes,
     ) {
         let engine = &self.inputs.hardware.engine;
-        let b = self.inputs.precision.bytes();
+        let b = rates.bytes;
         let p = stage.params;
         let ring = |replicas: usize, elements: f64, all_reduce: bool| {
             let share = (replicas - 1) as f64 / replicas as f64 * elements;
@@ -299,7 +300,7 @@ impl Planner {
                 ),
             );
             if sharding.distributed {
-                let params = ring(replicas, elements, false) * b.weight;
+                let params = ring(replicas, elements, false) * b.gathered_weight;
                 time.add_step_comm(
                     CommKind::ParamGather,
                     rates.step_collective(

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{PlanError, Precision};
+use crate::{MixedPrecision, PlanError, Precision};
 
 /// The shipped description of a DGX H100 node running Megatron-Core (sources in the file).
 pub const H100_DGX: &str = include_str!("../hardware/h100-dgx.toml");
@@ -79,6 +79,29 @@ pub struct Efficiency {
     /// charged; `memory` where absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_entropy: Option<f64>,
+    /// The bf16 kernels' own fractions of the bf16 peak, where they differ from the ones above
+    /// (`local`: the fields above are the f32 kernels', these the bf16 ones'); absent, the
+    /// fields above serve both precisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bf16: Option<KernelEfficiency>,
+}
+
+/// The compute kernels' achieved fractions of one precision's peak.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelEfficiency {
+    /// Dense GEMMs.
+    pub gemm: f64,
+    /// Grouped expert GEMMs.
+    pub grouped_gemm: f64,
+    /// Attention core, forward and backward.
+    pub attention: f64,
+    /// The attention core under context parallelism.
+    pub context_attention: f64,
+    /// The optimizer step, as a fraction of the memory bandwidth (see
+    /// [`Efficiency::optimizer`]); absent, the one above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<f64>,
 }
 
 /// Bandwidth and latency of one collective on one kind of link.
@@ -145,6 +168,10 @@ pub struct Engine {
     /// Rows of the output layer whose logits exist at once (origami computes them in chunks);
     /// absent: the whole micro-batch's logits (Megatron-Core).
     pub output_chunk_rows: Option<usize>,
+    /// How bf16 mixed precision keeps weights, optimizer state and activations (absent:
+    /// Megatron-Core's).
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
 }
 
 /// Fixed memory costs.
@@ -202,6 +229,26 @@ impl Hardware {
             hardware: self.name.clone(),
             precision: precision.name(),
         })
+    }
+
+    /// The compute kernels' fractions of `precision`'s peak: `[efficiency.bf16]` in bf16 where
+    /// the description has it, else the top-level fields.
+    pub fn kernel_efficiency(&self, precision: Precision) -> KernelEfficiency {
+        let e = &self.efficiency;
+        let top = KernelEfficiency {
+            gemm: e.gemm,
+            grouped_gemm: e.grouped_gemm,
+            attention: e.attention,
+            context_attention: e.context_attention,
+            optimizer: e.optimizer,
+        };
+        match (precision, e.bf16) {
+            (Precision::Bf16, Some(bf16)) => KernelEfficiency {
+                optimizer: bf16.optimizer.or(top.optimizer),
+                ..bf16
+            },
+            _ => top,
+        }
     }
 
     /// Devices per node for a world of `world` ranks.
@@ -265,6 +312,15 @@ impl Hardware {
             self.efficiency.context_attention,
         )?;
         fraction("efficiency.memory", self.efficiency.memory)?;
+        if let Some(bf16) = &self.efficiency.bf16 {
+            fraction("efficiency.bf16.gemm", bf16.gemm)?;
+            fraction("efficiency.bf16.grouped_gemm", bf16.grouped_gemm)?;
+            fraction("efficiency.bf16.attention", bf16.attention)?;
+            fraction("efficiency.bf16.context_attention", bf16.context_attention)?;
+            if let Some(optimizer) = bf16.optimizer {
+                positive("efficiency.bf16.optimizer", optimizer)?;
+            }
+        }
         let links = std::iter::once(("network.intra_node", &self.network.intra_node)).chain(
             self.network
                 .inter_node
@@ -339,5 +395,43 @@ mod tests {
             .to_string();
         assert!(message.contains("efficiency.gemm"), "{message}");
         assert!(Hardware::h100_dgx().peak_flops(Precision::F32).is_ok());
+    }
+
+    #[test]
+    fn bf16_kernels_take_their_own_efficiencies_where_the_description_has_them() {
+        let h = Hardware::h100_dgx();
+        // Without [efficiency.bf16], both precisions read the top-level fields.
+        assert_eq!(
+            h.kernel_efficiency(Precision::Bf16),
+            h.kernel_efficiency(Precision::F32)
+        );
+        assert_eq!(h.kernel_efficiency(Precision::Bf16).gemm, h.efficiency.gemm);
+        assert_eq!(h.engine.mixed_precision, MixedPrecision::Megatron);
+        let text = format!(
+            "{H100_DGX}\n[efficiency.bf16]\ngemm = 0.51\ngrouped_gemm = 0.4\nattention = 0.3\ncontext_attention = 0.2\n"
+        );
+        let with = Hardware::from_toml(&text, "with-bf16.toml").unwrap();
+        let bf16 = with.kernel_efficiency(Precision::Bf16);
+        assert_eq!(
+            (
+                bf16.gemm,
+                bf16.grouped_gemm,
+                bf16.attention,
+                bf16.context_attention
+            ),
+            (0.51, 0.4, 0.3, 0.2)
+        );
+        // The optimizer falls back to the top-level one; f32 is untouched.
+        assert_eq!(bf16.optimizer, with.efficiency.optimizer);
+        assert_eq!(
+            with.kernel_efficiency(Precision::F32),
+            h.kernel_efficiency(Precision::F32)
+        );
+        assert_eq!(Hardware::from_toml(&with.to_toml(), "again").unwrap(), with);
+        let bad = text.replace("\ngemm = 0.51", "\ngemm = 1.51");
+        let message = Hardware::from_toml(&bad, "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("efficiency.bf16.gemm"), "{message}");
     }
 }

@@ -32,6 +32,6 @@ pub use evaluate::{Evaluation, PlanInputs, Planner};
 pub use hardware::Hardware;
 pub use layout::Layout;
 pub use models::{paper_model, PAPER_MODELS};
-pub use precision::{Bytes, Precision};
+pub use precision::{Bytes, MixedPrecision, Precision};
 pub use search::{candidates, search, SearchResult};
 pub use shape::{LayerParams, ModelShape, GLU_FACTOR};

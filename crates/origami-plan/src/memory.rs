@@ -138,7 +138,7 @@ mod tests {
     use super::*;
     use crate::stage::{stages, LayerKinds};
     use crate::work::WorkInputs;
-    use crate::{Layout, ModelShape, Precision};
+    use crate::{Layout, MixedPrecision, ModelShape, Precision};
     use origami_schedule::StageLayers;
 
     /// Mixtral-8x22B as the issue gives it.
@@ -185,7 +185,7 @@ mod tests {
             model: &model,
             layout: &layout,
             seq: 4096,
-            bytes: Precision::Bf16.bytes(),
+            bytes: Precision::Bf16.bytes(MixedPrecision::Megatron),
             regather: true,
             cp_all_to_all: false,
             expert_imbalance: 1.0,
@@ -204,7 +204,7 @@ mod tests {
         let memory = rank_memory(
             stage,
             &kinds,
-            Precision::Bf16.bytes(),
+            Precision::Bf16.bytes(MixedPrecision::Megatron),
             sharding,
             (1, 8),
             overheads,

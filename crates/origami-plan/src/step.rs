@@ -20,6 +20,7 @@
 
 use serde::Serialize;
 
+use crate::hardware::KernelEfficiency;
 use crate::network::{collective_seconds, comm_seconds, Spans};
 use crate::precision::Bytes;
 use crate::stage::{LayerKinds, Stage};
@@ -148,6 +149,8 @@ pub struct Rates<'a> {
     pub hardware: &'a Hardware,
     /// Peak FLOP/s of one device in the run's precision.
     pub peak: f64,
+    /// The compute kernels' fractions of that peak, in the run's precision.
+    pub kernels: KernelEfficiency,
     /// Bytes per element.
     pub bytes: Bytes,
     /// How many times longer a rank's parallel kernels take because the node's other ranks
@@ -166,8 +169,8 @@ impl Rates<'_> {
     }
 
     fn optimizer_rate(&self) -> f64 {
-        let efficiency = &self.hardware.efficiency;
-        self.hardware.device.memory_bandwidth * efficiency.optimizer.unwrap_or(efficiency.memory)
+        let memory = self.hardware.efficiency.memory;
+        self.hardware.device.memory_bandwidth * self.kernels.optimizer.unwrap_or(memory)
     }
 
     fn cross_entropy_rate(&self) -> f64 {
@@ -178,12 +181,12 @@ impl Rates<'_> {
 
     fn gemm_seconds(&self, gemm: &Gemm) -> f64 {
         let efficiency = if gemm.grouped {
-            self.hardware.efficiency.grouped_gemm
+            self.kernels.grouped_gemm
         } else {
-            self.hardware.efficiency.gemm
+            self.kernels.gemm
         };
         let compute = gemm.flops() / (self.peak * efficiency);
-        let traffic = gemm.elements() * gemm.count * self.bytes.activation / self.memory_rate();
+        let traffic = gemm.elements() * gemm.count * self.bytes.gemm_input / self.memory_rate();
         compute.max(traffic)
     }
 
@@ -216,11 +219,10 @@ impl Rates<'_> {
             forward: quantity.forward / rate * factor,
             backward: quantity.backward / rate * factor,
         };
-        let efficiency = &self.hardware.efficiency;
         let attention_efficiency = if work.context_parallel_attention {
-            efficiency.context_attention
+            self.kernels.context_attention
         } else {
-            efficiency.attention
+            self.kernels.attention
         };
         let attention = per_pass(
             work.attention_flops,
@@ -400,7 +402,7 @@ impl StepTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Precision;
+    use crate::{MixedPrecision, Precision};
 
     #[test]
     fn a_gemm_runs_at_its_efficiency_or_its_traffic_whichever_is_slower() {
@@ -416,7 +418,8 @@ mod tests {
         let rates = Rates {
             hardware: &hardware,
             peak: 989.5e12,
-            bytes: Precision::Bf16.bytes(),
+            kernels: hardware.kernel_efficiency(Precision::Bf16),
+            bytes: Precision::Bf16.bytes(MixedPrecision::Megatron),
             sharing: 1.0,
             serial_sharing: 1.0,
             spans: &spans,
@@ -468,7 +471,8 @@ mod tests {
         let rates = |hardware| Rates {
             hardware,
             peak: 989.5e12,
-            bytes: Precision::Bf16.bytes(),
+            kernels: Hardware::kernel_efficiency(hardware, Precision::Bf16),
+            bytes: Precision::Bf16.bytes(MixedPrecision::Megatron),
             sharing: 1.0,
             serial_sharing: 1.0,
             spans: &spans,

@@ -244,41 +244,43 @@ impl WorkInputs<'_> {
         (g - 1) as f64 / g as f64 * total
     }
 
-    /// Sequence-parallel collectives over tp: `forward` and `backward` all-gathers or
-    /// reduce-scatters of the region's `[T_reg, h]`, plus, with regathering and when the
-    /// region starts with a column-parallel GEMM, one more all-gather of its input in the
-    /// backward for the weight gradient. A region (attention, an MLP) enters and leaves:
-    /// 2 + 2; the embedding only leaves (1 + 1), the output layer only enters (1 + 1).
-    fn sequence_parallel(&self, forward: f64, backward: f64, column_input: bool) -> Option<Comm> {
+    /// Sequence-parallel collectives over tp of the region's `[T_reg, h]`: forward, `entering`
+    /// all-gathers of a GEMM input into a region and `leaving` reduce-scatters of partial sums
+    /// out of it; backward, the same count of collectives of their gradients, plus, with
+    /// regathering and when the region starts with a column-parallel GEMM, one more all-gather
+    /// of its input for the weight gradient. A region (attention, an MLP) enters and leaves
+    /// (1 + 1 forward, 2 backward); the embedding only leaves, the output layer only enters.
+    fn sequence_parallel(&self, entering: f64, leaving: f64, column_input: bool) -> Option<Comm> {
         let tp = self.layout.tp;
         if tp == 1 {
             return None;
         }
-        let one = Self::gather(
-            tp,
-            self.region_tokens() * self.model.hidden as f64 * self.bytes.activation,
-        );
-        let backward = backward
-            + if self.regather && column_input {
-                1.0
-            } else {
-                0.0
-            };
+        let one =
+            |bytes: f64| Self::gather(tp, self.region_tokens() * self.model.hidden as f64 * bytes);
+        let (input, other) = (one(self.bytes.gemm_input), one(self.bytes.activation));
+        let regather = if self.regather && column_input {
+            1.0
+        } else {
+            0.0
+        };
         Some(Comm {
             kind: CommKind::TensorParallel,
             collective: Collective::AllGather,
             group: GroupKind::Tp,
             bytes: Passes {
-                forward: forward * one,
-                backward: backward * one,
+                forward: entering * input + leaving * other,
+                backward: (entering + leaving) * other + regather * input,
             },
-            calls: Passes { forward, backward },
+            calls: Passes {
+                forward: entering + leaving,
+                backward: entering + leaving + regather,
+            },
         })
     }
 
     /// A tensor-parallel region's entry and exit.
     fn region_comm(&self) -> Option<Comm> {
-        self.sequence_parallel(2.0, 2.0, true)
+        self.sequence_parallel(1.0, 1.0, true)
     }
 
     /// Tokens kept for a region's GEMM input: the slice with regathering, else the region.
@@ -293,7 +295,11 @@ impl WorkInputs<'_> {
     /// Attention with its norm and residual, and the norm before the feed-forward part.
     fn attention(&self, work: &mut LayerWork) {
         let m = self.model;
-        let (tp, a) = (self.layout.tp as f64, self.bytes.activation);
+        let (tp, a, input) = (
+            self.layout.tp as f64,
+            self.bytes.activation,
+            self.bytes.gemm_input,
+        );
         let (h, region, slice) = (m.hidden as f64, self.region_tokens(), self.slice_tokens());
         let (qkv, query) = (m.qkv_width() as f64 / tp, m.query_width() as f64 / tp);
         work.gemms.push(Gemm {
@@ -346,7 +352,7 @@ impl WorkInputs<'_> {
             },
             Stored {
                 name: "attention_norm_output",
-                bytes: self.kept_input_tokens() * h * a,
+                bytes: self.kept_input_tokens() * h * input,
             },
             Stored {
                 name: "qkv",
@@ -381,14 +387,19 @@ impl WorkInputs<'_> {
             return;
         }
         let m = self.model;
-        let (tp, a) = (self.layout.tp as f64, self.bytes.activation);
+        let (tp, a, input) = (
+            self.layout.tp as f64,
+            self.bytes.activation,
+            self.bytes.gemm_input,
+        );
         let region = self.region_tokens();
         let hd = m.head_dim as f64;
-        let q = region * m.heads as f64 / tp * hd * a;
-        let kv = region * 2.0 * m.query_groups as f64 / tp * hd * a;
+        // Elements of this rank's queries and of its key/value block.
+        let q = region * m.heads as f64 / tp * hd;
+        let kv = region * 2.0 * m.query_groups as f64 / tp * hd;
         let (collective, bytes, calls) = if self.cp_all_to_all {
             // Forward: q and kv out, the output back; backward: dout out, dq and dkv back.
-            let one = Self::gather(cp, 2.0 * q + kv);
+            let one = Self::gather(cp, (2.0 * q + kv) * a);
             (
                 Collective::AllToAll,
                 Passes {
@@ -401,14 +412,14 @@ impl WorkInputs<'_> {
                 },
             )
         } else {
-            // Ring: cp − 1 key/value blocks forward; backward the blocks with their gradient
-            // accumulators, then the last accumulator home.
+            // Ring: cp − 1 key/value blocks forward (GEMM inputs); backward the blocks with
+            // their gradient accumulators, then the last accumulator home.
             let steps = (cp - 1) as f64;
             (
                 Collective::P2p,
                 Passes {
-                    forward: steps * kv,
-                    backward: steps * 2.0 * kv + kv,
+                    forward: steps * kv * input,
+                    backward: steps * kv * (input + a) + kv * a,
                 },
                 Passes {
                     forward: steps,
@@ -425,19 +436,23 @@ impl WorkInputs<'_> {
         });
         work.stored.push(Stored {
             name: "context_parallel_output",
-            bytes: q,
+            bytes: q * a,
         });
         if self.cp_all_to_all {
             work.stored.push(Stored {
                 name: "context_parallel_heads",
-                bytes: q + kv,
+                bytes: (q + kv) * a,
             });
         }
     }
 
     /// A tensor-parallel SwiGLU MLP of hidden size `ffn` over the region's tokens.
     fn mlp(&self, work: &mut LayerWork, ffn: usize, names: [&'static str; 4]) {
-        let (tp, a) = (self.layout.tp as f64, self.bytes.activation);
+        let (tp, a, input) = (
+            self.layout.tp as f64,
+            self.bytes.activation,
+            self.bytes.gemm_input,
+        );
         let (h, region) = (self.model.hidden as f64, self.region_tokens());
         let f = ffn as f64 / tp;
         work.gemms.push(Gemm {
@@ -470,7 +485,7 @@ impl WorkInputs<'_> {
             },
             Stored {
                 name: names[3],
-                bytes: region * f * a,
+                bytes: region * f * input,
             },
         ]);
         work.backward_working_bytes = work.backward_working_bytes.max(region * (3.0 * f + h) * a);
@@ -482,7 +497,7 @@ impl WorkInputs<'_> {
         self.attention(&mut work);
         work.stored.push(Stored {
             name: "mlp_norm_output",
-            bytes: self.kept_input_tokens() * self.model.hidden as f64 * self.bytes.activation,
+            bytes: self.kept_input_tokens() * self.model.hidden as f64 * self.bytes.gemm_input,
         });
         self.mlp(
             &mut work,
@@ -503,7 +518,8 @@ impl WorkInputs<'_> {
         let mut work = LayerWork::default();
         self.attention(&mut work);
         let m = self.model;
-        let (ep, etp, a) = (self.layout.ep, self.layout.etp, self.bytes.activation);
+        let (ep, etp) = (self.layout.ep, self.layout.etp);
+        let (a, input) = (self.bytes.activation, self.bytes.gemm_input);
         let (h, slice) = (m.hidden as f64, self.slice_tokens());
         let (e, k) = (m.experts as f64, m.topk as f64);
         let rows = self.expert_rows();
@@ -541,17 +557,19 @@ impl WorkInputs<'_> {
             forward: glue,
             backward: glue,
         });
-        let routed_bytes = slots * h * a * self.expert_imbalance;
+        // Routed rows: dispatched as GEMM inputs, combined and differentiated as activations.
+        let routed = slots * h * self.expert_imbalance;
+        let routed_bytes = routed * input;
         work.routed_bytes = routed_bytes;
         if ep > 1 {
-            let one = Self::gather(ep, routed_bytes);
+            let one = Self::gather(ep, routed);
             work.comms.push(Comm {
                 kind: CommKind::ExpertDispatch,
                 collective: Collective::AllToAll,
                 group: GroupKind::Ep,
                 bytes: Passes {
-                    forward: 2.0 * one,
-                    backward: 2.0 * one,
+                    forward: one * (input + a),
+                    backward: 2.0 * one * a,
                 },
                 calls: Passes {
                     forward: 2.0,
@@ -562,14 +580,14 @@ impl WorkInputs<'_> {
         if etp > 1 {
             // Each rank's received rows go to the other etp − 1 ranks (all-gather) and come
             // back summed (reduce-scatter), in both passes.
-            let one = (etp - 1) as f64 * routed_bytes;
+            let one = (etp - 1) as f64 * routed;
             work.comms.push(Comm {
                 kind: CommKind::ExpertTensorParallel,
                 collective: Collective::AllGather,
                 group: GroupKind::Etp,
                 bytes: Passes {
-                    forward: 2.0 * one,
-                    backward: 2.0 * one,
+                    forward: one * (input + a),
+                    backward: 2.0 * one * a,
                 },
                 calls: Passes {
                     forward: 2.0,
@@ -592,7 +610,7 @@ impl WorkInputs<'_> {
             },
             Stored {
                 name: "expert_input",
-                bytes: rows * h * a,
+                bytes: rows * h * input,
             },
             Stored {
                 name: "expert_fc1_output",
@@ -600,7 +618,7 @@ impl WorkInputs<'_> {
             },
             Stored {
                 name: "expert_activation",
-                bytes: rows * f * a,
+                bytes: rows * f * input,
             },
             Stored {
                 name: "expert_output_combined",
@@ -611,11 +629,11 @@ impl WorkInputs<'_> {
         // dispatch buffers of the rows on their way back.
         work.backward_working_bytes = work
             .backward_working_bytes
-            .max(rows * (3.0 * f + 2.0 * h) * a + routed_bytes);
+            .max(rows * (3.0 * f + 2.0 * h) * a + routed * a);
         if m.shared_expert_ffn > 0 {
             work.stored.push(Stored {
                 name: "shared_expert_input",
-                bytes: self.kept_input_tokens() * h * a,
+                bytes: self.kept_input_tokens() * h * input,
             });
             self.mlp(
                 &mut work,
@@ -662,7 +680,7 @@ impl WorkInputs<'_> {
             forward: 2.0 * h * slice * a,
             backward: 3.0 * h * slice * a,
         });
-        work.comms.extend(self.sequence_parallel(1.0, 1.0, true));
+        work.comms.extend(self.sequence_parallel(1.0, 0.0, true));
         work.stored.extend([
             Stored {
                 name: "final_norm_input",
@@ -690,7 +708,7 @@ impl WorkInputs<'_> {
             backward: 2.0 * h * self.region_tokens() * a,
         });
         // Vocabulary-parallel lookup: one reduce-scatter forward, one all-gather backward.
-        work.comms.extend(self.sequence_parallel(1.0, 1.0, false));
+        work.comms.extend(self.sequence_parallel(0.0, 1.0, false));
         work.stored.push(Stored {
             name: "token_ids",
             bytes: self.region_tokens() * 8.0,
@@ -708,14 +726,14 @@ impl WorkInputs<'_> {
 mod tests {
     use super::*;
     use crate::shape::tests::small;
-    use crate::Precision;
+    use crate::{MixedPrecision, Precision};
 
     fn inputs<'a>(model: &'a ModelShape, layout: &'a Layout) -> WorkInputs<'a> {
         WorkInputs {
             model,
             layout,
             seq: 1024,
-            bytes: Precision::F32.bytes(),
+            bytes: Precision::F32.bytes(MixedPrecision::Origami),
             regather: false,
             cp_all_to_all: false,
             expert_imbalance: 1.0,
@@ -851,5 +869,60 @@ mod tests {
             .unwrap()
             .calls;
         assert_eq!((tp.forward, tp.backward), (2.0, 3.0));
+    }
+
+    #[test]
+    fn origami_bf16_keeps_and_sends_only_gemm_inputs_in_bf16() {
+        // small, tp 2 · ep 4, 2 sequences of 1024 per rank (T_reg 2048, T_loc 1024, 2048 routed
+        // rows), origami's bf16 against f32: per MoE layer the kept GEMM inputs are the
+        // attention norm output (2048 · 512) and the experts' input and activation rows
+        // (2048 · 512 and 2048 · 1024), which halve; everything else stays f32.
+        let model = small();
+        let layout: Layout = "tp=2 ep=4 mbs=2".parse().unwrap();
+        let f32 = inputs(&model, &layout).moe_layer();
+        let bf16 = WorkInputs {
+            bytes: Precision::Bf16.bytes(MixedPrecision::Origami),
+            ..inputs(&model, &layout)
+        }
+        .moe_layer();
+        let halved = 2048.0 * 512.0 + 2048.0 * 512.0 + 2048.0 * 1024.0;
+        assert_eq!(f32.stored_bytes() - bf16.stored_bytes(), 2.0 * halved);
+        let bytes = |work: &LayerWork, kind| {
+            let c = work.comms.iter().find(|c| c.kind == kind).unwrap();
+            (c.bytes.forward, c.bytes.backward)
+        };
+        // Sequence parallel: the gather into the region moves bf16, the reduce-scatter out of
+        // it and both gradients f32; one collective sends 1/2 · 2048 · 512 values.
+        let one = 0.5 * 2048.0 * 512.0;
+        assert_eq!(
+            bytes(&bf16, CommKind::TensorParallel),
+            (one * (2.0 + 4.0), one * 2.0 * 4.0)
+        );
+        assert_eq!(
+            bytes(&f32, CommKind::TensorParallel),
+            (one * 2.0 * 4.0, one * 2.0 * 4.0)
+        );
+        // Dispatch: the experts' rows leave in bf16, the combine and the backward are f32.
+        let routed = 0.75 * 2048.0 * 512.0;
+        assert_eq!(
+            bytes(&bf16, CommKind::ExpertDispatch),
+            (routed * (2.0 + 4.0), routed * 2.0 * 4.0)
+        );
+        // Megatron's bf16 moves and keeps everything in bf16: half of f32 throughout.
+        let megatron = WorkInputs {
+            bytes: Precision::Bf16.bytes(MixedPrecision::Megatron),
+            ..inputs(&model, &layout)
+        }
+        .moe_layer();
+        let indices = 1024.0 * 2.0 * INDEX_BYTES_PER_SLOT;
+        let statistics = 2048.0 * 4.0 * 4.0 + 2.0 * 1024.0 * 4.0 + 2.0 * 16.0 * 1024.0 * 4.0;
+        assert_eq!(
+            megatron.stored_bytes() - indices - statistics,
+            (f32.stored_bytes() - indices - statistics) / 2.0
+        );
+        assert_eq!(
+            bytes(&megatron, CommKind::ExpertDispatch),
+            (routed * 2.0 * 2.0, routed * 2.0 * 2.0)
+        );
     }
 }

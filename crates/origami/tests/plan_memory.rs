@@ -1,107 +1,16 @@
 //! The planner's memory model against what a training step really makes this process hold, on
-//! the `tiny` preset. Alone in its test binary, so that the peak resident set (`VmHWM`, what
-//! `origami bench` reports) is this step's.
+//! the `tiny` preset in f32. Alone in its test binary, so that the peak resident set (`VmHWM`,
+//! what `origami bench` reports) is this step's.
 
-use origami::compute::{Compute, WeightCopies};
-use origami::model::config::ModelConfig;
-use origami::model::gpt::{GptModel, MicroBatch, SequenceKeys};
-use origami::optim::adamw::AdamWConfig;
-use origami::optim::parallel::{OptimizerGroups, ParallelOptimizer};
-use origami::plan::calibrate::{origami_engine, resident_mib, GLIBC_HEAP_RETENTION_CAP_MIB};
-use origami::plan::shape::model_shape;
-use origami::train::pipeline::stage_schedule;
-use origami::train::step::{train_step, StepGroups};
-use origami_plan::{Hardware, Layout, PlanInputs, Planner, Precision};
+mod plan_step;
 
-fn peak_resident_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<f64>()
-        .unwrap()
-        / 1024.0
-}
+use origami::compute::Compute;
+use origami_plan::Precision;
 
 #[test]
 fn tiny_step_peak_memory_is_what_the_planner_predicts() {
-    let (sequences, seq) = (8, 256);
-    let baseline = resident_mib();
-    let config = ModelConfig::preset("tiny").unwrap();
-    let model = GptModel::new(config.clone()).unwrap();
-    let mut params = model.init_params(0);
-    let mut copies = WeightCopies::new(Compute::F32, &params);
-    let mut grads = model.registry().zeros();
-    let mut optimizer = ParallelOptimizer::new(
-        model.registry(),
-        AdamWConfig::default(),
-        OptimizerGroups::single(),
-        false,
-        1 << 22,
-    );
-    let tokens: Vec<u32> = (0..sequences * (seq + 1))
-        .map(|i| (i * 7919 % config.vocab_size) as u32)
-        .collect();
-    let batch = MicroBatch {
-        tokens: tokens
-            .chunks(seq + 1)
-            .flat_map(|r| r[..seq].to_vec())
-            .collect(),
-        targets: tokens
-            .chunks(seq + 1)
-            .flat_map(|r| r[1..].to_vec())
-            .collect(),
-        batch: sequences,
-        seq,
-        keys: SequenceKeys::consecutive(0, 0, 0, sequences),
-    };
-    let schedule = stage_schedule(&model, 1, None).unwrap();
-    for _ in 0..2 {
-        train_step(
-            &model,
-            &mut params,
-            &mut copies,
-            &mut grads,
-            &mut optimizer,
-            std::slice::from_ref(&batch),
-            &schedule,
-            1,
-            &StepGroups::single(),
-            1e-4,
-        )
-        .unwrap();
-    }
-    let measured = peak_resident_mib();
-
-    let mut hardware = Hardware::h100_dgx();
-    hardware.device.shared_by_ranks = true;
-    hardware.device.devices_per_node = None;
-    hardware.engine = origami_engine();
-    hardware.device.cores = Some(2);
-    hardware.device.core_memory_bandwidth = Some(10e9);
-    hardware.runtime.per_rank_mib = 0.0;
-    hardware.runtime.per_process_mib = baseline;
-    hardware.runtime.heap_retention_cap_mib = GLIBC_HEAP_RETENTION_CAP_MIB;
-    let mut planner = Planner::new(PlanInputs {
-        model: model_shape("tiny", &config),
-        hardware,
-        gpus: 1,
-        global_batch: sequences,
-        seq,
-        precision: Precision::F32,
-        distributed_optimizer: false,
-        cp_all_to_all: false,
-        expert_imbalance: 1.0,
-    })
-    .unwrap();
-    let layout: Layout = format!("mbs={sequences}").parse().unwrap();
-    let evaluation = planner.evaluate(&layout).unwrap();
-    let predicted = evaluation.memory_per_node_gib * 1024.0;
-    let m = &evaluation.memory;
-    eprintln!(
-        "baseline {baseline:.1} MiB, measured peak {measured:.1} MiB, predicted {predicted:.1} MiB: {m:?}"
-    );
+    let (measured, predicted) =
+        plan_step::tiny_step_peak_and_prediction(Compute::F32, Precision::F32);
     assert!(
         (predicted / measured - 1.0).abs() < 0.08,
         "predicted {predicted:.1} MiB, measured {measured:.1} MiB"

@@ -42,7 +42,7 @@ use origami_kernels::matmul::{linear_backward, linear_forward, LinearGrads, Par}
 use origami_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use origami_kernels::swiglu::{swiglu_backward, swiglu_forward};
 use origami_plan::hardware::{Device, Efficiency, Engine, LinkRates, Network, Rate, Runtime};
-use origami_plan::Hardware;
+use origami_plan::{Hardware, MixedPrecision};
 
 use crate::bench::peak_gemm_gflops;
 use crate::layers::context_parallel::local_positions;
@@ -447,8 +447,9 @@ pub fn resident_mib() -> f64 {
 /// How origami's CPU engine trains: every collective blocks (nothing overlaps), tensor-parallel
 /// regions keep their gathered input, the glue between kernels (residual adds, router,
 /// permutation) runs on the rank's own thread, the dispatcher has no cost beyond its
-/// all-to-alls and copies, and the output layer computes [`OUTPUT_CHUNK_ROWS`] rows of logits
-/// at a time.
+/// all-to-alls and copies, the output layer computes [`OUTPUT_CHUNK_ROWS`] rows of logits at a
+/// time, and bf16 keeps f32 master weights beside their bf16 copies with only GEMM inputs in
+/// bf16 ([`MixedPrecision::Origami`]).
 pub fn origami_engine() -> Engine {
     Engine {
         overlap_tensor_parallel: false,
@@ -460,6 +461,7 @@ pub fn origami_engine() -> Engine {
         serial_glue: true,
         dispatch_overhead_per_byte: 0.0,
         output_chunk_rows: Some(OUTPUT_CHUNK_ROWS),
+        mixed_precision: MixedPrecision::Origami,
     }
 }
 
@@ -542,6 +544,7 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
             memory: 1.0,
             optimizer: Some(optimizer / memory),
             cross_entropy: Some(cross_entropy / memory),
+            bf16: None,
         },
         network: Network {
             intra_node: link,
