@@ -13,7 +13,7 @@ calibration's, which cancels a change between the two.
 
 Run from the repository root after `cargo build --release -p origami` (or point ORIGAMI at
 another binary):
-    python3 scripts/plan_check.py [--rounds 3] [--steps 3] [--preset small]
+    python3 scripts/plan_check.py [--rounds 3] [--steps 3] [--preset small] [--precision f32|bf16]
 """
 import argparse
 import json
@@ -41,27 +41,29 @@ def run(args, env):
     return out.stdout
 
 
-def calibration_peak(directory):
+def calibration_peak(directory, precision):
+    key = f"peak_flops_{precision}"
     with open(os.path.join(directory, "local.toml")) as f:
         for line in f:
-            if line.startswith("peak_flops_f32"):
+            if line.startswith(key):
                 return float(line.split("=")[1]) / 1e9
-    raise RuntimeError("no peak_flops_f32 in the local description")
+    raise RuntimeError(f"no {key} in the local description")
 
 
-def predict(preset, layout, world, env):
+def predict(preset, layout, world, precision, env):
     out = run([ORIGAMI, "plan", "--model", preset, "--gpus", str(world), "--global-batch", "4",
-               "--seq", "1024", "--precision", "f32", "--hardware", "local",
+               "--seq", "1024", "--precision", precision, "--hardware", "local",
                "--no-distributed-optimizer", "--layout", layout, "--json"], env)
     row = json.loads(out)
     return row["step_time_s"], row["memory_per_node_gib"] * 1024
 
 
-def measure(preset, flags, steps, env):
-    out = run([ORIGAMI, "bench", "--preset", preset, "--steps", str(steps), "--precision", "f32"]
-              + flags, env)
+def measure(preset, flags, steps, precision, env):
+    out = run([ORIGAMI, "bench", "--preset", preset, "--steps", str(steps), "--precision",
+               precision] + flags, env)
     row = json.loads(out)
-    return row["median_step_s"], row["peak_rss_mib"], row["peak_gemm_gflops"]
+    peak = row["peak_gemm_gflops" if precision == "f32" else "peak_gemm_gflops_bf16"]
+    return row["median_step_s"], row["peak_rss_mib"], peak
 
 
 def main():
@@ -69,6 +71,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--precision", default="f32", choices=["f32", "bf16"])
     args = parser.parse_args()
     results = {name: [] for name, *_ in LAYOUTS}
     with tempfile.TemporaryDirectory() as directory:
@@ -76,12 +79,12 @@ def main():
         for round_index in range(args.rounds):
             for name, flags, layout, world in LAYOUTS:
                 run([ORIGAMI, "plan", "--calibrate"], env)
-                peak_before = calibration_peak(directory)
-                before = predict(args.preset, layout, world, env)
-                measured = measure(args.preset, flags, args.steps, env)
+                peak_before = calibration_peak(directory, args.precision)
+                before = predict(args.preset, layout, world, args.precision, env)
+                measured = measure(args.preset, flags, args.steps, args.precision, env)
                 run([ORIGAMI, "plan", "--calibrate"], env)
-                peak_after = calibration_peak(directory)
-                after = predict(args.preset, layout, world, env)
+                peak_after = calibration_peak(directory, args.precision)
+                after = predict(args.preset, layout, world, args.precision, env)
                 peak = (peak_before + peak_after) / 2
                 predicted = ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
                 rescaled = predicted[0] * peak / measured[2]
@@ -90,7 +93,7 @@ def main():
                       f"measured {measured[0]:7.3f} s | memory predicted {predicted[1]:7.0f} MiB "
                       f"measured {measured[1]:7.0f} MiB | peak GEMM calibration {peak:.0f}, "
                       f"bench {measured[2]:.0f} GFLOP/s", flush=True)
-    print(f"\nmedians over {args.rounds} rounds ({args.preset}):")
+    print(f"\nmedians over {args.rounds} rounds ({args.preset}, {args.precision}):")
     print(f"{'layout':<15} {'step pred s':>11} {'step meas s':>11} {'ratio':>6} "
           f"{'mem pred MiB':>12} {'mem meas MiB':>12} {'ratio':>6}")
     for name, rows in results.items():

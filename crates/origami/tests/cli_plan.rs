@@ -130,27 +130,40 @@ fn calibration_writes_the_local_description_that_plans_read() {
     assert!(stdout_of(&out).contains("local.toml"));
     let local = origami_plan::Hardware::from_file(&dir.path().join("local.toml")).unwrap();
     assert!(local.device.shared_by_ranks && local.peak_flops(origami_plan::Precision::F32).is_ok());
-    let out = origami()
-        .env("ORIGAMI_HARDWARE_DIR", dir.path())
-        .args([
-            "plan",
-            "--model",
-            "tiny",
-            "--gpus",
-            "4",
-            "--global-batch",
-            "8",
-            "--seq",
-            "256",
-            "--precision",
-            "f32",
-            "--hardware",
-            "local",
-            "--layout",
-            "tp=2 ep=4 mbs=4",
-        ])
-        .output()
-        .unwrap();
-    let text = stdout_of(&out);
-    assert!(text.contains("the node's ranks together"), "{text}");
+    // Both precisions are measured, bf16 with the kernel this CPU runs it on, and the engine
+    // keeps origami's mixed-precision layout.
+    assert!(local.peak_flops(origami_plan::Precision::Bf16).is_ok());
+    assert!(local.efficiency.bf16.is_some());
+    assert_eq!(
+        local.engine.mixed_precision,
+        origami_plan::MixedPrecision::Origami
+    );
+    for precision in ["f32", "bf16"] {
+        let out = origami()
+            .env("ORIGAMI_HARDWARE_DIR", dir.path())
+            .args([
+                "plan",
+                "--model",
+                "tiny",
+                "--gpus",
+                "4",
+                "--global-batch",
+                "8",
+                "--seq",
+                "256",
+                "--precision",
+                precision,
+                "--hardware",
+                "local",
+                "--layout",
+                "tp=2 ep=4 mbs=4",
+            ])
+            .output()
+            .unwrap();
+        let text = stdout_of(&out);
+        assert!(
+            text.contains("the node's ranks together"),
+            "{precision}: {text}"
+        );
+    }
 }

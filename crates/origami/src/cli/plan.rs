@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use origami::compute::{Compute, PrecisionSetting};
 use origami::plan::calibrate::{local_path, write_local};
 use origami::plan::shape::resolve_model;
 use origami_plan::report::{assumptions, explain, table};
@@ -77,8 +78,9 @@ struct JsonRow<'a> {
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     if args.calibrate {
         let (path, _) = write_local(&mut |line| eprintln!("{line}"))?;
+        let precision = Compute::resolve(PrecisionSetting::Auto, false).name();
         println!(
-            "wrote {} (use it with --hardware local --precision f32)",
+            "wrote {} (use it with --hardware local; `origami train` computes in {precision} on this CPU: --precision {precision})",
             path.display()
         );
         return Ok(());

@@ -425,14 +425,16 @@ impl ContextAttention {
 /// The masked attention kernels of the compute precision for one call's blocks: f32, or bf16
 /// with the queries (and the output gradient) rounded once and the key/value blocks rounded
 /// before they travel, two values to a communicator word ([`BlockKernels::pack`]).
-struct BlockKernels {
+pub struct BlockKernels {
     kernel: Option<Bf16Kernel>,
     q: Vec<Bf16>,
     dout: Vec<Bf16>,
 }
 
 impl BlockKernels {
-    fn new(compute: Compute, q: &[f32], dout: Option<&[f32]>) -> Self {
+    /// The kernels of `compute` for the queries `q` (and, for a backward, the output gradient
+    /// `dout`), rounded once in bf16.
+    pub fn new(compute: Compute, q: &[f32], dout: Option<&[f32]>) -> Self {
         match compute {
             Compute::F32 => BlockKernels {
                 kernel: None,
@@ -449,15 +451,17 @@ impl BlockKernels {
 
     /// A key/value block as it travels and as `forward` and `backward` take it: f32, or its
     /// bf16 rounding packed two to a word (every kv block has an even length: keys and values).
-    fn pack(&self, kv: &[f32]) -> Vec<f32> {
+    pub fn pack(&self, kv: &[f32]) -> Vec<f32> {
         match self.kernel {
             None => kv.to_vec(),
             Some(_) => round_to_words(kv),
         }
     }
 
+    /// This rank's queries against one key/value block (as [`BlockKernels::pack`] made it),
+    /// masked by positions: writes `out`, returns the log-sum-exp per (row, head).
     #[allow(clippy::too_many_arguments)]
-    fn forward(
+    pub fn forward(
         &self,
         out: &mut [f32],
         q: &[f32],
@@ -483,15 +487,17 @@ impl BlockKernels {
     }
 
     /// `D = Σ dO∘O` of the output gradient the kernels see (rounded in bf16).
-    fn row_dots(&self, dout: &[f32], out: &[f32], shape: MaskedAttentionShape) -> Vec<f32> {
+    pub fn row_dots(&self, dout: &[f32], out: &[f32], shape: MaskedAttentionShape) -> Vec<f32> {
         match self.kernel {
             None => attention_row_dots(dout, out, shape),
             Some(_) => attention_row_dots(&widen(&self.dout), out, shape),
         }
     }
 
+    /// Backward of [`BlockKernels::forward`] for one block: adds into `dq` and the block's
+    /// `dkv` from the merged output's `lse` and `row_dots`.
     #[allow(clippy::too_many_arguments)]
-    fn backward(
+    pub fn backward(
         &self,
         dq: &mut [f32],
         dkv: &mut [f32],
