@@ -6,9 +6,11 @@ into a private directory) and asks the planner for the step time and the process
 the benchmark, then calibrates and predicts again: the prediction is the mean of the two, so
 that prediction and measurement see the same load. Prints
 every run with two gauges of the machine's speed at the time — the GEMM peak the calibration
-measured and the one the benchmark measured in its own process — the medians, and the ratios
-predicted / measured. This machine's speed changes by up to 2× within a minute (other
-tenants); the second table rescales each prediction by the benchmark's peak over the
+measured and the one the benchmark measured in its own process — the medians and the ratio
+of the medians. This machine's speed changes by up to 2× within a minute (other tenants), so
+the medians of predictions and of measurements may come from different rounds: the second table
+gives, per round, each prediction over its own measurement (taken in the same minutes) and
+their median; the third rescales each prediction by the benchmark's peak over the
 calibration's, which cancels a change between the two.
 
 Run from the repository root after `cargo build --release -p origami` (or point ORIGAMI at
@@ -103,6 +105,12 @@ def main():
         mem_m = statistics.median(r[1][1] for r in rows)
         print(f"{name:<15} {step_p:11.3f} {step_m:11.3f} {step_p / step_m:6.3f} "
               f"{mem_p:12.0f} {mem_m:12.0f} {mem_p / mem_m:6.3f}")
+    print("\nper round, each prediction over its own measurement (the same minutes of a machine "
+          "whose speed drifts), and their median:")
+    for name, rows in results.items():
+        ratios = [r[0][0] / r[1][0] for r in rows]
+        print(f"{name:<15} " + " ".join(f"{x:6.3f}" for x in ratios)
+              + f"   median {statistics.median(ratios):6.3f}")
     print("\nrescaled by the benchmark's GEMM peak over the calibration's:")
     print(f"{'layout':<15} {'step pred s':>11} {'step meas s':>11} {'ratio':>6}")
     for name, rows in results.items():

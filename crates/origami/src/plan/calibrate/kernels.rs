@@ -8,9 +8,10 @@
 //!
 //! The compute probes (GEMMs, grouped GEMMs, attention, context-parallel attention blocks, the
 //! optimizer step) run in a given precision through the layers' own entry points: the compute
-//! interface ([`Weights`]) and the context-parallel block kernels ([`BlockKernels`]), so bf16
-//! probes include the roundings the layers make on the way (the output gradient before its two
-//! products, q/k/v before the attention core, the bf16 weight copies after the update).
+//! interface ([`Weights`](crate::compute::Weights)) and the context-parallel block kernels
+//! ([`BlockKernels`]), so bf16 probes include the roundings the layers make on the way (the
+//! output gradient before its two products, q/k/v before the attention core, the bf16 weight
+//! copies after the update).
 
 use std::time::Instant;
 
@@ -95,13 +96,13 @@ pub fn interleaved_rates(probes: &mut [Probe]) -> Vec<f64> {
 }
 
 /// Values of a probe's operands: small, varied, never zero.
-pub fn filled(len: usize, value: f32) -> Vec<f32> {
+fn filled(len: usize, value: f32) -> Vec<f32> {
     (0..len)
         .map(|i| value * (1.0 + (i % 7) as f32 / 7.0))
         .collect()
 }
 
-/// Parameters of the given shapes and groups with their master values and the compute
+/// Parameters of the given shapes in one group, with their master values and the compute
 /// precision's copies, as a rank holds them.
 struct Params {
     ids: Vec<ParamId>,
@@ -110,18 +111,18 @@ struct Params {
 }
 
 impl Params {
-    fn new(compute: Compute, shapes: &[(&[usize], ParamGroup)]) -> Self {
+    fn new(
+        compute: Compute,
+        group: ParamGroup,
+        shapes: impl IntoIterator<Item = Vec<usize>>,
+    ) -> Self {
         let mut registry = ParamRegistry::default();
         let ids = shapes
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(i, (shape, group))| {
-                registry.register(
-                    format!("calibration.{i}.weight"),
-                    shape,
-                    *group,
-                    Init::Constant(0.02),
-                )
+            .map(|(i, shape)| {
+                let name = format!("calibration.{i}.weight");
+                registry.register(name, &shape, group, Init::Constant(0.02))
             })
             .collect();
         let mut master = registry.zeros();
@@ -142,12 +143,8 @@ impl Params {
 /// FLOPs, `6 · rows · in · out` per shape.
 pub fn gemm(compute: Compute) -> Probe<'static> {
     let shapes = [(4096, 512, 1024), (4096, 512, 512), (4096, 1024, 512)];
-    let weights: Vec<[usize; 2]> = shapes.iter().map(|&(_, i, o)| [o, i]).collect();
-    let groups: Vec<(&[usize], ParamGroup)> = weights
-        .iter()
-        .map(|w| (&w[..], ParamGroup::Dense))
-        .collect();
-    let params = Params::new(compute, &groups);
+    let weights = shapes.iter().map(|&(_, i, o)| vec![o, i]);
+    let params = Params::new(compute, ParamGroup::Dense, weights);
     let mut grads = params.master.clone();
     let compute_weights = params.copies.weights(&params.master);
     let operands: Vec<_> = shapes
@@ -198,12 +195,8 @@ pub fn grouped_gemm(compute: Compute) -> Probe<'static> {
     let total = experts * rows;
     let offsets: Vec<usize> = (0..=experts).map(|e| e * rows).collect();
     let projections = [(512, 2048), (1024, 512)];
-    let weights: Vec<[usize; 3]> = projections.iter().map(|&(i, o)| [experts, o, i]).collect();
-    let groups: Vec<(&[usize], ParamGroup)> = weights
-        .iter()
-        .map(|w| (&w[..], ParamGroup::Expert))
-        .collect();
-    let params = Params::new(compute, &groups);
+    let weights = projections.iter().map(|&(i, o)| vec![experts, o, i]);
+    let params = Params::new(compute, ParamGroup::Expert, weights);
     let mut grads = params.master.clone();
     let compute_weights = params.copies.weights(&params.master);
     let operands: Vec<_> = projections
@@ -259,7 +252,7 @@ pub fn attention(compute: Compute) -> Probe<'static> {
         v_offset: (shape.heads + shape.kv_heads) * shape.head_dim,
     };
     let tokens = shape.batch * shape.seq;
-    let params = Params::new(compute, &[]);
+    let params = Params::new(compute, ParamGroup::Dense, []);
     let qkv = filled(tokens * width, 0.05);
     let dout = filled(tokens * shape.heads * shape.head_dim, 0.01);
     let mut out = vec![0.0; tokens * shape.heads * shape.head_dim];

@@ -3,7 +3,7 @@
 //!
 //! Each rate is measured the way the layers run the work and counted the way the planner
 //! charges it, so that the planner, given the same work, gives back the measured time
-//! ([`kernels`]):
+//! (`kernels.rs`):
 //! - **GEMM, grouped GEMM, attention efficiencies**, in f32 and in bf16 (`[efficiency.bf16]`,
 //!   with the kernel this CPU runs bf16 on): forward + backward of the kernels the layers call,
 //!   at shapes of the presets, as FLOPs over `peak × time` (attention also as the masked blocks
@@ -18,7 +18,7 @@
 //!   layers run outside kernels (a residual add, a row permutation);
 //! - **collectives**: all-reduce, all-gather, all-to-all and point-to-point of the local backend
 //!   on four ranks, as bytes each rank sends over the time (bandwidth) and the time of a
-//!   4 KiB call (latency) ([`collectives`]);
+//!   4 KiB call (latency) (`collectives.rs`);
 //! - **runtime**: the resident memory of this process before anything is allocated (binary,
 //!   libraries, thread pools), the fixed cost of every origami process; and glibc's heap
 //!   retention rule (the process allocates through glibc's malloc).
@@ -29,7 +29,7 @@
 //! ranks.
 
 mod collectives;
-pub mod kernels;
+mod kernels;
 
 use std::path::PathBuf;
 
