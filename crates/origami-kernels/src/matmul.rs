@@ -84,6 +84,18 @@ impl F32Kernel {
         }
     }
 
+    /// Whether each row of `C` comes out the same whatever the other rows of `A`: every element
+    /// summed in one fixed order (`Fma512`). The `gemm` crate's order for a transposed `B`
+    /// depends on the number of rows (the router's logits of 6 tokens and of 48 differ in the
+    /// last bit), so a layout that splits the rows over ranks agrees with one rank only to f32
+    /// rounding, and a bf16 rounding after it may land on the neighbouring bf16 value.
+    pub fn rows_independent(self) -> bool {
+        match self {
+            F32Kernel::Fma512 => true,
+            F32Kernel::Portable => false,
+        }
+    }
+
     /// The kernel [`matmul`] runs (and every layer and kernel built on it): the one
     /// [`F32Kernel::set_current`] chose, else [`F32Kernel::detect`]'s.
     pub fn current() -> Self {
@@ -694,6 +706,34 @@ mod tests {
             };
             if F32Kernel::Fma512.is_available() {
                 assert!(run(Par::Seq) == run(Par::All), "{m}x{k}x{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_with_independent_rows_compute_a_row_block_as_the_whole() {
+        // The claim of `rows_independent`: the rows of a product of 6, 12 or 24 rows are bit for
+        // bit those rows of the 48-row product, for both layouts of B and across the k-block.
+        for kernel in kernels().into_iter().filter(|k| k.rows_independent()) {
+            for (k, n, transposed) in [(16, 8, true), (16, 8, false), (700, 50, true)] {
+                let a = random_vec(48 * k, 11);
+                let b = Operand::random(k, n, transposed, 12);
+                let product = |rows: &[f32], m: usize| {
+                    let mut c = vec![0.0; m * n];
+                    let (cv, av) = (ViewMut::new(&mut c, m, n), View::new(rows, m, k));
+                    matmul_with(kernel, cv, av, b.view(), false, Par::All);
+                    c
+                };
+                let whole = product(&a, 48);
+                for m in [6, 12, 24] {
+                    for start in (0..48).step_by(m) {
+                        let part = product(&a[start * k..(start + m) * k], m);
+                        assert!(
+                            part[..] == whole[start * n..(start + m) * n],
+                            "{kernel:?} k {k} n {n} Bᵀ {transposed}: rows {start}.. of {m}"
+                        );
+                    }
+                }
             }
         }
     }

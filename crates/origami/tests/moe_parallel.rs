@@ -21,11 +21,19 @@ use origami::params::init::initialise;
 use origami::params::ParamRegistry;
 use origami_comm::local::LocalWorld;
 use origami_comm::Communicator;
+use origami_kernels::matmul::F32Kernel;
 use origami_kernels::matmul_bf16::Bf16Kernel;
 use origami_kernels::testing::random_vec;
 use origami_parallel::ParallelState;
 
 const TOLERANCE: f64 = 1e-4;
+/// bf16 against one rank in bf16 on a machine whose f32 GEMM does not give a row the same bits
+/// whatever the other rows ([`F32Kernel::rows_independent`]): a value one f32 ulp apart may
+/// round to the neighbouring bf16 value, one bf16 ulp (`2⁻⁷` relative at most) in that element
+/// and in each product it enters. Where the rows are independent, every rounding sees the same
+/// f32 value on both sides (the bf16 kernel packs as the f32 one, or widens into it) and the
+/// f32 [`TOLERANCE`] holds.
+const BF16_NEIGHBOUR_TOLERANCE: f64 = 1.0 / 128.0;
 const DISPATCHERS: [DispatcherKind; 2] = [DispatcherKind::Alltoall, DispatcherKind::Allgather];
 
 fn run_layer(case: &MoeLayerCase) -> Vec<Discrepancy> {
@@ -35,8 +43,12 @@ fn run_layer(case: &MoeLayerCase) -> Vec<Discrepancy> {
 }
 
 fn assert_equivalent(what: &str, results: &[Discrepancy]) {
+    assert_within(TOLERANCE, what, results);
+}
+
+fn assert_within(tolerance: f64, what: &str, results: &[Discrepancy]) {
     for (rank, d) in results.iter().enumerate() {
-        assert!(d.max() <= TOLERANCE, "{what}, rank {rank}: {d:?}");
+        assert!(d.max() <= tolerance, "{what}, rank {rank}: {d:?}");
     }
 }
 
@@ -458,6 +470,11 @@ fn moe_layer_in_bf16_matches_one_rank_in_bf16_for_every_ep_etp_and_dispatcher() 
     // The experts' input travels in bf16 (rounded before the dispatch, as the experts would
     // round it after); a width of 15 takes the f32 path and rounds after.
     let compute = Compute::Bf16(Bf16Kernel::detect());
+    let tolerance = if F32Kernel::current().rows_independent() {
+        TOLERANCE
+    } else {
+        BF16_NEIGHBOUR_TOLERANCE
+    };
     for (ep, etp, hidden) in [
         (2, 1, 16),
         (4, 1, 16),
@@ -473,7 +490,7 @@ fn moe_layer_in_bf16_matches_one_rank_in_bf16_for_every_ep_etp_and_dispatcher() 
                 ..MoeLayerCase::new(ep, etp, dispatcher)
             };
             let what = format!("bf16 ep {ep} etp {etp} hidden {hidden} {dispatcher:?}");
-            assert_equivalent(&what, &run_layer(&case));
+            assert_within(tolerance, &what, &run_layer(&case));
         }
     }
 }
