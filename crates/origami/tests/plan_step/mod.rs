@@ -3,6 +3,7 @@
 //! process and asks the planner, on a description of this machine's engine, what the process
 //! should hold at its peak.
 
+use origami::bench::peak_rss_mib;
 use origami::compute::{Compute, WeightCopies};
 use origami::model::config::ModelConfig;
 use origami::model::gpt::{GptModel, MicroBatch, SequenceKeys};
@@ -13,17 +14,6 @@ use origami::plan::shape::model_shape;
 use origami::train::pipeline::stage_schedule;
 use origami::train::step::{train_step, StepGroups};
 use origami_plan::{Hardware, Layout, PlanInputs, Planner, Precision};
-
-fn peak_resident_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<f64>()
-        .unwrap()
-        / 1024.0
-}
 
 /// Two training steps of `tiny` in `compute`, then the planner's prediction for `precision`:
 /// returns (measured peak, predicted) in MiB.
@@ -74,7 +64,7 @@ pub fn tiny_step_peak_and_prediction(compute: Compute, precision: Precision) -> 
         )
         .unwrap();
     }
-    let measured = peak_resident_mib();
+    let measured = peak_rss_mib();
 
     let mut hardware = Hardware::h100_dgx();
     hardware.device.shared_by_ranks = true;

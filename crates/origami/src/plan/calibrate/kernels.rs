@@ -272,9 +272,9 @@ pub fn attention(compute: Compute) -> Probe<'static> {
 
 /// One cp rank's attention under context parallelism 2 at `small`'s shape (4 sequences of
 /// 1,024 tokens, 8 heads over 4 groups of dim 64) through the ring's block kernels, the
-/// exchange left out (the planner charges it): forward its own block and the peer's (packed as
-/// it travels) and their merge, backward the row dots and both blocks. Work as the planner
-/// counts it: the rank's half of the causal work.
+/// exchange left out (the planner charges it): its own block packed as it travels, the peer's
+/// arriving packed (the same values serve), forward both blocks and their merge, backward the
+/// row dots and both blocks. Work as the planner counts it: the rank's half of the causal work.
 pub fn context_attention(compute: Compute) -> Probe<'static> {
     let (batch, seq, cp) = (4, 1024, 2);
     let shape = MaskedAttentionShape {
@@ -299,15 +299,14 @@ pub fn context_attention(compute: Compute) -> Probe<'static> {
     let name = format!("{} context-parallel attention blocks", compute.name());
     Probe::new(name, (Work::Flops, 3.0 * forward), move || {
         let kernels = BlockKernels::new(compute, &q, Some(&dout));
-        let own = kernels.pack(&kv);
-        let peer = kernels.pack(&kv);
-        let mut lse = kernels.forward(&mut out, &q, &own, &mine, &mine, shape, scale);
-        let part_lse = kernels.forward(&mut part, &q, &peer, &mine, &theirs, shape, scale);
+        let block = kernels.pack(&kv);
+        let mut lse = kernels.forward(&mut out, &q, &block, &mine, &mine, shape, scale);
+        let part_lse = kernels.forward(&mut part, &q, &block, &mine, &theirs, shape, scale);
         merge_partial_attention(&mut out, &mut lse, &part, &part_lse, shape);
         let dots = kernels.row_dots(&dout, &out, shape);
-        for (block, positions) in [(&own, &mine), (&peer, &theirs)] {
+        for positions in [&mine, &theirs] {
             kernels.backward(
-                &mut dq, &mut dkv, &dout, &q, block, &lse, &dots, &mine, positions, shape, scale,
+                &mut dq, &mut dkv, &dout, &q, &block, &lse, &dots, &mine, positions, shape, scale,
             );
         }
     })

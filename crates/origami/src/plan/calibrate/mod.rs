@@ -40,6 +40,7 @@ use origami_plan::{Hardware, MixedPrecision, Precision};
 use crate::bench::{peak_gemm_gflops, peak_gemm_gflops_bf16};
 use crate::compute::{Compute, PrecisionSetting};
 use crate::model::chunk::OUTPUT_CHUNK_ROWS;
+use crate::tensor_files::write_synced;
 use collectives::{collective_rates, COMM_RANKS};
 use kernels::{interleaved_rates, Probe};
 use origami_kernels::matmul_bf16::Bf16Kernel;
@@ -122,15 +123,18 @@ impl ComputeRates {
     }
 }
 
+/// Probes per precision: [`ComputeRates`]' fields after the peak, in order.
+const COMPUTE_PROBES: usize = 5;
+
 /// The compute probes of one precision, in [`ComputeRates`]' order.
-fn compute_probes(compute: Compute) -> Vec<Probe<'static>> {
+fn compute_probes(compute: Compute) -> [Probe<'static>; COMPUTE_PROBES] {
     let precision = if compute.is_bf16() {
         Precision::Bf16
     } else {
         Precision::F32
     };
     let b = precision.bytes(MixedPrecision::Origami);
-    vec![
+    [
         kernels::gemm(compute),
         kernels::grouped_gemm(compute),
         kernels::attention(compute),
@@ -152,7 +156,7 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
         (0..2).map(|_| peak_gemm_gflops()).fold(0.0, f64::max) * 1e9,
         (0..2).map(|_| peak_gemm_gflops_bf16()).fold(0.0, f64::max) * 1e9,
     ];
-    let mut probes = compute_probes(Compute::F32);
+    let mut probes = Vec::from(compute_probes(Compute::F32));
     probes.extend(compute_probes(bf16));
     probes.extend([
         kernels::elementwise(),
@@ -168,17 +172,30 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
     for (probe, &rate) in probes.iter().zip(&rates) {
         progress(&probe.describe(rate));
     }
-    let per_precision = |rates: &[f64], burst: f64| ComputeRates {
-        peak: rates[..4].iter().copied().fold(burst, f64::max),
-        gemm: rates[0],
-        grouped_gemm: rates[1],
-        attention: rates[2],
-        context_attention: rates[3],
-        optimizer: rates[4],
+    let per_precision = |rates: &[f64], burst: f64| {
+        let [gemm, grouped_gemm, attention, context_attention, optimizer] = rates[..] else {
+            unreachable!("{COMPUTE_PROBES} compute probes per precision")
+        };
+        ComputeRates {
+            peak: [gemm, grouped_gemm, attention, context_attention]
+                .into_iter()
+                .fold(burst, f64::max),
+            gemm,
+            grouped_gemm,
+            attention,
+            context_attention,
+            optimizer,
+        }
     };
-    let f32_rates = per_precision(&rates[..5], bursts[0]);
-    let bf16_rates = per_precision(&rates[5..10], bursts[1]);
-    let (memory, cross_entropy, core_memory) = (rates[10], rates[11], rates[12]);
+    let (f32_rates, rest) = rates.split_at(COMPUTE_PROBES);
+    let (bf16_rates, rest) = rest.split_at(COMPUTE_PROBES);
+    let (f32_rates, bf16_rates) = (
+        per_precision(f32_rates, bursts[0]),
+        per_precision(bf16_rates, bursts[1]),
+    );
+    let [memory, cross_entropy, core_memory] = rest[..] else {
+        unreachable!("three memory probes")
+    };
     let bf16_kernel = match bf16 {
         Compute::Bf16(Bf16Kernel::Dpbf16) => "vdpbf16ps",
         _ => "the portable kernel: no AVX512_BF16 here",
@@ -243,7 +260,8 @@ pub fn calibrate(progress: &mut dyn FnMut(&str)) -> anyhow::Result<Hardware> {
     })
 }
 
-/// Calibrates and writes the description to [`local_path`]; returns the path.
+/// Calibrates and writes the description to [`local_path`]; returns the path. The file is
+/// written beside its place and moved in, so an interrupted write leaves the previous one.
 pub fn write_local(progress: &mut dyn FnMut(&str)) -> anyhow::Result<(PathBuf, Hardware)> {
     let hardware = calibrate(progress)?;
     let path = local_path()?;
@@ -254,6 +272,14 @@ pub fn write_local(progress: &mut dyn FnMut(&str)) -> anyhow::Result<(PathBuf, H
         "# Written by `origami plan --calibrate`; `origami plan --hardware local` reads it.\n{}",
         hardware.to_toml()
     );
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    Ok((path, hardware))
+    let tmp = path.with_file_name(format!(".local.toml.tmp-{}", std::process::id()));
+    let written = write_synced(&tmp, text.as_bytes())
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map(|()| (path, hardware))
 }
