@@ -15,4 +15,5 @@ pub mod params;
 pub mod plan;
 pub mod profile;
 pub mod tensor_files;
+pub mod toml_override;
 pub mod train;

@@ -120,6 +120,62 @@ fn bad_input_names_the_numbers() {
 }
 
 #[test]
+fn set_overrides_a_key_of_the_hardware_for_one_run() {
+    let layout = ["--layout", "tp=2 pp=4 vpp=7 ep=4 etp=1 mbs=1", "--json"];
+    let row = |extra: &[&str]| -> serde_json::Value {
+        let out = plan("qwen2-57b-a14b", "64")
+            .args(layout)
+            .args(extra)
+            .output()
+            .unwrap();
+        serde_json::from_str(stdout_of(&out).trim()).unwrap()
+    };
+    let overlapped = row(&[]);
+    let exposed = row(&["--set", "engine.overlap_tensor_parallel=false"]);
+    let tp = |row: &serde_json::Value, part: &str| row["time"][part]["tp"].as_f64().unwrap();
+    // h100-dgx hides the sequence-parallel collectives under the GEMMs; without the overlap
+    // the same seconds are exposed and the step grows by about them (the longer stages hide a
+    // little more of the gradient traffic).
+    assert_eq!(tp(&overlapped, "communication"), 0.0);
+    let hidden = tp(&overlapped, "hidden_communication");
+    assert!(hidden > 0.0, "{overlapped}");
+    assert!(
+        (tp(&exposed, "communication") / hidden - 1.0).abs() < 1e-9,
+        "{exposed}"
+    );
+    let grown =
+        exposed["step_time_s"].as_f64().unwrap() - overlapped["step_time_s"].as_f64().unwrap();
+    assert!(
+        grown > 0.9 * hidden && grown <= hidden,
+        "{grown} against {hidden}"
+    );
+    let text = stdout_of(
+        &plan("qwen2-57b-a14b", "64")
+            .args([
+                "--top",
+                "1",
+                "--set",
+                "engine.overlap_tensor_parallel=false",
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        text.contains("h100-dgx (--set engine.overlap_tensor_parallel=false)")
+            && text.contains("sequence-parallel (tp) communication is exposed"),
+        "{text}"
+    );
+    for (item, says) in [
+        ("engine.warp_drive=1", "warp_drive"),
+        ("efficiency.gemm=1.5", "efficiency.gemm"),
+        ("engine", "section.key=value"),
+    ] {
+        let message = error_of(plan("qwen2-57b-a14b", "64").args(["--set", item]));
+        assert!(message.contains(says), "{item}: {message}");
+    }
+}
+
+#[test]
 fn calibration_writes_the_local_description_that_plans_read() {
     let dir = tempfile::tempdir().unwrap();
     let out = origami()
@@ -128,6 +184,12 @@ fn calibration_writes_the_local_description_that_plans_read() {
         .output()
         .unwrap();
     assert!(stdout_of(&out).contains("local.toml"));
+    // Written beside its place and moved in: nothing else is left in the directory.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["local.toml"]);
     let local = origami_plan::Hardware::from_file(&dir.path().join("local.toml")).unwrap();
     assert!(local.device.shared_by_ranks && local.peak_flops(origami_plan::Precision::F32).is_ok());
     // Both precisions are measured, bf16 with the kernel this CPU runs it on, and the engine

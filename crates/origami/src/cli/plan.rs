@@ -10,6 +10,7 @@ use clap::Args;
 use origami::compute::{Compute, PrecisionSetting};
 use origami::plan::calibrate::{local_path, write_local};
 use origami::plan::shape::resolve_model;
+use origami::toml_override::apply_override;
 use origami_plan::report::{assumptions, explain, table};
 use origami_plan::{search, Evaluation, Hardware, Layout, PlanInputs, Planner, Precision};
 use serde::Serialize;
@@ -36,6 +37,11 @@ pub struct PlanArgs {
     /// Hardware: h100-dgx, local (written by --calibrate) or a TOML file.
     #[arg(long, default_value = "h100-dgx")]
     pub hardware: String,
+    /// Override one key of the hardware description, e.g. `--set
+    /// engine.overlap_tensor_parallel=false` for a run without Megatron's --tp-comm-overlap
+    /// (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
     /// Layouts to show.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
@@ -89,7 +95,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         value.with_context(|| format!("{flag} is required (or use --calibrate)"))
     };
     let model = resolve_model(args.model.as_deref().context("--model is required")?)?;
-    let hardware = load_hardware(&args.hardware)?;
+    let hardware = with_overrides(load_hardware(&args.hardware)?, &args.set)?;
     let precision: Precision = args.precision.parse()?;
     let inputs = PlanInputs {
         model,
@@ -193,6 +199,23 @@ fn print_json(evaluation: &Evaluation, gpus: usize, role: &'static str) -> anyho
     };
     println!("{}", serde_json::to_string(&row)?);
     Ok(())
+}
+
+/// `hardware` with each `section.key=value` of `--set` applied, checked as a description is;
+/// its name says what was set.
+fn with_overrides(hardware: Hardware, items: &[String]) -> anyhow::Result<Hardware> {
+    if items.is_empty() {
+        return Ok(hardware);
+    }
+    let mut tree: toml::Table =
+        toml::from_str(&hardware.to_toml()).context("re-reading the hardware description")?;
+    for item in items {
+        apply_override(&mut tree, item, "engine.overlap_tensor_parallel=false")?;
+    }
+    let name = format!("{} (--set {})", hardware.name, items.join(", "));
+    let mut hardware = Hardware::from_toml(&toml::to_string(&tree)?, &name)?;
+    hardware.name = name;
+    Ok(hardware)
 }
 
 /// `h100-dgx` (embedded), `local` (the calibrated file) or a path.

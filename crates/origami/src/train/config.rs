@@ -13,6 +13,7 @@ use crate::model::gpt::sequence_split;
 use crate::model::parallel::{check_split, SplitSizes};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::lr_schedule::LrSchedule;
+use crate::toml_override::apply_override;
 use anyhow::{bail, Context};
 use origami_parallel::ParallelConfig;
 use origami_schedule::{PipelineConfig, StageLayers};
@@ -234,7 +235,7 @@ impl RunConfig {
         let user: toml::Table = toml::from_str(text).context("parsing the TOML config")?;
         merge(&mut tree, user);
         for item in overrides {
-            apply_override(&mut tree, item)?;
+            apply_override(&mut tree, item, "train.steps=100")?;
         }
         let config: RunConfig = toml::Value::Table(tree)
             .try_into()
@@ -321,37 +322,6 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
             }
         }
     }
-}
-
-/// Sets `section.key[.key…]=value` in a TOML tree.
-fn apply_override(tree: &mut toml::Table, item: &str) -> anyhow::Result<()> {
-    let (path, raw) = item
-        .split_once('=')
-        .with_context(|| format!("--set {item:?}: expected section.key=value"))?;
-    let keys: Vec<&str> = path.trim().split('.').collect();
-    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
-        bail!("--set {item:?}: the key must name a section and a field, e.g. train.steps=100");
-    }
-    let value = parse_value(raw.trim());
-    let mut table = tree;
-    for key in &keys[..keys.len() - 1] {
-        let entry = table
-            .entry(key.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .with_context(|| format!("--set {item:?}: {key} is not a section"))?;
-    }
-    table.insert(keys[keys.len() - 1].to_string(), value);
-    Ok(())
-}
-
-/// A TOML literal (`3`, `1e-3`, `true`, `[0, 1]`, `"x"`), or the raw text as a string.
-fn parse_value(raw: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
 }
 
 #[cfg(test)]
