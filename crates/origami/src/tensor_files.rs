@@ -131,6 +131,23 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TensorFileError> {
     file.sync_all().map_err(io(path))
 }
 
+/// Replaces the file at `path` with `bytes` atomically: writes and syncs them beside it
+/// (`.NAME.tmp-PID`), then renames over it, so a reader sees the old file or the new one and an
+/// interrupted write leaves the old one (the temporary file is removed on failure).
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), TensorFileError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written =
+        write_synced(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// Size and SHA-256 (hex) of a file, read in 1 MiB blocks.
 pub fn sha256_of(path: &Path) -> Result<(u64, String), TensorFileError> {
     let mut file = std::fs::File::open(path).map_err(io(path))?;
@@ -275,5 +292,29 @@ impl TensorFile {
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_replacing_swaps_the_whole_file_and_leaves_nothing_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latest");
+        write_replacing(&path, b"step-1").unwrap();
+        write_replacing(&path, b"step-2").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"step-2");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["latest"]);
+        // A file that cannot be written is an error naming it; the old one stays.
+        let missing = dir.path().join("no-such-dir").join("latest");
+        let err = write_replacing(&missing, b"x").unwrap_err().to_string();
+        assert!(err.contains("no-such-dir"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"step-2");
     }
 }

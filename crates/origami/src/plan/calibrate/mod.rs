@@ -40,7 +40,7 @@ use origami_plan::{Hardware, MixedPrecision, Precision};
 use crate::bench::{peak_gemm_gflops, peak_gemm_gflops_bf16};
 use crate::compute::{Compute, PrecisionSetting};
 use crate::model::chunk::OUTPUT_CHUNK_ROWS;
-use crate::tensor_files::write_synced;
+use crate::tensor_files::write_replacing;
 use collectives::{collective_rates, COMM_RANKS};
 use kernels::{interleaved_rates, Probe};
 use origami_kernels::matmul_bf16::Bf16Kernel;
@@ -272,14 +272,6 @@ pub fn write_local(progress: &mut dyn FnMut(&str)) -> anyhow::Result<(PathBuf, H
         "# Written by `origami plan --calibrate`; `origami plan --hardware local` reads it.\n{}",
         hardware.to_toml()
     );
-    let tmp = path.with_file_name(format!(".local.toml.tmp-{}", std::process::id()));
-    let written = write_synced(&tmp, text.as_bytes())
-        .map_err(anyhow::Error::from)
-        .and_then(|()| {
-            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map(|()| (path, hardware))
+    write_replacing(&path, text.as_bytes())?;
+    Ok((path, hardware))
 }

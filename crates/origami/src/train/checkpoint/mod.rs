@@ -35,7 +35,9 @@ use self::index::{FileEntry, Index, Piece, TensorEntry, INDEX_FILE};
 use self::shards::{Contribution, Needed, Slot, Targets, MOMENTS};
 use crate::params::region::{for_each_row, placed_blocks, Block};
 use crate::params::{Buffers, ParamGroup, ParamRegistry};
-use crate::tensor_files::{sha256_of, write_pieces, write_synced, TensorFile, TensorFileError};
+use crate::tensor_files::{
+    sha256_of, write_pieces, write_replacing, write_synced, TensorFile, TensorFileError,
+};
 
 /// Version of the layout written here (1: whole tensors, read only).
 const FORMAT_VERSION: u32 = 2;
@@ -323,9 +325,7 @@ fn publish(run_dir: &Path, tmp: &Path, name: &str, keep: usize) -> anyhow::Resul
     sync_dir(tmp);
     std::fs::rename(tmp, &target)
         .with_context(|| format!("moving the checkpoint into {}", target.display()))?;
-    let latest_tmp = run_dir.join(format!(".{LATEST_FILE}.tmp-{}", std::process::id()));
-    write_synced(&latest_tmp, name.as_bytes())?;
-    std::fs::rename(&latest_tmp, run_dir.join(LATEST_FILE))?;
+    write_replacing(&run_dir.join(LATEST_FILE), name.as_bytes())?;
     sync_dir(run_dir);
     prune(run_dir, keep)?;
     Ok(target)
