@@ -30,9 +30,16 @@ pub fn normal_at(seed: u64, stream: u64, index: u64) -> f32 {
 
 /// Value of element `index` (global, row-major) of the parameter `name` under `init`.
 pub fn init_value(seed: u64, name: &str, init: Init, index: u64) -> f32 {
+    value_in_stream(seed, name_hash(name), init, index)
+}
+
+/// [`init_value`] with the name already hashed (`stream = name_hash(name)`): filling a tensor
+/// hashes its name once, not once per element (a 25-byte name is a chain of 25 multiplies,
+/// as long as the rest of the draw).
+fn value_in_stream(seed: u64, stream: u64, init: Init, index: u64) -> f32 {
     match init {
         Init::Constant(v) => v,
-        Init::Normal(std) => std * normal_at(seed, name_hash(name), index),
+        Init::Normal(std) => std * normal_at(seed, stream, index),
     }
 }
 
@@ -41,8 +48,9 @@ pub fn initialise(registry: &ParamRegistry, seed: u64) -> Buffers {
     let mut buffers = registry.zeros();
     for info in registry.params() {
         let values = buffers.get_mut(info.id);
+        let stream = name_hash(&info.name);
         let fill =
-            |(v, i): (&mut f32, usize)| *v = init_value(seed, &info.name, info.init, i as u64);
+            |(v, i): (&mut f32, usize)| *v = value_in_stream(seed, stream, info.init, i as u64);
         if info.shard == Shard::full(&info.shape) {
             let len = values.len();
             values.par_iter_mut().zip(0..len).for_each(fill);
@@ -57,6 +65,7 @@ pub fn initialise(registry: &ParamRegistry, seed: u64) -> Buffers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::ParamGroup;
 
     #[test]
     fn values_depend_on_seed_name_and_index_only() {
@@ -65,6 +74,35 @@ mod tests {
         assert_ne!(a, init_value(2, "w", Init::Normal(1.0), 17));
         assert_ne!(a, init_value(1, "v", Init::Normal(1.0), 17));
         assert_ne!(a, init_value(1, "w", Init::Normal(1.0), 18));
+    }
+
+    #[test]
+    fn initialise_fills_every_element_with_its_init_value_whole_or_sharded() {
+        let shape = [6, 10];
+        let mut registry = ParamRegistry::default();
+        let whole = registry.register(
+            "layers.0.w".into(),
+            &shape,
+            ParamGroup::Dense,
+            Init::Normal(0.02),
+        );
+        let shard = Shard::along(&shape, 1, vec![5..10]);
+        let global = shard.global_indices(&shape);
+        let half = registry.register_sharded(
+            "layers.1.w".into(),
+            &shape,
+            shard,
+            ParamGroup::Dense,
+            Init::Normal(0.5),
+        );
+        let buffers = initialise(&registry, 4);
+        for (i, &v) in buffers.get(whole).iter().enumerate() {
+            assert_eq!(v, init_value(4, "layers.0.w", Init::Normal(0.02), i as u64));
+        }
+        assert_eq!(buffers.get(half).len(), 30);
+        for (&v, &i) in buffers.get(half).iter().zip(&global) {
+            assert_eq!(v, init_value(4, "layers.1.w", Init::Normal(0.5), i as u64));
+        }
     }
 
     #[test]
