@@ -11,7 +11,7 @@ use crate::network::Spans;
 use crate::pipeline::{PipelineCache, PipelineRun};
 use crate::stage::{stages, LayerKinds, Stage};
 use crate::step::{Rates, StageTime, StepTime};
-use crate::work::{Collective, CommKind, WorkInputs};
+use crate::work::{Collective, CommKind, Passes, WorkInputs};
 use crate::{Hardware, Layout, ModelShape, PlanError, Precision};
 
 /// What is being planned: a model trained on a cluster.
@@ -93,6 +93,36 @@ pub struct Evaluation {
     /// share one node's cores: there the waiting stages' cores serve the others and `time`
     /// charges none.
     pub pipeline: PipelineRun,
+    /// Each pipeline stage's layers and one micro-batch's passes on it: the slowest stage sets
+    /// every stage's pace, so this says why one pipeline depth beats another.
+    pub stages: Vec<StagePace>,
+    /// The stage whose passes set the pace (the busiest).
+    pub pacing_stage: usize,
+}
+
+/// One pipeline stage as the step sees it: what it holds and how long one micro-batch's
+/// forward and backward take on it (exposed communication included).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StagePace {
+    /// Transformer layers on the stage, all chunks.
+    pub layers: usize,
+    /// It also runs the embedding.
+    pub embedding: bool,
+    /// It also runs the final norm, the output layer and the loss.
+    pub output_layer: bool,
+    /// One micro-batch's passes, seconds.
+    pub passes: Passes,
+}
+
+impl StagePace {
+    fn new(stage: &Stage, time: &StageTime) -> Self {
+        StagePace {
+            layers: stage.dense_layers + stage.moe_layers,
+            embedding: stage.first,
+            output_layer: stage.last,
+            passes: time.passes,
+        }
+    }
 }
 
 /// Evaluates layouts of one set of inputs, reusing pipeline simulations.
@@ -255,6 +285,12 @@ impl Planner {
             mfu: flops / (time.total * i.gpus as f64 * rates.peak),
             time,
             pipeline,
+            stages: stages
+                .iter()
+                .zip(&stage_times)
+                .map(|(s, t)| StagePace::new(s, t))
+                .collect(),
+            pacing_stage: busiest,
         })
     }
 

@@ -28,7 +28,7 @@ pub mod step;
 pub mod work;
 
 pub use error::PlanError;
-pub use evaluate::{Evaluation, PlanInputs, Planner};
+pub use evaluate::{Evaluation, PlanInputs, Planner, StagePace};
 pub use hardware::Hardware;
 pub use layout::Layout;
 pub use models::{paper_model, PAPER_MODELS};

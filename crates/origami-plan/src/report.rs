@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::{Evaluation, Hardware};
+use crate::{Evaluation, Hardware, StagePace};
 
 /// The assumptions behind every figure, from the hardware's engine settings.
 pub fn assumptions(hardware: &Hardware) -> Vec<String> {
@@ -153,9 +153,107 @@ pub fn explain(e: &Evaluation, hardware: &Hardware) -> String {
         );
     }
     let _ = writeln!(out, "  bubble                  {:>9.4} s", t.bubble);
+    if e.stages.len() > 1 {
+        out.push_str(&stage_paces(e));
+    }
     let _ = writeln!(out, "assumptions:");
     for line in assumptions(hardware) {
         let _ = writeln!(out, "  - {line}");
     }
     out
+}
+
+/// The pipeline's stages, one micro-batch's forward + backward each, runs of alike stages on one
+/// line, the pacing stage marked with how much slower it is than the fastest.
+fn stage_paces(e: &Evaluation) -> String {
+    let mut out = String::from(
+        "pipeline stages, one micro-batch's forward + backward (every stage keeps the slowest's pace):\n",
+    );
+    let fastest = e
+        .stages
+        .iter()
+        .map(|s| s.passes.total())
+        .fold(f64::INFINITY, f64::min);
+    let alike = |a: &StagePace, b: &StagePace| {
+        (a.layers, a.embedding, a.output_layer) == (b.layers, b.embedding, b.output_layer)
+            && a.passes == b.passes
+    };
+    let mut start = 0;
+    while start < e.stages.len() {
+        let stage = &e.stages[start];
+        let end = (start..e.stages.len())
+            .take_while(|&i| alike(&e.stages[i], stage))
+            .last()
+            .expect("the run holds its first stage");
+        let which = if end == start {
+            format!("stage {start}")
+        } else {
+            format!("stages {start}–{end}")
+        };
+        let mut holds = format!("{} layers", stage.layers);
+        if stage.embedding {
+            holds.push_str(" + embedding");
+        }
+        if stage.output_layer {
+            holds.push_str(" + output layer");
+        }
+        let seconds = stage.passes.total();
+        let pace = if (start..=end).contains(&e.pacing_stage) && seconds > fastest {
+            format!("  slowest: {:.2} × the fastest", seconds / fastest)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "  {which:<12} {holds:<32} {seconds:>9.4} s{pace}");
+        start = end + 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{paper_model, PlanInputs, Planner, Precision};
+
+    fn explained(layout: &str) -> String {
+        let hardware = Hardware::h100_dgx();
+        let mut planner = Planner::new(PlanInputs {
+            model: paper_model("mixtral-8x22b").unwrap(),
+            hardware: hardware.clone(),
+            gpus: 128,
+            global_batch: 256,
+            seq: 4096,
+            precision: Precision::Bf16,
+            distributed_optimizer: true,
+            cp_all_to_all: false,
+            expert_imbalance: 1.0,
+        })
+        .unwrap();
+        explain(
+            &planner.evaluate(&layout.parse().unwrap()).unwrap(),
+            &hardware,
+        )
+    }
+
+    #[test]
+    fn explain_lists_the_stages_alike_ones_on_one_line_and_marks_the_pacing_one() {
+        let text = explained("tp=2 pp=8 vpp=7 ep=8 etp=1 mbs=1");
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("pipeline stages"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("assumptions"))
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("  stage 0 ") && lines[0].contains("7 layers + embedding"));
+        assert!(lines[1].starts_with("  stages 1–6 ") && lines[1].ends_with(" s"));
+        assert!(lines[2].starts_with("  stage 7 ") && lines[2].contains("7 layers + output layer"));
+        assert!(lines[2].contains("slowest: 1.0"), "{}", lines[2]);
+        assert!(!lines[0].contains("slowest") && !lines[1].contains("slowest"));
+    }
+
+    #[test]
+    fn explain_has_no_stage_lines_without_a_pipeline() {
+        let text = explained("tp=8 pp=1 ep=8 etp=1 mbs=1");
+        assert!(!text.contains("pipeline stages"), "{text}");
+    }
 }

@@ -175,3 +175,42 @@ fn a_search_over_1024_gpus_takes_seconds() {
     assert!(result.candidates > 50_000);
     assert!(seconds < 30.0, "{seconds:.1} s");
 }
+
+#[test]
+fn the_stages_show_the_output_layer_setting_the_pace_of_qwen2s_four_stages() {
+    let mut p = planner("qwen2-57b-a14b", 64, 256);
+    let four = p
+        .evaluate(&"tp=2 pp=4 vpp=7 ep=4 etp=1 mbs=1".parse().unwrap())
+        .unwrap();
+    let two = p
+        .evaluate(&"tp=2 pp=2 vpp=14 ep=8 etp=1 mbs=1".parse().unwrap())
+        .unwrap();
+    let [first, middle, _, last] = &four.stages[..] else {
+        panic!("{} stages, not 4", four.stages.len());
+    };
+    assert!(four.stages.iter().all(|s| s.layers == 7));
+    assert!(first.embedding && !first.output_layer);
+    assert!(!middle.embedding && !middle.output_layer);
+    assert!(last.output_layer && !last.embedding);
+    assert_eq!(four.pacing_stage, 3);
+    // The last stage's excess over a middle one is the output layer: at least its GEMMs'
+    // 6 · tokens · hidden · vocab / tp FLOPs at the peak, at most twice that (the loss and the
+    // GEMMs' efficiency below 1).
+    let at_peak = 6.0 * 4096.0 * 3584.0 * 151_936.0 / 2.0 / 989.5e12;
+    let excess = last.passes.total() - middle.passes.total();
+    assert!(
+        (at_peak..=2.0 * at_peak).contains(&excess),
+        "excess {excess} s against {at_peak} s at the peak"
+    );
+    // Beside 14 layers the same output layer slows its stage less than beside 7.
+    let pace = |e: &Evaluation| {
+        let fastest = e
+            .stages
+            .iter()
+            .map(|s| s.passes.total())
+            .fold(f64::INFINITY, f64::min);
+        e.stages[e.pacing_stage].passes.total() / fastest
+    };
+    assert_eq!(two.pacing_stage, 1);
+    assert!(pace(&four) > pace(&two) && pace(&two) > 1.0);
+}
