@@ -34,8 +34,9 @@ pub fn init_value(seed: u64, name: &str, init: Init, index: u64) -> f32 {
 }
 
 /// [`init_value`] with the name already hashed (`stream = name_hash(name)`): filling a tensor
-/// hashes its name once, not once per element (a 25-byte name is a chain of 25 multiplies,
-/// as long as the rest of the draw).
+/// hashes its name once, not once per element (FNV-1a over a 25-byte name is 25 dependent
+/// multiplies; hashing once took a one-step `small` benchmark's whole process from 44.0 to
+/// 40.5 s on a 2-core Zen 3).
 fn value_in_stream(seed: u64, stream: u64, init: Init, index: u64) -> f32 {
     match init {
         Init::Constant(v) => v,
