@@ -378,28 +378,40 @@ fn node_memory(world: usize, memories: &[MemoryBreakdown], devices_per_node: usi
         .fold(0.0, f64::max)
 }
 
+/// A planner for one of the paper's models at sequence 4096 in bf16 with the distributed
+/// optimizer, for the crate's tests.
+#[cfg(test)]
+pub(crate) fn paper_planner(
+    model: &str,
+    hardware: Hardware,
+    gpus: usize,
+    global_batch: usize,
+) -> Planner {
+    Planner::new(PlanInputs {
+        model: crate::paper_model(model).unwrap(),
+        hardware,
+        gpus,
+        global_batch,
+        seq: 4096,
+        precision: Precision::Bf16,
+        distributed_optimizer: true,
+        cp_all_to_all: false,
+        expert_imbalance: 1.0,
+    })
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
-    use crate::{paper_model, Hardware, PlanInputs, Planner, Precision};
+    use super::paper_planner;
+    use crate::Hardware;
 
     /// The bubble of a 4-stage 1F1B pipeline over `gpus`, with the node's cores shared by its
     /// ranks or not.
     fn bubble(shared_by_ranks: bool, gpus: usize) -> f64 {
         let mut hardware = Hardware::h100_dgx();
         hardware.device.shared_by_ranks = shared_by_ranks;
-        let mut planner = Planner::new(PlanInputs {
-            model: paper_model("qwen2-57b-a14b").unwrap(),
-            hardware,
-            gpus,
-            global_batch: 16,
-            seq: 4096,
-            precision: Precision::Bf16,
-            distributed_optimizer: true,
-            cp_all_to_all: false,
-            expert_imbalance: 1.0,
-        })
-        .unwrap();
-        planner
+        paper_planner("qwen2-57b-a14b", hardware, gpus, 16)
             .evaluate(&"pp=4 ep=2 mbs=1".parse().unwrap())
             .unwrap()
             .time

@@ -212,26 +212,14 @@ fn stage_paces(e: &Evaluation) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{paper_model, PlanInputs, Planner, Precision};
+    use crate::evaluate::paper_planner;
 
     fn explained(layout: &str) -> String {
         let hardware = Hardware::h100_dgx();
-        let mut planner = Planner::new(PlanInputs {
-            model: paper_model("mixtral-8x22b").unwrap(),
-            hardware: hardware.clone(),
-            gpus: 128,
-            global_batch: 256,
-            seq: 4096,
-            precision: Precision::Bf16,
-            distributed_optimizer: true,
-            cp_all_to_all: false,
-            expert_imbalance: 1.0,
-        })
-        .unwrap();
-        explain(
-            &planner.evaluate(&layout.parse().unwrap()).unwrap(),
-            &hardware,
-        )
+        let evaluation = paper_planner("mixtral-8x22b", hardware.clone(), 128, 256)
+            .evaluate(&layout.parse().unwrap())
+            .unwrap();
+        explain(&evaluation, &hardware)
     }
 
     #[test]
