@@ -290,12 +290,11 @@ fn fma_peak(threads: usize) -> f64 {
                 *a = _mm256_fmadd_ps(x, x, *a);
             }
         }
+        let sum = acc
+            .into_iter()
+            .fold(_mm256_setzero_ps(), |s, a| _mm256_add_ps(s, a));
         let mut lanes = [0.0f32; 8];
-        for a in acc {
-            let mut v = [0.0f32; 8];
-            _mm256_storeu_ps(v.as_mut_ptr(), a);
-            lanes.iter_mut().zip(v).for_each(|(l, x)| *l += x);
-        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
         lanes.iter().sum()
     }
     let wide = is_x86_feature_detected!("avx512f");
