@@ -48,9 +48,10 @@ pub struct Bytes {
     /// Optimizer state per parameter: fp32 master copy (if the optimizer keeps it) and the two
     /// AdamW moments; what the distributed optimizer shards.
     pub optimizer: f64,
-    /// A GEMM input kept for the backward, and what a collective moves into a GEMM (the
-    /// sequence-parallel gather into a region, the experts' dispatched rows, the ring's
-    /// key/value blocks).
+    /// A GEMM or attention-kernel input kept for the backward, and what a collective moves
+    /// into one (the sequence-parallel gather into a region, the experts' dispatched rows, the
+    /// ring's key/value blocks, the context-parallel all-to-all's q, k, v, output and output
+    /// gradient).
     pub gemm_input: f64,
     /// Every other activation kept or moved: the residual stream, norm inputs, q/k/v, attention
     /// outputs, partial sums leaving a region, pipeline transfers, activation gradients; and

@@ -398,13 +398,13 @@ impl WorkInputs<'_> {
         let q = region * m.heads as f64 / tp * hd;
         let kv = region * 2.0 * m.query_groups as f64 / tp * hd;
         let (collective, bytes, calls) = if self.cp_all_to_all {
-            // Forward: q and kv out, the output back; backward: dout out, dq and dkv back.
-            let one = Self::gather(cp, (2.0 * q + kv) * a);
+            // Forward: q and kv out, the output back; backward: dout out, dq and dkv back. Only
+            // the gradients dq and dkv are not kernel or GEMM inputs.
             (
                 Collective::AllToAll,
                 Passes {
-                    forward: one,
-                    backward: one,
+                    forward: Self::gather(cp, (2.0 * q + kv) * input),
+                    backward: Self::gather(cp, q * input + (q + kv) * a),
                 },
                 Passes {
                     forward: 3.0,
@@ -441,7 +441,7 @@ impl WorkInputs<'_> {
         if self.cp_all_to_all {
             work.stored.push(Stored {
                 name: "context_parallel_heads",
-                bytes: (q + kv) * a,
+                bytes: (q + kv) * input,
             });
         }
     }
@@ -869,6 +869,54 @@ mod tests {
             .unwrap()
             .calls;
         assert_eq!((tp.forward, tp.backward), (2.0, 3.0));
+    }
+
+    #[test]
+    fn origami_bf16_sends_the_context_parallel_all_to_alls_kernel_inputs_in_bf16() {
+        // small, cp 2 all-to-all, 2 sequences of 1024 per data-parallel rank: 1024 rows on the
+        // rank, q and kv 1024 · 512 values each; an all-to-all over 2 ranks sends half of them.
+        let model = small();
+        let layout: Layout = "cp=2 ep=4 mbs=2".parse().unwrap();
+        let work = |precision: Precision| {
+            WorkInputs {
+                bytes: precision.bytes(MixedPrecision::Origami),
+                cp_all_to_all: true,
+                ..inputs(&model, &layout)
+            }
+            .moe_layer()
+        };
+        let (f32, bf16) = (work(Precision::F32), work(Precision::Bf16));
+        let exchange = |work: &LayerWork| {
+            let c = work
+                .comms
+                .iter()
+                .find(|c| c.kind == CommKind::ContextParallel)
+                .unwrap();
+            assert_eq!(c.collective, Collective::AllToAll);
+            (c.bytes.forward, c.bytes.backward)
+        };
+        let (q, kv) = (1024.0 * 512.0, 1024.0 * 512.0);
+        // Forward q and kv out, the output back; backward the output gradient out, then the
+        // gradients dq and dkv back, which alone stay f32 in bf16.
+        assert_eq!(
+            exchange(&f32),
+            (0.5 * (2.0 * q + kv) * 4.0, 0.5 * (2.0 * q + kv) * 4.0)
+        );
+        assert_eq!(
+            exchange(&bf16),
+            (0.5 * (2.0 * q + kv) * 2.0, 0.5 * (q * 2.0 + (q + kv) * 4.0))
+        );
+        let heads = |work: &LayerWork| {
+            work.stored
+                .iter()
+                .find(|s| s.name == "context_parallel_heads")
+                .unwrap()
+                .bytes
+        };
+        assert_eq!(
+            (heads(&f32), heads(&bf16)),
+            ((q + kv) * 4.0, (q + kv) * 2.0)
+        );
     }
 
     #[test]

@@ -66,8 +66,9 @@ pub struct TrafficLayout {
     /// Context-parallel exchange.
     pub cp_comm_type: CpCommType,
     /// Whether the layers compute in bf16: the sequence-parallel gathers of GEMM inputs, the
-    /// dispatch of the experts' input and the context-parallel ring's key/value blocks then
-    /// move 2 bytes a value (everything else stays f32).
+    /// dispatch of the experts' input, the context-parallel ring's key/value blocks and the
+    /// context-parallel all-to-all's q, k, v, output and output gradient then move 2 bytes a
+    /// value (everything else stays f32).
     pub bf16_gemm_inputs: bool,
 }
 
@@ -127,8 +128,9 @@ pub fn theoretical_traffic(
         // accumulators, then the last accumulator home (the blocks bf16 when the attention
         // computes in bf16, the accumulators f32).
         (_, CpCommType::P2p) => (cp - 1) as f64 * (2.0 * input_bytes + 4.0) * kv + 4.0 * kv,
-        // Forward: q, kv out and the output back; backward: dout out, dq and dkv back.
-        (_, CpCommType::A2a) => bytes(gather(cp, 2.0 * q + kv) + gather(cp, 2.0 * q + kv)),
+        // Forward: q, kv out and the output back; backward: dout out, dq and dkv back. All but
+        // the gradients dq and dkv are bf16 when the attention computes in bf16.
+        (_, CpCommType::A2a) => input_bytes * gather(cp, 3.0 * q + kv) + bytes(gather(cp, q + kv)),
     };
     let context_parallel = per_stage * layers as f64 * per_layer_bytes;
 

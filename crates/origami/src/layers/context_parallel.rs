@@ -16,9 +16,12 @@
 //!   inverse all-to-all. Backward mirrors it.
 //!
 //! The kernel masks by global token position, so neither needs the tokens in sequence order.
-//! In bf16 the blocks run the bf16 masked kernel on rounded q, k, v and output gradient; the
-//! ring's key/value blocks travel rounded, in half the bytes (their gradient accumulators, and
-//! the all-to-all exchanges, carry f32).
+//! In bf16 the blocks run the bf16 masked kernel on rounded q, k, v and output gradient, so
+//! whatever reaches the kernel only rounded travels rounded, in half the bytes: the ring's
+//! key/value blocks, and the all-to-all's q, k, v and output gradient. So does the all-to-all's
+//! output on its way back, which only enters the output projection (and is rounded there). The
+//! gradients that travel (the ring's accumulators, the all-to-all's dq and dkv) stay f32. Every
+//! value a kernel sees is the one it would see with f32 exchanges.
 
 use crate::layers::stored::Stored;
 use std::sync::Arc;
@@ -34,7 +37,7 @@ use origami_kernels::masked_attention_bf16::{
 };
 use origami_kernels::matmul_bf16::Bf16Kernel;
 
-use crate::compute::{round_to_bf16, round_to_words, widen, words_as_bf16, Compute};
+use crate::compute::{bf16_words, round_to_bf16, round_to_words, widen, words_as_bf16, Compute};
 
 use crate::layers::comm_ok;
 use crate::profile::{scope, timed, Phase};
@@ -80,10 +83,25 @@ pub struct ContextAttentionSaved {
     gathered: Option<GatheredInputs>,
 }
 
-/// The head-split inputs of the a2a exchange.
-struct GatheredInputs {
-    q: Vec<f32>,
-    kv: Vec<f32>,
+/// The head-split inputs of the a2a exchange, as the kernel of the step's precision takes them.
+enum GatheredInputs {
+    /// Queries and keys/values in f32.
+    F32 { q: Vec<f32>, kv: Vec<f32> },
+    /// Queries and keys/values rounded to bf16, for the bf16 kernel.
+    Bf16 {
+        q: Vec<Bf16>,
+        kv: Vec<Bf16>,
+        kernel: Bf16Kernel,
+    },
+}
+
+impl Stored for GatheredInputs {
+    fn stored_bytes(&self) -> usize {
+        match self {
+            GatheredInputs::F32 { q, kv } => q.stored_bytes() + kv.stored_bytes(),
+            GatheredInputs::Bf16 { q, kv, .. } => q.stored_bytes() + kv.stored_bytes(),
+        }
+    }
 }
 
 /// Context-parallel attention over the cp group.
@@ -149,9 +167,7 @@ impl ContextAttention {
         let _phase = scope(Phase::Attention);
         self.check_positions(positions, shape);
         match saved.gathered {
-            Some(ref gathered) => {
-                self.all_to_all_backward(compute, &saved, gathered, dout, shape, scale)
-            }
+            Some(ref gathered) => self.all_to_all_backward(&saved, gathered, dout, shape, scale),
             None => self.ring_backward(compute, &saved, q, kv, dout, positions, shape, scale),
         }
     }
@@ -360,34 +376,51 @@ impl ContextAttention {
         let (q_split, kv_split) = self.head_splits(shape);
         let full = self.head_split_shape(shape);
         let positions = self.all_positions(shape);
-        let q_full = sequence_to_heads(&*self.cp, q, q_split);
-        let kv_full = sequence_to_heads(&*self.cp, kv, kv_split);
+        let cp = &*self.cp;
         let mut out_full = vec![0.0; full.q_elements()];
-        let blocks = BlockKernels::new(compute, &q_full, None);
-        let lse = blocks.forward(
-            &mut out_full,
-            &q_full,
-            &blocks.pack(&kv_full),
-            &positions,
-            &positions,
-            full,
-            scale,
-        );
-        let out = heads_to_sequence(&*self.cp, &out_full, q_split);
+        let (lse, out, gathered) = match compute {
+            Compute::F32 => {
+                let q = sequence_to_heads(cp, q, q_split);
+                let kv = sequence_to_heads(cp, kv, kv_split);
+                let lse = masked_attention_forward(
+                    &mut out_full,
+                    &q,
+                    &kv,
+                    &positions,
+                    &positions,
+                    full,
+                    scale,
+                );
+                let out = heads_to_sequence(cp, &out_full, q_split);
+                (lse, out, GatheredInputs::F32 { q, kv })
+            }
+            Compute::Bf16(kernel) => {
+                let q = sequence_to_heads(cp, &round_to_bf16(q), q_split);
+                let kv = sequence_to_heads(cp, &round_to_bf16(kv), kv_split);
+                let lse = masked_attention_forward_bf16(
+                    &mut out_full,
+                    &q,
+                    &kv,
+                    &positions,
+                    &positions,
+                    full,
+                    scale,
+                    kernel,
+                );
+                let out = widen(&heads_to_sequence(cp, &round_to_bf16(&out_full), q_split));
+                (lse, out, GatheredInputs::Bf16 { q, kv, kernel })
+            }
+        };
         let saved = ContextAttentionSaved {
             out: out_full,
             lse,
-            gathered: Some(GatheredInputs {
-                q: q_full,
-                kv: kv_full,
-            }),
+            gathered: Some(gathered),
         };
         (out, saved)
     }
 
     fn all_to_all_backward(
         &self,
-        compute: Compute,
         saved: &ContextAttentionSaved,
         gathered: &GatheredInputs,
         dout: &[f32],
@@ -397,27 +430,53 @@ impl ContextAttention {
         let (q_split, kv_split) = self.head_splits(shape);
         let full = self.head_split_shape(shape);
         let positions = self.all_positions(shape);
-        let dout_full = sequence_to_heads(&*self.cp, dout, q_split);
-        let blocks = BlockKernels::new(compute, &gathered.q, Some(&dout_full));
-        let row_dots = blocks.row_dots(&dout_full, &saved.out, full);
-        let mut dq_full = vec![0.0; gathered.q.len()];
-        let mut dkv_full = vec![0.0; gathered.kv.len()];
-        blocks.backward(
-            &mut dq_full,
-            &mut dkv_full,
-            &dout_full,
-            &gathered.q,
-            &blocks.pack(&gathered.kv),
-            &saved.lse,
-            &row_dots,
-            &positions,
-            &positions,
-            full,
-            scale,
-        );
+        let cp = &*self.cp;
+        let mut dq_full = vec![0.0; full.q_elements()];
+        let mut dkv_full = vec![0.0; full.kv_elements()];
+        match gathered {
+            GatheredInputs::F32 { q, kv } => {
+                let dout = sequence_to_heads(cp, dout, q_split);
+                let row_dots = attention_row_dots(&dout, &saved.out, full);
+                masked_attention_backward(
+                    &mut dq_full,
+                    &mut dkv_full,
+                    &dout,
+                    q,
+                    kv,
+                    &saved.lse,
+                    &row_dots,
+                    &positions,
+                    &positions,
+                    full,
+                    scale,
+                );
+            }
+            &GatheredInputs::Bf16 {
+                ref q,
+                ref kv,
+                kernel,
+            } => {
+                let dout = sequence_to_heads(cp, &round_to_bf16(dout), q_split);
+                let row_dots = attention_row_dots(&widen(&dout), &saved.out, full);
+                masked_attention_backward_bf16(
+                    &mut dq_full,
+                    &mut dkv_full,
+                    &dout,
+                    q,
+                    kv,
+                    &saved.lse,
+                    &row_dots,
+                    &positions,
+                    &positions,
+                    full,
+                    scale,
+                    kernel,
+                );
+            }
+        }
         (
-            heads_to_sequence(&*self.cp, &dq_full, q_split),
-            heads_to_sequence(&*self.cp, &dkv_full, kv_split),
+            heads_to_sequence(cp, &dq_full, q_split),
+            heads_to_sequence(cp, &dkv_full, kv_split),
         )
     }
 }
@@ -581,9 +640,38 @@ impl HeadSplit {
     }
 }
 
+/// A value the a2a exchange moves: f32 as it is, bf16 two to a communicator word.
+trait Exchanged: Copy + Default {
+    /// The all-to-all of `send`, `count` values to every rank, received in rank order.
+    fn all_to_all(comm: &dyn Communicator, send: &[Self], count: usize) -> Vec<Self>;
+}
+
+impl Exchanged for f32 {
+    fn all_to_all(comm: &dyn Communicator, send: &[f32], count: usize) -> Vec<f32> {
+        let counts = vec![count; comm.size()];
+        let mut received = vec![0.0; send.len()];
+        timed(Phase::CommContext, || {
+            comm_ok(comm.all_to_all_v(send, &counts, &mut received, &counts))
+        });
+        received
+    }
+}
+
+impl Exchanged for Bf16 {
+    fn all_to_all(comm: &dyn Communicator, send: &[Bf16], count: usize) -> Vec<Bf16> {
+        // A rank's part is whole rows of head slices, and head_dim is even (RoPE's pairs).
+        assert!(
+            count.is_multiple_of(2),
+            "{count} bf16 values per rank do not fill whole words"
+        );
+        let received = f32::all_to_all(comm, &bf16_words(send), count / 2);
+        words_as_bf16(&received).to_vec()
+    }
+}
+
 /// a2a forward: from `x[batch·local_len, full row]` (this rank's tokens, all heads) to
 /// `[batch][source rank][local index][sliced row]` (every token, this rank's head slice).
-fn sequence_to_heads(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Vec<f32> {
+fn sequence_to_heads<T: Exchanged>(comm: &dyn Communicator, x: &[T], split: HeadSplit) -> Vec<T> {
     let rows = split.batch * split.local_len;
     assert_eq!(
         x.len(),
@@ -599,11 +687,7 @@ fn sequence_to_heads(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Ve
             }
         }
     }
-    let counts = vec![rows * split.sliced_row(); split.cp];
-    let mut received = vec![0.0; x.len()];
-    timed(Phase::CommContext, || {
-        comm_ok(comm.all_to_all_v(&send, &counts, &mut received, &counts))
-    });
+    let received = T::all_to_all(comm, &send, rows * split.sliced_row());
     // Received as [source rank][batch][local index]; sequences first.
     let sequence_part = split.local_len * split.sliced_row();
     let mut gathered = Vec::with_capacity(x.len());
@@ -617,7 +701,7 @@ fn sequence_to_heads(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Ve
 }
 
 /// a2a backward (and the output's way back): the inverse of [`sequence_to_heads`].
-fn heads_to_sequence(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Vec<f32> {
+fn heads_to_sequence<T: Exchanged>(comm: &dyn Communicator, x: &[T], split: HeadSplit) -> Vec<T> {
     let rows = split.batch * split.local_len;
     assert_eq!(
         x.len(),
@@ -632,13 +716,9 @@ fn heads_to_sequence(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Ve
             send.extend_from_slice(&x[at..at + sequence_part]);
         }
     }
-    let counts = vec![rows * split.sliced_row(); split.cp];
-    let mut received = vec![0.0; x.len()];
-    timed(Phase::CommContext, || {
-        comm_ok(comm.all_to_all_v(&send, &counts, &mut received, &counts))
-    });
+    let received = T::all_to_all(comm, &send, rows * split.sliced_row());
     // Received as [source rank = head slice][row][segment]; put each slice in its columns.
-    let mut local = vec![0.0; x.len()];
+    let mut local = vec![T::default(); x.len()];
     let slices = received.chunks(split.width);
     for (index, slice) in slices.enumerate() {
         let segment = index % split.segments;
@@ -652,10 +732,6 @@ fn heads_to_sequence(comm: &dyn Communicator, x: &[f32], split: HeadSplit) -> Ve
 
 impl Stored for ContextAttentionSaved {
     fn stored_bytes(&self) -> usize {
-        let gathered = self
-            .gathered
-            .as_ref()
-            .map_or(0, |g| g.q.stored_bytes() + g.kv.stored_bytes());
-        self.out.stored_bytes() + self.lse.stored_bytes() + gathered
+        self.out.stored_bytes() + self.lse.stored_bytes() + self.gathered.stored_bytes()
     }
 }
