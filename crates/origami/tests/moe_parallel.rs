@@ -386,18 +386,17 @@ fn dispatch_then_combine_returns_the_input_and_its_gradient() {
             let rows_per_expert: Vec<usize> =
                 perm.offsets.windows(2).map(|w| w[1] - w[0]).collect();
             let plan = AllToAllPlan::new(&parallel, experts, &rows_per_expert, None, h);
-            let at_experts = plan.to_experts(&parallel, &permute(&x, &perm, h));
+            let at_experts = plan.to_experts(&parallel, permute(&x, &perm, h));
             let halved: Vec<f32> = at_experts.iter().map(|v| v / 2.0).collect();
-            let back = plan.from_experts(&parallel, &halved);
+            let back = plan.from_experts(&parallel, halved);
             let y = unpermute(&back, &routing.weights, &perm, h, tokens);
             let mut dx = vec![0.0; x.len()];
             let d_rows = plan.from_experts(
                 &parallel,
-                &plan
-                    .to_experts(&parallel, &permute(&x, &perm, h))
+                plan.to_experts(&parallel, permute(&x, &perm, h))
                     .iter()
                     .map(|v| v / (2.0 * k as f32))
-                    .collect::<Vec<_>>(),
+                    .collect(),
             );
             permute_backward(&mut dx, &d_rows, &perm, h);
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((

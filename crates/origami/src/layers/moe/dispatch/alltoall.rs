@@ -141,24 +141,24 @@ impl AllToAllPlan {
     }
 
     /// Moves this rank's expert-grouped rows to the ranks owning their experts; returns the
-    /// local experts' rows, expert-major.
-    pub fn to_experts(&self, parallel: &MoeParallel, rows: &[f32]) -> Vec<f32> {
+    /// local experts' rows, expert-major (on one rank with every expert, `rows` themselves).
+    pub fn to_experts(&self, parallel: &MoeParallel, rows: Vec<f32>) -> Vec<f32> {
         if parallel.is_local() {
-            return rows.to_vec();
+            return rows;
         }
-        self.sort_received(&self.exchange(parallel, rows, 1), self.hidden)
+        self.sort_received(&self.exchange(parallel, &rows, 1), self.hidden)
     }
 
     /// [`AllToAllPlan::to_experts`] of bf16 rows (the experts' input in bf16): two values
     /// travel in each word, half the bytes of f32.
-    pub fn to_experts_bf16(&self, parallel: &MoeParallel, rows: &[Bf16]) -> Vec<Bf16> {
+    pub fn to_experts_bf16(&self, parallel: &MoeParallel, rows: Vec<Bf16>) -> Vec<Bf16> {
         if parallel.is_local() {
-            rows.to_vec()
+            rows
         } else if self.hidden.is_multiple_of(2) {
-            let words = self.exchange(parallel, &bf16_words(rows), 2);
+            let words = self.exchange(parallel, &bf16_words(&rows), 2);
             self.sort_received(words_as_bf16(&words), self.hidden)
         } else {
-            round_to_bf16(&self.to_experts(parallel, &widen(rows)))
+            round_to_bf16(&self.to_experts(parallel, widen(&rows)))
         }
     }
 
@@ -204,10 +204,11 @@ impl AllToAllPlan {
     }
 
     /// The transpose of [`AllToAllPlan::to_experts`]: returns rows computed at the experts to
-    /// the ranks they came from, summing the etp ranks' partial rows.
-    pub fn from_experts(&self, parallel: &MoeParallel, sorted: &[f32]) -> Vec<f32> {
+    /// the ranks they came from, summing the etp ranks' partial rows (on one rank with every
+    /// expert, `sorted` itself).
+    pub fn from_experts(&self, parallel: &MoeParallel, sorted: Vec<f32>) -> Vec<f32> {
         if parallel.is_local() {
-            return sorted.to_vec();
+            return sorted;
         }
         let h = self.hidden;
         let mut gathered = vec![0.0; self.expert_rows() * h];

@@ -101,9 +101,9 @@ pub fn forward(
                 );
                 let rows = if params.compute().is_bf16() {
                     let rounded = permute(&round_to_bf16(input.x), perm, hidden);
-                    Activation::Bf16(plan.to_experts_bf16(parallel, &rounded))
+                    Activation::Bf16(plan.to_experts_bf16(parallel, rounded))
                 } else {
-                    Activation::F32(plan.to_experts(parallel, &permute(input.x, perm, hidden)))
+                    Activation::F32(plan.to_experts(parallel, permute(input.x, perm, hidden)))
                 };
                 (plan, rows)
             });
@@ -111,7 +111,7 @@ pub fn forward(
                 experts.forward(params, expert_input, &plan.expert_offsets)
             });
             let (y, returned) = timed(&mut times.dispatch, || {
-                let returned = plan.from_experts(parallel, &expert_output);
+                let returned = plan.from_experts(parallel, expert_output);
                 let y = unpermute(&returned, &input.routing.weights, perm, hidden, tokens);
                 (y, returned)
             });
@@ -183,7 +183,7 @@ pub fn backward(
             let (d_output, d_weights) = timed(&mut times.dispatch, || {
                 let (d_returned, d_weights) =
                     unpermute_backward(dy, &returned, &input.routing.weights, perm, hidden);
-                (plan.to_experts(parallel, &d_returned), d_weights)
+                (plan.to_experts(parallel, d_returned), d_weights)
             });
             let d_expert_input = timed(&mut times.experts, || {
                 experts.backward(
@@ -195,7 +195,7 @@ pub fn backward(
                 )
             });
             let dx = timed(&mut times.dispatch, || {
-                let d_rows = plan.from_experts(parallel, &d_expert_input);
+                let d_rows = plan.from_experts(parallel, d_expert_input);
                 let mut dx = vec![0.0; input.x.len()];
                 permute_backward(&mut dx, &d_rows, perm, hidden);
                 dx
