@@ -31,7 +31,7 @@ pub enum Phase {
     Loss,
     /// Rounding to bf16: activations, output gradients and the per-step weight copies.
     Convert,
-    /// The optimizer: gradient norm, clipping, AdamW.
+    /// The optimizer: the gradients' zeroing before the step, gradient norm, clipping, AdamW.
     Optimizer,
     /// Sequence-parallel all-gathers and reduce-scatters over tp (and vocabulary-parallel
     /// embedding and loss reductions).

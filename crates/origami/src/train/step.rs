@@ -101,7 +101,7 @@ pub fn train_step(
     groups: &StepGroups,
     lr: f32,
 ) -> origami_comm::Result<StepOutcome> {
-    grads.fill_zero();
+    timed(Phase::Optimizer, || grads.fill_zero());
     model.begin_global_batch();
     let scale = 1.0 / micro_batches as f32;
     let run = run_schedule(
