@@ -451,11 +451,7 @@ impl ContextAttention {
                     scale,
                 );
             }
-            &GatheredInputs::Bf16 {
-                ref q,
-                ref kv,
-                kernel,
-            } => {
+            GatheredInputs::Bf16 { q, kv, kernel } => {
                 let dout = sequence_to_heads(cp, &round_to_bf16(dout), q_split);
                 let row_dots = attention_row_dots(&widen(&dout), &saved.out, full);
                 masked_attention_backward_bf16(
@@ -470,7 +466,7 @@ impl ContextAttention {
                     &positions,
                     full,
                     scale,
-                    kernel,
+                    *kernel,
                 );
             }
         }
