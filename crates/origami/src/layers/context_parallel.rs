@@ -638,31 +638,52 @@ impl HeadSplit {
 
 /// A value the a2a exchange moves: f32 as it is, bf16 two to a communicator word.
 trait Exchanged: Copy + Default {
-    /// The all-to-all of `send`, `count` values to every rank, received in rank order.
-    fn all_to_all(comm: &dyn Communicator, send: &[Self], count: usize) -> Vec<Self>;
+    /// Values in one communicator word.
+    const PER_WORD: usize;
+    /// `values` as the communicator's words.
+    fn into_words(values: Vec<Self>) -> Vec<f32>;
+    /// The values that `words` carry.
+    fn from_words(words: &[f32]) -> &[Self];
 }
 
 impl Exchanged for f32 {
-    fn all_to_all(comm: &dyn Communicator, send: &[f32], count: usize) -> Vec<f32> {
-        let counts = vec![count; comm.size()];
-        let mut received = vec![0.0; send.len()];
-        timed(Phase::CommContext, || {
-            comm_ok(comm.all_to_all_v(send, &counts, &mut received, &counts))
-        });
-        received
+    const PER_WORD: usize = 1;
+
+    fn into_words(values: Vec<f32>) -> Vec<f32> {
+        values
+    }
+
+    fn from_words(words: &[f32]) -> &[f32] {
+        words
     }
 }
 
 impl Exchanged for Bf16 {
-    fn all_to_all(comm: &dyn Communicator, send: &[Bf16], count: usize) -> Vec<Bf16> {
-        // A rank's part is whole rows of head slices, and head_dim is even (RoPE's pairs).
-        assert!(
-            count.is_multiple_of(2),
-            "{count} bf16 values per rank do not fill whole words"
-        );
-        let received = f32::all_to_all(comm, &bf16_words(send), count / 2);
-        words_as_bf16(&received).to_vec()
+    const PER_WORD: usize = 2;
+
+    fn into_words(values: Vec<Bf16>) -> Vec<f32> {
+        bf16_words(&values)
     }
+
+    fn from_words(words: &[f32]) -> &[Bf16] {
+        words_as_bf16(words)
+    }
+}
+
+/// The all-to-all of `send`, `count` values to every rank; the words received, in rank order.
+fn exchange<T: Exchanged>(comm: &dyn Communicator, send: Vec<T>, count: usize) -> Vec<f32> {
+    // A rank's part is whole rows of head slices, and head_dim is even (RoPE's pairs).
+    assert!(
+        count.is_multiple_of(T::PER_WORD),
+        "{count} values per rank do not fill whole words"
+    );
+    let words = T::into_words(send);
+    let counts = vec![count / T::PER_WORD; comm.size()];
+    let mut received = vec![0.0; words.len()];
+    timed(Phase::CommContext, || {
+        comm_ok(comm.all_to_all_v(&words, &counts, &mut received, &counts))
+    });
+    received
 }
 
 /// a2a forward: from `x[batch·local_len, full row]` (this rank's tokens, all heads) to
@@ -683,7 +704,8 @@ fn sequence_to_heads<T: Exchanged>(comm: &dyn Communicator, x: &[T], split: Head
             }
         }
     }
-    let received = T::all_to_all(comm, &send, rows * split.sliced_row());
+    let received = exchange(comm, send, rows * split.sliced_row());
+    let received = T::from_words(&received);
     // Received as [source rank][batch][local index]; sequences first.
     let sequence_part = split.local_len * split.sliced_row();
     let mut gathered = Vec::with_capacity(x.len());
@@ -712,7 +734,8 @@ fn heads_to_sequence<T: Exchanged>(comm: &dyn Communicator, x: &[T], split: Head
             send.extend_from_slice(&x[at..at + sequence_part]);
         }
     }
-    let received = T::all_to_all(comm, &send, rows * split.sliced_row());
+    let received = exchange(comm, send, rows * split.sliced_row());
+    let received = T::from_words(&received);
     // Received as [source rank = head slice][row][segment]; put each slice in its columns.
     let mut local = vec![T::default(); x.len()];
     let slices = received.chunks(split.width);
