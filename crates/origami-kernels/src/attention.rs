@@ -16,10 +16,14 @@
 //!
 //! Tile products run on prepared operands (`tiles::TileOperand`): each key block is packed once
 //! for every query block after it, each query block once per task; see `attention_bf16.rs`.
+//! The kernels are written once over the GEMM kernel (`causal_forward`, `causal_backward`):
+//! its `tile_softmax::TileSoftmax` says where the probabilities go, in place in f32 or rounded
+//! into tiles of their own in bf16.
 
 use crate::math::fast_exp;
 use crate::matmul::{F32Kernel, RawMatrix, View};
-use crate::row_exp::{exp_in_place, probabilities_and_grad, scaled_max};
+use crate::row_exp::scaled_max;
+use crate::tile_softmax::{BackwardTiles, TileSoftmax};
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
@@ -73,7 +77,7 @@ pub struct QkvLayout {
     pub v_offset: usize,
 }
 
-pub(crate) fn check_shapes<T>(qkv: &[T], layout: QkvLayout, shape: AttentionShape) {
+fn check_shapes<T>(qkv: &[T], layout: QkvLayout, shape: AttentionShape) {
     assert!(
         shape.kv_heads > 0 && shape.heads.is_multiple_of(shape.kv_heads),
         "heads must be a multiple of kv heads"
@@ -102,7 +106,7 @@ pub(crate) fn check_shapes<T>(qkv: &[T], layout: QkvLayout, shape: AttentionShap
 /// products: `Kᵀ` (for `S = Q·Kᵀ`) and `V` (for `O += P·V`), indexed by
 /// `(b·kv_heads + g)·blocks + j`. Packed once, they serve every query block and every head of
 /// the group.
-pub(crate) fn packed_key_blocks<K: TileKernel>(
+fn packed_key_blocks<K: TileKernel>(
     qkv: &[K::Elem],
     layout: QkvLayout,
     shape: AttentionShape,
@@ -170,7 +174,7 @@ pub(crate) fn backward_operands(group: usize) -> (Vec<Vec<QueryBlock>>, [TileOpe
 /// Prepares every query block of head `h` in sequence `b` (`dout` is `[batch·seq, heads·hd]`),
 /// reusing the operands' buffers.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn prepare_query_blocks<K: TileKernel>(
+fn prepare_query_blocks<K: TileKernel>(
     blocks: &mut Vec<QueryBlock>,
     qkv: &[K::Elem],
     dout: &[K::Elem],
@@ -199,7 +203,7 @@ pub(crate) fn prepare_query_blocks<K: TileKernel>(
 }
 
 /// Query block `qi` of head `h` in sequence `b`, as a tile of `qkv`.
-pub(crate) fn query_tile<T>(
+fn query_tile<T>(
     qkv: &[T],
     layout: QkvLayout,
     shape: AttentionShape,
@@ -225,7 +229,7 @@ pub(crate) fn query_tile<T>(
 /// # Safety
 /// The CPU runs the kernel; `grad` points to a buffer of `qkv`'s size.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn prepare_key_block<K: TileKernel>(
+unsafe fn prepare_key_block<K: TileKernel>(
     [kt, vt, ks]: [&mut TileOperand; 3],
     kernel: K,
     qkv: &[K::Elem],
@@ -267,6 +271,20 @@ pub fn attention_forward(
     shape: AttentionShape,
     scale: f32,
 ) -> Vec<f32> {
+    causal_forward(out, qkv, layout, shape, scale, F32Kernel::current())
+}
+
+/// Causal attention forward on `kernel` (f32, or bf16 with the probabilities rounded, see
+/// `attention_bf16.rs`), one task per (sequence, head, query block). The kernel must run on
+/// this CPU.
+pub(crate) fn causal_forward<K: TileSoftmax>(
+    out: &mut [f32],
+    qkv: &[K::Elem],
+    layout: QkvLayout,
+    shape: AttentionShape,
+    scale: f32,
+    kernel: K,
+) -> Vec<f32> {
     check_shapes(qkv, layout, shape);
     let hd = shape.head_dim;
     let out_stride = shape.heads * hd;
@@ -275,7 +293,6 @@ pub fn attention_forward(
         shape.batch * shape.seq * out_stride,
         "attention output size"
     );
-    let kernel = F32Kernel::current();
     let mut lse = vec![0.0f32; shape.batch * shape.heads * shape.seq];
     let key_blocks = packed_key_blocks(qkv, layout, shape, kernel);
     let out_ptr = SharedOut(out.as_mut_ptr());
@@ -289,15 +306,16 @@ pub fn attention_forward(
         || {
             (
                 vec![0.0f32; BLOCK * BLOCK],
+                K::own_buffer(BLOCK * BLOCK),
                 vec![0.0f32; BLOCK * hd],
                 TileOperand::default(),
                 TileOperand::default(),
             )
         },
-        |(scores, acc, q_op, p_op), (b, h, qi)| {
+        |(scores, probs, acc, q_op, p_op), (b, h, qi)| {
             let g = h / shape.queries_per_kv_head();
             let (q0, q_rows) = shape.block_rows(qi);
-            // SAFETY: `F32Kernel::current` runs on this CPU.
+            // SAFETY: the caller runs the kernel on a CPU that has it.
             unsafe { kernel.pack_lhs(q_op, query_tile(qkv, layout, shape, b, h, qi)) };
             let acc = &mut acc[..q_rows * hd];
             acc.fill(0.0);
@@ -306,15 +324,16 @@ pub fn attention_forward(
             for kj in 0..=qi {
                 let k_rows = shape.block_rows(kj).1;
                 let (kt, vs) = &key_blocks[(b * shape.kv_heads + g) * shape.blocks() + kj];
-                let tile = &mut scores[..q_rows * k_rows];
-                // SAFETY: as above; `tile` and `acc` are this task's own.
-                unsafe { kernel.multiply_tiles(own(tile, q_rows, k_rows), q_op, kt, false) };
+                let s = &mut scores[..q_rows * k_rows];
+                let p = K::own_tile(probs, q_rows * k_rows);
+                // SAFETY: as above; `s` and `acc` are this task's own.
+                unsafe { kernel.multiply_tiles(own(s, q_rows, k_rows), q_op, kt, false) };
                 for r in 0..q_rows {
                     let valid = if kj == qi { r + 1 } else { k_rows };
-                    let p = &mut tile[r * k_rows..(r + 1) * k_rows];
-                    let new_max = max[r].max(scaled_max(&p[..valid], scale));
+                    let row = r * k_rows..(r + 1) * k_rows;
+                    let new_max = max[r].max(scaled_max(&s[row.start..][..valid], scale));
                     let correction = fast_exp(max[r] - new_max);
-                    let tile_sum = exp_in_place(p, valid, scale, new_max);
+                    let tile_sum = K::exp_row(s, p, row, valid, scale, new_max);
                     sum[r] = sum[r] * correction + tile_sum;
                     max[r] = new_max;
                     if correction != 1.0 {
@@ -325,7 +344,7 @@ pub fn attention_forward(
                 }
                 // SAFETY: as above.
                 unsafe {
-                    kernel.pack_lhs(p_op, View::new(tile, q_rows, k_rows));
+                    kernel.pack_lhs(p_op, View::new(K::product_input(s, p), q_rows, k_rows));
                     kernel.multiply_tiles(own(acc, q_rows, hd), p_op, vs, true);
                 }
             }
@@ -353,7 +372,7 @@ pub fn attention_forward(
 /// # Safety
 /// `grad` must point to `shape.batch · shape.seq` rows of `layout.row_stride` values, and no
 /// other thread may access these columns meanwhile.
-pub(crate) unsafe fn zero_group_gradients(
+unsafe fn zero_group_gradients(
     grad: SharedOut,
     layout: QkvLayout,
     shape: AttentionShape,
@@ -389,11 +408,29 @@ pub fn attention_backward(
     shape: AttentionShape,
     scale: f32,
 ) {
+    let kernel = F32Kernel::current();
+    causal_backward(dqkv, dout, out, qkv, lse, layout, shape, scale, kernel);
+}
+
+/// Causal attention backward on `kernel`, one task per (sequence, kv head): the forward's `out`
+/// and `lse`, the output gradient `dout` and `qkv` as the kernel takes them; writes the q, k
+/// and v parts of `dqkv` (f32). The kernel must run on this CPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn causal_backward<K: TileSoftmax>(
+    dqkv: &mut [f32],
+    dout: &[K::Elem],
+    out: &[f32],
+    qkv: &[K::Elem],
+    lse: &[f32],
+    layout: QkvLayout,
+    shape: AttentionShape,
+    scale: f32,
+    kernel: K,
+) {
     check_shapes(qkv, layout, shape);
     assert_eq!(dqkv.len(), qkv.len(), "dqkv buffer size");
     let (hd, rs) = (shape.head_dim, layout.row_stride);
     let out_stride = shape.heads * hd;
-    let kernel = F32Kernel::current();
     let row_dots: Vec<f32> = (0..shape.batch * shape.heads * shape.seq)
         .into_par_iter()
         .map(|idx| {
@@ -403,7 +440,7 @@ pub fn attention_backward(
             dout[at..at + hd]
                 .iter()
                 .zip(&out[at..at + hd])
-                .map(|(a, b)| a * b)
+                .map(|(&a, b)| K::widen(a) * b)
                 .sum()
         })
         .collect();
@@ -415,32 +452,24 @@ pub fn attention_backward(
     tasks.into_par_iter().for_each_init(
         || {
             (
-                vec![0.0f32; BLOCK * BLOCK],
-                vec![0.0f32; BLOCK * BLOCK],
+                [(); 2].map(|_| vec![0.0f32; BLOCK * BLOCK]),
+                [(); 2].map(|_| K::own_buffer(BLOCK * BLOCK)),
                 backward_operands(group),
             )
         },
-        |(probs, dprobs, (queries, ops)), (b, g)| {
+        |([scores, dscores], [probs, dprobs], (queries, ops)), (b, g)| {
             let row = |s: usize| (b * shape.seq + s) * rs;
             // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
             // group g and the dk, dv columns of kv head g; they are zeroed here before use.
             unsafe { zero_group_gradients(grad_ptr, layout, shape, b, g) };
             for (slot, blocks) in queries.iter_mut().enumerate() {
-                prepare_query_blocks(
-                    blocks,
-                    qkv,
-                    dout,
-                    layout,
-                    shape,
-                    b,
-                    g * group + slot,
-                    kernel,
-                );
+                let h = g * group + slot;
+                prepare_query_blocks(blocks, qkv, dout, layout, shape, b, h, kernel);
             }
             let [kt, vt, ks, pt, ds_op, dst] = ops;
             for kj in 0..shape.blocks() {
                 let k_rows = shape.block_rows(kj).1;
-                // SAFETY: `F32Kernel::current` runs on this CPU; `grad_ptr` is `dqkv`.
+                // SAFETY: the caller runs the kernel on a CPU that has it; `grad_ptr` is `dqkv`.
                 let (dk, dv) = unsafe {
                     let operands = [&mut *kt, &mut *vt, &mut *ks];
                     prepare_key_block(operands, kernel, qkv, grad_ptr, layout, shape, (b, g, kj))
@@ -449,30 +478,40 @@ pub fn attention_backward(
                     let h = g * group + slot;
                     for (qi, block) in blocks.iter().enumerate().skip(kj) {
                         let (q0, q_rows) = shape.block_rows(qi);
-                        let p = &mut probs[..q_rows * k_rows];
-                        let dp = &mut dprobs[..q_rows * k_rows];
-                        // SAFETY: as above; `p` and `dp` are this task's own.
+                        let n = q_rows * k_rows;
+                        let mut tiles = BackwardTiles {
+                            scores: &mut scores[..n],
+                            dscores: &mut dscores[..n],
+                            probs: K::own_tile(probs, n),
+                            dprobs: K::own_tile(dprobs, n),
+                        };
+                        // SAFETY: as above; the score tiles are this task's own.
                         unsafe {
-                            kernel.multiply_tiles(own(p, q_rows, k_rows), &block.q_lhs, kt, false);
-                            kernel.multiply_tiles(
-                                own(dp, q_rows, k_rows),
-                                &block.dout_lhs,
-                                vt,
-                                false,
-                            );
+                            let s = own(tiles.scores, q_rows, k_rows);
+                            kernel.multiply_tiles(s, &block.q_lhs, kt, false);
+                            let dp = own(tiles.dscores, q_rows, k_rows);
+                            kernel.multiply_tiles(dp, &block.dout_lhs, vt, false);
                         }
                         for r in 0..q_rows {
                             let valid = if kj == qi { r + 1 } else { k_rows };
                             let lse_r = lse[shape.lse_index(b, h, q0 + r)];
                             let d_r = row_dots[shape.lse_index(b, h, q0 + r)];
                             let at = r * k_rows..(r + 1) * k_rows;
-                            let (p_row, dp_row) = (&mut p[at.clone()], &mut dp[at]);
-                            probabilities_and_grad(p_row, dp_row, valid, scale, lse_r, d_r);
+                            K::probabilities_and_grad_row(
+                                tiles.reborrow(),
+                                at,
+                                valid,
+                                scale,
+                                lse_r,
+                                d_r,
+                            );
                         }
                         let dq =
                             grad_ptr.matrix(row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
+                        let p = K::product_input(tiles.scores, tiles.probs);
+                        let ds = K::product_input(tiles.dscores, tiles.dprobs);
                         let (p_view, ds_view) =
-                            (View::new(p, q_rows, k_rows), View::new(dp, q_rows, k_rows));
+                            (View::new(p, q_rows, k_rows), View::new(ds, q_rows, k_rows));
                         // SAFETY: see the zeroing above; dq, dk, dv do not overlap the inputs.
                         unsafe {
                             kernel.pack_lhs(pt, p_view.t());

@@ -16,18 +16,14 @@
 //! those of the blocked GEMM (one k-block), so results are unchanged.
 //!
 //! Saved state: the output (f32) and `lse` per (batch, head, position). Gradients are written.
+//!
+//! The tasks and loops are the f32 kernel's (`attention::causal_forward`,
+//! `attention::causal_backward`, over the bf16 GEMM kernel); the rounding of `P` and `dS` is
+//! the bf16 kernel's `tile_softmax::TileSoftmax`.
 
-use crate::attention::{
-    backward_operands, check_shapes, own, packed_key_blocks, prepare_key_block,
-    prepare_query_blocks, query_tile, zero_group_gradients, AttentionShape, QkvLayout, BLOCK,
-};
+use crate::attention::{causal_backward, causal_forward, AttentionShape, QkvLayout};
 use crate::bf16::Bf16;
-use crate::math::fast_exp;
-use crate::matmul::View;
 use crate::matmul_bf16::Bf16Kernel;
-use crate::row_exp::{exp_rounded, probabilities_and_grad_rounded, scaled_max};
-use crate::tiles::{SharedOut, TileKernel, TileOperand};
-use rayon::prelude::*;
 
 /// Causal attention forward on bf16 `qkv`. Writes `out[batch·seq, heads·head_dim]` (f32),
 /// returns `lse[batch, heads, seq]`.
@@ -39,91 +35,11 @@ pub fn attention_forward_bf16(
     scale: f32,
     kernel: Bf16Kernel,
 ) -> Vec<f32> {
-    check_shapes(qkv, layout, shape);
     assert!(
         kernel.is_available(),
         "bf16 kernel {kernel:?} does not run on this CPU"
     );
-    let hd = shape.head_dim;
-    let out_stride = shape.heads * hd;
-    assert_eq!(
-        out.len(),
-        shape.batch * shape.seq * out_stride,
-        "attention output size"
-    );
-    let mut lse = vec![0.0f32; shape.batch * shape.heads * shape.seq];
-    let key_blocks = packed_key_blocks(qkv, layout, shape, kernel);
-    let out_ptr = SharedOut(out.as_mut_ptr());
-    let lse_ptr = SharedOut(lse.as_mut_ptr());
-    let tasks: Vec<(usize, usize, usize)> = (0..shape.batch)
-        .flat_map(|b| {
-            (0..shape.heads).flat_map(move |h| (0..shape.blocks()).rev().map(move |i| (b, h, i)))
-        })
-        .collect();
-    tasks.into_par_iter().for_each_init(
-        || {
-            (
-                vec![0.0f32; BLOCK * BLOCK],
-                vec![Bf16::ZERO; BLOCK * BLOCK],
-                vec![0.0f32; BLOCK * hd],
-                TileOperand::default(),
-                TileOperand::default(),
-            )
-        },
-        |(scores, probs, acc, q_op, p_op), (b, h, qi)| {
-            let g = h / shape.queries_per_kv_head();
-            let (q0, q_rows) = shape.block_rows(qi);
-            // SAFETY: the kernel runs on this CPU (asserted above).
-            unsafe { kernel.pack_lhs(q_op, query_tile(qkv, layout, shape, b, h, qi)) };
-            let acc = &mut acc[..q_rows * hd];
-            acc.fill(0.0);
-            let mut max = [f32::NEG_INFINITY; BLOCK];
-            let mut sum = [0.0f32; BLOCK];
-            for kj in 0..=qi {
-                let k_rows = shape.block_rows(kj).1;
-                let (kt, vs) = &key_blocks[(b * shape.kv_heads + g) * shape.blocks() + kj];
-                let s = &mut scores[..q_rows * k_rows];
-                let p = &mut probs[..q_rows * k_rows];
-                // SAFETY: the kernel runs on this CPU; `s` and `acc` are this task's own.
-                unsafe {
-                    kernel.multiply_tiles(own(s, q_rows, k_rows), q_op, kt, false);
-                }
-                for r in 0..q_rows {
-                    let valid = if kj == qi { r + 1 } else { k_rows };
-                    let s_row = &s[r * k_rows..(r + 1) * k_rows];
-                    let new_max = max[r].max(scaled_max(&s_row[..valid], scale));
-                    let correction = fast_exp(max[r] - new_max);
-                    let p_row = &mut p[r * k_rows..(r + 1) * k_rows];
-                    let tile_sum = exp_rounded(p_row, s_row, valid, scale, new_max);
-                    sum[r] = sum[r] * correction + tile_sum;
-                    max[r] = new_max;
-                    if correction != 1.0 {
-                        acc[r * hd..(r + 1) * hd]
-                            .iter_mut()
-                            .for_each(|a| *a *= correction);
-                    }
-                }
-                // SAFETY: as above.
-                unsafe {
-                    kernel.pack_lhs(p_op, View::new(p, q_rows, k_rows));
-                    kernel.multiply_tiles(own(acc, q_rows, hd), p_op, vs, true);
-                }
-            }
-            for r in 0..q_rows {
-                let s = q0 + r;
-                // SAFETY: task (b, h, qi) alone writes rows q0.. of head h and their lse entries.
-                let dst = unsafe {
-                    let at = out_ptr.get().add((b * shape.seq + s) * out_stride + h * hd);
-                    *lse_ptr.get().add(shape.lse_index(b, h, s)) = max[r] + sum[r].ln();
-                    std::slice::from_raw_parts_mut(at, hd)
-                };
-                for (o, &a) in dst.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
-                    *o = a / sum[r];
-                }
-            }
-        },
-    );
-    lse
+    causal_forward(out, qkv, layout, shape, scale, kernel)
 }
 
 /// Causal attention backward on bf16 `qkv` and output gradient `dout`, with the forward's f32
@@ -140,109 +56,11 @@ pub fn attention_backward_bf16(
     scale: f32,
     kernel: Bf16Kernel,
 ) {
-    check_shapes(qkv, layout, shape);
-    assert_eq!(dqkv.len(), qkv.len(), "dqkv buffer size");
     assert!(
         kernel.is_available(),
         "bf16 kernel {kernel:?} does not run on this CPU"
     );
-    let (hd, rs) = (shape.head_dim, layout.row_stride);
-    let out_stride = shape.heads * hd;
-    let row_dots: Vec<f32> = (0..shape.batch * shape.heads * shape.seq)
-        .into_par_iter()
-        .map(|idx| {
-            let (bh, s) = (idx / shape.seq, idx % shape.seq);
-            let (b, h) = (bh / shape.heads, bh % shape.heads);
-            let at = (b * shape.seq + s) * out_stride + h * hd;
-            dout[at..at + hd]
-                .iter()
-                .zip(&out[at..at + hd])
-                .map(|(a, b)| a.to_f32() * b)
-                .sum()
-        })
-        .collect();
-    let grad_ptr = SharedOut(dqkv.as_mut_ptr());
-    let tasks: Vec<(usize, usize)> = (0..shape.batch)
-        .flat_map(|b| (0..shape.kv_heads).map(move |g| (b, g)))
-        .collect();
-    let group = shape.queries_per_kv_head();
-    tasks.into_par_iter().for_each_init(
-        || {
-            (
-                vec![0.0f32; BLOCK * BLOCK],
-                vec![0.0f32; BLOCK * BLOCK],
-                vec![Bf16::ZERO; BLOCK * BLOCK],
-                vec![Bf16::ZERO; BLOCK * BLOCK],
-                backward_operands(group),
-            )
-        },
-        |(scores, dscores, probs, dprobs, (queries, ops)), (b, g)| {
-            let row = |s: usize| (b * shape.seq + s) * rs;
-            // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
-            // group g and the dk, dv columns of kv head g; they are zeroed here before use.
-            unsafe { zero_group_gradients(grad_ptr, layout, shape, b, g) };
-            for (slot, blocks) in queries.iter_mut().enumerate() {
-                let h = g * group + slot;
-                prepare_query_blocks(blocks, qkv, dout, layout, shape, b, h, kernel);
-            }
-            let [kt, vt, ks, pt, ds_op, dst] = ops;
-            for kj in 0..shape.blocks() {
-                let k_rows = shape.block_rows(kj).1;
-                // SAFETY: as above; `grad_ptr` is `dqkv`.
-                let (dk, dv) = unsafe {
-                    let operands = [&mut *kt, &mut *vt, &mut *ks];
-                    prepare_key_block(operands, kernel, qkv, grad_ptr, layout, shape, (b, g, kj))
-                };
-                for (slot, blocks) in queries.iter().enumerate() {
-                    let h = g * group + slot;
-                    for (qi, block) in blocks.iter().enumerate().skip(kj) {
-                        let (q0, q_rows) = shape.block_rows(qi);
-                        let s = &mut scores[..q_rows * k_rows];
-                        let dp = &mut dscores[..q_rows * k_rows];
-                        // SAFETY: as above; `s` and `dp` are this task's own.
-                        unsafe {
-                            kernel.multiply_tiles(own(s, q_rows, k_rows), &block.q_lhs, kt, false);
-                            kernel.multiply_tiles(
-                                own(dp, q_rows, k_rows),
-                                &block.dout_lhs,
-                                vt,
-                                false,
-                            );
-                        }
-                        let p16 = &mut probs[..q_rows * k_rows];
-                        let ds16 = &mut dprobs[..q_rows * k_rows];
-                        for r in 0..q_rows {
-                            let valid = if kj == qi { r + 1 } else { k_rows };
-                            let lse_r = lse[shape.lse_index(b, h, q0 + r)];
-                            let d_r = row_dots[shape.lse_index(b, h, q0 + r)];
-                            let at = r * k_rows..(r + 1) * k_rows;
-                            let (s_row, dp_row) = (&s[at.clone()], &dp[at.clone()]);
-                            let (p_row, ds_row) = (&mut p16[at.clone()], &mut ds16[at]);
-                            probabilities_and_grad_rounded(
-                                p_row, ds_row, s_row, dp_row, valid, scale, lse_r, d_r,
-                            );
-                        }
-                        let dq =
-                            grad_ptr.matrix(row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
-                        let (p_view, ds_view) = (
-                            View::new(p16, q_rows, k_rows),
-                            View::new(ds16, q_rows, k_rows),
-                        );
-                        // SAFETY: see the zeroing above; dq, dk, dv do not overlap the inputs,
-                        // and the kernel runs on this CPU.
-                        unsafe {
-                            kernel.pack_lhs(pt, p_view.t());
-                            kernel.pack_lhs(ds_op, ds_view);
-                            kernel.pack_lhs(dst, ds_view.t());
-                            kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
-                            kernel.multiply_tiles(dq, ds_op, ks, true);
-                            kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
-                        }
-                    }
-                }
-            }
-        },
-    );
+    causal_backward(dqkv, dout, out, qkv, lse, layout, shape, scale, kernel);
 }
 
 #[cfg(test)]
@@ -269,7 +87,7 @@ mod tests {
     //! A slack of `10⁻³⁰` covers weights below e⁻⁸⁷, which `fast_exp` returns as ≈ 1.6·10⁻³⁸.
 
     use super::*;
-    use crate::attention::{attention_backward, attention_forward};
+    use crate::attention::{attention_backward, attention_forward, BLOCK};
     use crate::bf16::to_bf16_vec;
     use crate::testing::random_vec;
 

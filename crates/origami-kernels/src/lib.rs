@@ -33,4 +33,5 @@ mod row_exp;
 pub mod softmax;
 pub mod swiglu;
 pub mod testing;
+mod tile_softmax;
 mod tiles;

@@ -17,10 +17,19 @@
 //! `D = Σ dO∘O` per row: `P = e^(S − lse)`, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − D)`,
 //! `dQ += scale·dS·K`, `dK += scale·dSᵀ·Q`. Gradients are added (each block contributes).
 //! Tasks own one (batch, kv head), so their dq, dk and dv writes never overlap.
+//!
+//! As in the causal kernel, products run on operands prepared once (each key tile before the
+//! forward's tasks start, a backward task's query tiles up front and each key tile once), and
+//! the kernels are written once over the GEMM kernel (`masked_forward`, `masked_backward`),
+//! the f32 one here and the bf16 one in `masked_attention_bf16.rs`. A (query, key) tile pair
+//! with every key visible runs the causal kernel's vectorised row passes.
 
+use crate::attention::{backward_operands, own, QueryBlock};
 use crate::math::fast_exp;
-use crate::matmul::{matmul, matmul_raw, Par, View, ViewMut};
-use crate::tiles::{tile, SharedOut};
+use crate::matmul::{F32Kernel, View};
+use crate::row_exp::scaled_max;
+use crate::tile_softmax::{BackwardTiles, TileSoftmax};
+use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
 /// Tile edge for queries and keys.
@@ -176,69 +185,130 @@ pub fn masked_attention_forward(
     shape: MaskedAttentionShape,
     scale: f32,
 ) -> Vec<f32> {
+    let positions = (q_positions, kv_positions);
+    masked_forward(out, q, kv, positions, shape, scale, F32Kernel::current())
+}
+
+/// Every key tile of every (sequence, kv head), prepared as the right operands of the tile
+/// products (`Kᵀ` and `V`), indexed by `(b·kv_heads + g)·tiles + j`: packed once, they serve
+/// every query tile and every head of the group.
+fn packed_key_tiles<K: TileKernel>(
+    kv: &[K::Elem],
+    kv_tiles: &[Tile],
+    shape: MaskedAttentionShape,
+    kernel: K,
+) -> Vec<(TileOperand, TileOperand)> {
+    let (hd, ks) = (shape.head_dim, shape.kv_stride());
+    let v_offset = shape.kv_heads * hd;
+    (0..shape.batch * shape.kv_heads * kv_tiles.len())
+        .into_par_iter()
+        .map(|idx| {
+            let (bg, kt) = (idx / kv_tiles.len(), kv_tiles[idx % kv_tiles.len()]);
+            let (b, g) = (bg / shape.kv_heads, bg % shape.kv_heads);
+            let kv_row = (b * shape.kv_len + kt.start) * ks;
+            let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
+            let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+            let (mut k_op, mut v_op) = (TileOperand::default(), TileOperand::default());
+            // SAFETY: the callers run the kernel on a CPU that has it.
+            unsafe {
+                kernel.pack_rhs(&mut k_op, k.t());
+                kernel.pack_rhs(&mut v_op, v);
+            }
+            (k_op, v_op)
+        })
+        .collect()
+}
+
+/// Masked attention forward of one block on `kernel` (f32, or bf16 with the probabilities
+/// rounded, see `masked_attention_bf16.rs`), one task per (sequence, head, query tile), given
+/// the (query, key) positions. The kernel must run on this CPU.
+pub(crate) fn masked_forward<K: TileSoftmax>(
+    out: &mut [f32],
+    q: &[K::Elem],
+    kv: &[K::Elem],
+    (q_positions, kv_positions): (&[usize], &[usize]),
+    shape: MaskedAttentionShape,
+    scale: f32,
+    kernel: K,
+) -> Vec<f32> {
     check_inputs(q, kv, q_positions, kv_positions, shape);
     assert_eq!(out.len(), shape.q_elements(), "attention output size");
-    let (hd, qs, ks) = (shape.head_dim, shape.q_stride(), shape.kv_stride());
-    let v_offset = shape.kv_heads * hd;
+    let (hd, qs) = (shape.head_dim, shape.q_stride());
     let (q_tiles, kv_tiles) = (tiles(q_positions), tiles(kv_positions));
     let mut lse = vec![0.0f32; shape.lse_elements()];
     let out_ptr = SharedOut(out.as_mut_ptr());
     let lse_ptr = SharedOut(lse.as_mut_ptr());
+    let key_tiles = packed_key_tiles(kv, &kv_tiles, shape, kernel);
     let q_tiles = &q_tiles;
     let tasks: Vec<(usize, usize, Tile)> = (0..shape.batch)
         .flat_map(|b| (0..shape.heads).flat_map(move |h| q_tiles.iter().map(move |&t| (b, h, t))))
         .collect();
     tasks.into_par_iter().for_each_init(
-        || (vec![0.0f32; BLOCK * BLOCK], vec![0.0f32; BLOCK * hd]),
-        |(scores, acc), (b, h, qt)| {
+        || {
+            (
+                vec![0.0f32; BLOCK * BLOCK],
+                K::own_buffer(BLOCK * BLOCK),
+                vec![0.0f32; BLOCK * hd],
+                TileOperand::default(),
+                TileOperand::default(),
+            )
+        },
+        |(scores, probs, acc, q_op, p_op), (b, h, qt)| {
             let g = h / shape.queries_per_kv_head();
-            let q_tile = tile(
-                q,
-                (b * shape.q_len + qt.start) * qs + h * hd,
-                qt.rows,
-                hd,
-                qs,
-            );
+            let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
+            // SAFETY: the caller runs the kernel on a CPU that has it.
+            unsafe { kernel.pack_lhs(q_op, tile(q, q_row, qt.rows, hd, qs)) };
             let acc = &mut acc[..qt.rows * hd];
             acc.fill(0.0);
             let mut max = [f32::NEG_INFINITY; BLOCK];
             let mut sum = [0.0f32; BLOCK];
-            for kt in kv_tiles.iter().filter(|kt| !qt.blind_to(kt)) {
-                let kv_row = (b * shape.kv_len + kt.start) * ks;
-                let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
-                let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
-                let tile = &mut scores[..qt.rows * kt.rows];
+            let first_key_tile = (b * shape.kv_heads + g) * kv_tiles.len();
+            for (j, kt) in kv_tiles.iter().enumerate() {
+                if qt.blind_to(kt) {
+                    continue;
+                }
+                let (k_op, v_op) = &key_tiles[first_key_tile + j];
+                let s = &mut scores[..qt.rows * kt.rows];
+                let p = K::own_tile(probs, qt.rows * kt.rows);
                 let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
-                matmul(
-                    ViewMut::new(tile, qt.rows, kt.rows),
-                    q_tile,
-                    k.t(),
-                    false,
-                    Par::Seq,
-                );
+                // SAFETY: as above; `s` is this task's own.
+                unsafe { kernel.multiply_tiles(own(s, qt.rows, kt.rows), q_op, k_op, false) };
+                // Where every key is visible the causal kernel's vectorised row passes serve.
+                let unmasked = qt.sees_all_of(kt);
                 for r in 0..qt.rows {
                     let position = q_positions[qt.start + r];
-                    let p = &mut tile[r * kt.rows..(r + 1) * kt.rows];
-                    let tile_max = p
-                        .iter()
-                        .zip(key_positions)
-                        .filter(|(_, &kp)| kp <= position)
-                        .fold(f32::NEG_INFINITY, |m, (&s, _)| m.max(s * scale));
+                    let row = r * kt.rows..(r + 1) * kt.rows;
+                    let tile_max = if unmasked {
+                        scaled_max(&s[row.clone()], scale)
+                    } else {
+                        s[row.clone()]
+                            .iter()
+                            .zip(key_positions)
+                            .filter(|(_, &kp)| kp <= position)
+                            .fold(f32::NEG_INFINITY, |m, (&s, _)| m.max(s * scale))
+                    };
                     if tile_max == f32::NEG_INFINITY {
-                        p.fill(0.0);
+                        row.for_each(|at| {
+                            K::set_probability(s, p, at, 0.0);
+                        });
                         continue;
                     }
                     let new_max = max[r].max(tile_max);
                     let correction = fast_exp(max[r] - new_max);
-                    let mut tile_sum = 0.0;
-                    for (s, &kp) in p.iter_mut().zip(key_positions) {
-                        *s = if kp <= position {
-                            fast_exp(*s * scale - new_max)
-                        } else {
-                            0.0
-                        };
-                        tile_sum += *s;
-                    }
+                    let tile_sum = if unmasked {
+                        K::exp_row(s, p, row, kt.rows, scale, new_max)
+                    } else {
+                        let mut tile_sum = 0.0;
+                        for (at, &kp) in row.zip(key_positions) {
+                            let value = if kp <= position {
+                                fast_exp(s[at] * scale - new_max)
+                            } else {
+                                0.0
+                            };
+                            tile_sum += K::set_probability(s, p, at, value);
+                        }
+                        tile_sum
+                    };
                     sum[r] = sum[r] * correction + tile_sum;
                     max[r] = new_max;
                     if correction != 1.0 {
@@ -247,13 +317,12 @@ pub fn masked_attention_forward(
                             .for_each(|a| *a *= correction);
                     }
                 }
-                matmul(
-                    ViewMut::new(acc, qt.rows, hd),
-                    View::new(tile, qt.rows, kt.rows),
-                    v,
-                    true,
-                    Par::Seq,
-                );
+                // SAFETY: as above; `acc` is this task's own.
+                unsafe {
+                    let p_view = View::new(K::product_input(s, p), qt.rows, kt.rows);
+                    kernel.pack_lhs(p_op, p_view);
+                    kernel.multiply_tiles(own(acc, qt.rows, hd), p_op, v_op, true);
+                }
             }
             // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
             unsafe { store_tile(out_ptr, lse_ptr, shape, (b, h, qt), acc, &max, &sum) };
@@ -346,6 +415,30 @@ pub fn masked_attention_backward(
     shape: MaskedAttentionShape,
     scale: f32,
 ) {
+    let positions = (q_positions, kv_positions);
+    let kernel = F32Kernel::current();
+    let (inputs, saved) = ((q, kv), (lse, row_dots));
+    masked_backward(
+        dq, dkv, dout, inputs, saved, positions, shape, scale, kernel,
+    );
+}
+
+/// Masked attention backward of one block on `kernel`, one task per (sequence, kv head), from
+/// the output gradient, q and kv as the kernel takes them, the final `lse` with its row dots,
+/// and the (query, key) positions; adds into `dq` and `dkv` (f32). The kernel must run on this
+/// CPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn masked_backward<K: TileSoftmax>(
+    dq: &mut [f32],
+    dkv: &mut [f32],
+    dout: &[K::Elem],
+    (q, kv): (&[K::Elem], &[K::Elem]),
+    (lse, row_dots): (&[f32], &[f32]),
+    (q_positions, kv_positions): (&[usize], &[usize]),
+    shape: MaskedAttentionShape,
+    scale: f32,
+    kernel: K,
+) {
     check_inputs(q, kv, q_positions, kv_positions, shape);
     assert_eq!(dq.len(), q.len(), "dq buffer size");
     assert_eq!(dkv.len(), kv.len(), "dkv buffer size");
@@ -360,62 +453,94 @@ pub fn masked_attention_backward(
     let tasks: Vec<(usize, usize)> = (0..shape.batch)
         .flat_map(|b| (0..shape.kv_heads).map(move |g| (b, g)))
         .collect();
+    let group = shape.queries_per_kv_head();
     tasks.into_par_iter().for_each_init(
-        || (vec![0.0f32; BLOCK * BLOCK], vec![0.0f32; BLOCK * BLOCK]),
-        |(probs, dprobs), (b, g)| {
-            let group = shape.queries_per_kv_head();
-            for h in g * group..(g + 1) * group {
-                for kt in &kv_tiles {
-                    let kv_row = (b * shape.kv_len + kt.start) * ks;
-                    let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
-                    let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
-                    let dk = dkv_ptr.matrix(kv_row + g * hd, kt.rows, hd, ks);
-                    let dv = dkv_ptr.matrix(kv_row + v_offset + g * hd, kt.rows, hd, ks);
-                    let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
-                    for qt in q_tiles.iter().filter(|qt| !qt.blind_to(kt)) {
+        || {
+            (
+                [(); 2].map(|_| vec![0.0f32; BLOCK * BLOCK]),
+                [(); 2].map(|_| K::own_buffer(BLOCK * BLOCK)),
+                backward_operands(group),
+            )
+        },
+        |([scores, dscores], [probs, dprobs], (queries, ops)), (b, g)| {
+            for (slot, blocks) in queries.iter_mut().enumerate() {
+                let h = g * group + slot;
+                blocks.resize_with(q_tiles.len(), QueryBlock::default);
+                for (block, qt) in blocks.iter_mut().zip(&q_tiles) {
+                    let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
+                    let q_tile = tile(q, q_row, qt.rows, hd, qs);
+                    let d_out = tile(dout, q_row, qt.rows, hd, qs);
+                    // SAFETY: the caller runs the kernel on a CPU that has it.
+                    unsafe { block.pack(kernel, q_tile, d_out) };
+                }
+            }
+            let [k_op, v_op, k_rhs, pt, ds_op, dst] = ops;
+            for kt in &kv_tiles {
+                let kv_row = (b * shape.kv_len + kt.start) * ks;
+                let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
+                let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                // SAFETY: as above.
+                unsafe {
+                    kernel.pack_rhs(k_op, k.t());
+                    kernel.pack_rhs(v_op, v.t());
+                    kernel.pack_rhs(k_rhs, k);
+                }
+                let dk = dkv_ptr.matrix(kv_row + g * hd, kt.rows, hd, ks);
+                let dv = dkv_ptr.matrix(kv_row + v_offset + g * hd, kt.rows, hd, ks);
+                let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
+                for (slot, blocks) in queries.iter().enumerate() {
+                    let h = g * group + slot;
+                    for (block, qt) in blocks.iter().zip(&q_tiles) {
+                        if qt.blind_to(kt) {
+                            continue;
+                        }
                         let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-                        let q_tile = tile(q, q_row, qt.rows, hd, qs);
-                        let d_out = tile(dout, q_row, qt.rows, hd, qs);
-                        let p = &mut probs[..qt.rows * kt.rows];
-                        let dp = &mut dprobs[..qt.rows * kt.rows];
-                        matmul(
-                            ViewMut::new(p, qt.rows, kt.rows),
-                            q_tile,
-                            k.t(),
-                            false,
-                            Par::Seq,
-                        );
-                        matmul(
-                            ViewMut::new(dp, qt.rows, kt.rows),
-                            d_out,
-                            v.t(),
-                            false,
-                            Par::Seq,
-                        );
+                        let n = qt.rows * kt.rows;
+                        let mut tiles = BackwardTiles {
+                            scores: &mut scores[..n],
+                            dscores: &mut dscores[..n],
+                            probs: K::own_tile(probs, n),
+                            dprobs: K::own_tile(dprobs, n),
+                        };
+                        // SAFETY: as above; the score tiles are this task's own.
+                        unsafe {
+                            let s = own(tiles.scores, qt.rows, kt.rows);
+                            kernel.multiply_tiles(s, &block.q_lhs, k_op, false);
+                            let dp = own(tiles.dscores, qt.rows, kt.rows);
+                            kernel.multiply_tiles(dp, &block.dout_lhs, v_op, false);
+                        }
                         for r in 0..qt.rows {
                             let i = qt.start + r;
                             let (position, lse_r) = (q_positions[i], lse[shape.lse_index(b, h, i)]);
                             let d_r = row_dots[shape.lse_index(b, h, i)];
-                            let p_row = &mut p[r * kt.rows..(r + 1) * kt.rows];
-                            let dp_row = &mut dp[r * kt.rows..(r + 1) * kt.rows];
-                            for ((s, ds), &kp) in p_row.iter_mut().zip(dp_row).zip(key_positions) {
-                                if kp <= position && lse_r != f32::NEG_INFINITY {
-                                    *s = fast_exp(*s * scale - lse_r);
-                                    *ds = *s * (*ds - d_r) * scale;
+                            for (c, &kp) in key_positions.iter().enumerate() {
+                                let at = r * kt.rows + c;
+                                let (p, ds) = if kp <= position && lse_r != f32::NEG_INFINITY {
+                                    let p = fast_exp(tiles.scores[at] * scale - lse_r);
+                                    (p, p * (tiles.dscores[at] - d_r) * scale)
                                 } else {
-                                    *s = 0.0;
-                                    *ds = 0.0;
-                                }
+                                    (0.0, 0.0)
+                                };
+                                K::set_probability_and_grad(tiles.reborrow(), at, p, ds);
                             }
                         }
                         let dq_tile = dq_ptr.matrix(q_row, qt.rows, hd, qs);
+                        let p = K::product_input(tiles.scores, tiles.probs);
+                        let ds = K::product_input(tiles.dscores, tiles.dprobs);
+                        let (p_view, ds_view) = (
+                            View::new(p, qt.rows, kt.rows),
+                            View::new(ds, qt.rows, kt.rows),
+                        );
                         // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of
                         // the heads of group g and the dk, dv columns of kv head g; the
                         // gradient buffers do not overlap the inputs.
                         unsafe {
-                            matmul_raw(dv, View::new(p, qt.rows, kt.rows).t(), d_out, true);
-                            matmul_raw(dq_tile, View::new(dp, qt.rows, kt.rows), k, true);
-                            matmul_raw(dk, View::new(dp, qt.rows, kt.rows).t(), q_tile, true);
+                            kernel.pack_lhs(pt, p_view.t());
+                            kernel.pack_lhs(ds_op, ds_view);
+                            kernel.pack_lhs(dst, ds_view.t());
+                            kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
+                            kernel.multiply_tiles(dq_tile, ds_op, k_rhs, true);
+                            kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
                         }
                     }
                 }

@@ -6,46 +6,14 @@
 //! `dS` are rounded to bf16 as the inputs of the products that follow, and the forward's running
 //! sum adds the rounded `P`. On contiguous positions it computes what the causal bf16 kernel
 //! computes.
+//!
+//! The tasks and loops are the f32 kernel's (`masked_attention::masked_forward`,
+//! `masked_attention::masked_backward`, over the bf16 GEMM kernel); the rounding of `P` and
+//! `dS` is the bf16 kernel's `tile_softmax::TileSoftmax`.
 
-use crate::attention::{backward_operands, own, QueryBlock};
 use crate::bf16::Bf16;
-use crate::masked_attention::{check_inputs, store_tile, tiles, MaskedAttentionShape, Tile, BLOCK};
-use crate::math::fast_exp;
-use crate::matmul::View;
+use crate::masked_attention::{masked_backward, masked_forward, MaskedAttentionShape};
 use crate::matmul_bf16::Bf16Kernel;
-use crate::row_exp::{exp_rounded, scaled_max};
-use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
-use rayon::prelude::*;
-
-/// Every key tile of every (sequence, kv head), prepared as the right operands of the tile
-/// products (`Kᵀ` and `V`), indexed by `(b·kv_heads + g)·tiles + j`: packed once, they serve
-/// every query tile and every head of the group.
-fn packed_key_tiles(
-    kv: &[Bf16],
-    kv_tiles: &[Tile],
-    shape: MaskedAttentionShape,
-    kernel: Bf16Kernel,
-) -> Vec<(TileOperand, TileOperand)> {
-    let (hd, ks) = (shape.head_dim, shape.kv_stride());
-    let v_offset = shape.kv_heads * hd;
-    (0..shape.batch * shape.kv_heads * kv_tiles.len())
-        .into_par_iter()
-        .map(|idx| {
-            let (bg, kt) = (idx / kv_tiles.len(), kv_tiles[idx % kv_tiles.len()]);
-            let (b, g) = (bg / shape.kv_heads, bg % shape.kv_heads);
-            let kv_row = (b * shape.kv_len + kt.start) * ks;
-            let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
-            let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
-            let (mut k_op, mut v_op) = (TileOperand::default(), TileOperand::default());
-            // SAFETY: the callers assert that the CPU runs the kernel.
-            unsafe {
-                kernel.pack_rhs(&mut k_op, k.t());
-                kernel.pack_rhs(&mut v_op, v);
-            }
-            (k_op, v_op)
-        })
-        .collect()
-}
 
 /// Masked attention forward of one block on bf16 `q` and `kv`. Writes `out[batch·q_len,
 /// heads·head_dim]` (f32), returns `lse[batch, heads, q_len]` (`−∞`, with output 0, for a
@@ -61,106 +29,12 @@ pub fn masked_attention_forward_bf16(
     scale: f32,
     kernel: Bf16Kernel,
 ) -> Vec<f32> {
-    check_inputs(q, kv, q_positions, kv_positions, shape);
-    assert_eq!(out.len(), shape.q_elements(), "attention output size");
     assert!(
         kernel.is_available(),
         "bf16 kernel {kernel:?} does not run on this CPU"
     );
-    let (hd, qs) = (shape.head_dim, shape.q_stride());
-    let (q_tiles, kv_tiles) = (tiles(q_positions), tiles(kv_positions));
-    let mut lse = vec![0.0f32; shape.lse_elements()];
-    let out_ptr = SharedOut(out.as_mut_ptr());
-    let lse_ptr = SharedOut(lse.as_mut_ptr());
-    let key_tiles = packed_key_tiles(kv, &kv_tiles, shape, kernel);
-    let q_tiles = &q_tiles;
-    let tasks: Vec<(usize, usize, Tile)> = (0..shape.batch)
-        .flat_map(|b| (0..shape.heads).flat_map(move |h| q_tiles.iter().map(move |&t| (b, h, t))))
-        .collect();
-    tasks.into_par_iter().for_each_init(
-        || {
-            (
-                vec![0.0f32; BLOCK * BLOCK],
-                vec![Bf16::ZERO; BLOCK * BLOCK],
-                vec![0.0f32; BLOCK * hd],
-                TileOperand::default(),
-                TileOperand::default(),
-            )
-        },
-        |(scores, probs, acc, q_op, p_op), (b, h, qt)| {
-            let g = h / shape.queries_per_kv_head();
-            let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-            // SAFETY: the kernel runs on this CPU (asserted above).
-            unsafe { kernel.pack_lhs(q_op, tile(q, q_row, qt.rows, hd, qs)) };
-            let acc = &mut acc[..qt.rows * hd];
-            acc.fill(0.0);
-            let mut max = [f32::NEG_INFINITY; BLOCK];
-            let mut sum = [0.0f32; BLOCK];
-            let first_key_tile = (b * shape.kv_heads + g) * kv_tiles.len();
-            for (j, kt) in kv_tiles.iter().enumerate() {
-                if qt.blind_to(kt) {
-                    continue;
-                }
-                let (k_op, v_op) = &key_tiles[first_key_tile + j];
-                let s = &mut scores[..qt.rows * kt.rows];
-                let p = &mut probs[..qt.rows * kt.rows];
-                let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
-                // SAFETY: the kernel runs on this CPU; `s` is this task's own.
-                unsafe { kernel.multiply_tiles(own(s, qt.rows, kt.rows), q_op, k_op, false) };
-                // Where every key is visible the causal kernel's vectorised row passes serve.
-                let unmasked = qt.sees_all_of(kt);
-                for r in 0..qt.rows {
-                    let position = q_positions[qt.start + r];
-                    let s_row = &s[r * kt.rows..(r + 1) * kt.rows];
-                    let p_row = &mut p[r * kt.rows..(r + 1) * kt.rows];
-                    let tile_max = if unmasked {
-                        scaled_max(s_row, scale)
-                    } else {
-                        s_row
-                            .iter()
-                            .zip(key_positions)
-                            .filter(|(_, &kp)| kp <= position)
-                            .fold(f32::NEG_INFINITY, |m, (&s, _)| m.max(s * scale))
-                    };
-                    if tile_max == f32::NEG_INFINITY {
-                        p_row.fill(Bf16::ZERO);
-                        continue;
-                    }
-                    let new_max = max[r].max(tile_max);
-                    let correction = fast_exp(max[r] - new_max);
-                    let tile_sum = if unmasked {
-                        exp_rounded(p_row, s_row, kt.rows, scale, new_max)
-                    } else {
-                        let mut tile_sum = 0.0;
-                        for ((p, &s), &kp) in p_row.iter_mut().zip(s_row).zip(key_positions) {
-                            *p = if kp <= position {
-                                Bf16::from_f32(fast_exp(s * scale - new_max))
-                            } else {
-                                Bf16::ZERO
-                            };
-                            tile_sum += p.to_f32();
-                        }
-                        tile_sum
-                    };
-                    sum[r] = sum[r] * correction + tile_sum;
-                    max[r] = new_max;
-                    if correction != 1.0 {
-                        acc[r * hd..(r + 1) * hd]
-                            .iter_mut()
-                            .for_each(|a| *a *= correction);
-                    }
-                }
-                // SAFETY: as above; `acc` is this task's own.
-                unsafe {
-                    kernel.pack_lhs(p_op, View::new(p, qt.rows, kt.rows));
-                    kernel.multiply_tiles(own(acc, qt.rows, hd), p_op, v_op, true);
-                }
-            }
-            // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
-            unsafe { store_tile(out_ptr, lse_ptr, shape, (b, h, qt), acc, &max, &sum) };
-        },
-    );
-    lse
+    let positions = (q_positions, kv_positions);
+    masked_forward(out, q, kv, positions, shape, scale, kernel)
 }
 
 /// Masked attention backward of one block on bf16 `q`, `kv` and output gradient `dout`. Adds
@@ -182,125 +56,14 @@ pub fn masked_attention_backward_bf16(
     scale: f32,
     kernel: Bf16Kernel,
 ) {
-    check_inputs(q, kv, q_positions, kv_positions, shape);
-    assert_eq!(dq.len(), q.len(), "dq buffer size");
-    assert_eq!(dkv.len(), kv.len(), "dkv buffer size");
-    assert_eq!(dout.len(), shape.q_elements(), "output gradient size");
-    assert_eq!(lse.len(), shape.lse_elements(), "lse size");
-    assert_eq!(row_dots.len(), shape.lse_elements(), "row dots size");
     assert!(
         kernel.is_available(),
         "bf16 kernel {kernel:?} does not run on this CPU"
     );
-    let (hd, qs, ks) = (shape.head_dim, shape.q_stride(), shape.kv_stride());
-    let v_offset = shape.kv_heads * hd;
-    let (q_tiles, kv_tiles) = (tiles(q_positions), tiles(kv_positions));
-    let dq_ptr = SharedOut(dq.as_mut_ptr());
-    let dkv_ptr = SharedOut(dkv.as_mut_ptr());
-    let tasks: Vec<(usize, usize)> = (0..shape.batch)
-        .flat_map(|b| (0..shape.kv_heads).map(move |g| (b, g)))
-        .collect();
-    let group = shape.queries_per_kv_head();
-    tasks.into_par_iter().for_each_init(
-        || {
-            (
-                vec![0.0f32; BLOCK * BLOCK],
-                vec![0.0f32; BLOCK * BLOCK],
-                vec![Bf16::ZERO; BLOCK * BLOCK],
-                vec![Bf16::ZERO; BLOCK * BLOCK],
-                backward_operands(group),
-            )
-        },
-        |(scores, dscores, probs, dprobs, (queries, ops)), (b, g)| {
-            for (slot, blocks) in queries.iter_mut().enumerate() {
-                let h = g * group + slot;
-                blocks.resize_with(q_tiles.len(), QueryBlock::default);
-                for (block, qt) in blocks.iter_mut().zip(&q_tiles) {
-                    let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-                    let q_tile = tile(q, q_row, qt.rows, hd, qs);
-                    let d_out = tile(dout, q_row, qt.rows, hd, qs);
-                    // SAFETY: the kernel runs on this CPU (asserted above).
-                    unsafe { block.pack(kernel, q_tile, d_out) };
-                }
-            }
-            let [k_op, v_op, k_rhs, pt, ds_op, dst] = ops;
-            for kt in &kv_tiles {
-                let kv_row = (b * shape.kv_len + kt.start) * ks;
-                let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
-                let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
-                // SAFETY: as above.
-                unsafe {
-                    kernel.pack_rhs(k_op, k.t());
-                    kernel.pack_rhs(v_op, v.t());
-                    kernel.pack_rhs(k_rhs, k);
-                }
-                let dk = dkv_ptr.matrix(kv_row + g * hd, kt.rows, hd, ks);
-                let dv = dkv_ptr.matrix(kv_row + v_offset + g * hd, kt.rows, hd, ks);
-                let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
-                for (slot, blocks) in queries.iter().enumerate() {
-                    let h = g * group + slot;
-                    for (block, qt) in blocks.iter().zip(&q_tiles) {
-                        if qt.blind_to(kt) {
-                            continue;
-                        }
-                        let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-                        let s = &mut scores[..qt.rows * kt.rows];
-                        let dp = &mut dscores[..qt.rows * kt.rows];
-                        // SAFETY: as above; `s` and `dp` are this task's own.
-                        unsafe {
-                            kernel.multiply_tiles(
-                                own(s, qt.rows, kt.rows),
-                                &block.q_lhs,
-                                k_op,
-                                false,
-                            );
-                            kernel.multiply_tiles(
-                                own(dp, qt.rows, kt.rows),
-                                &block.dout_lhs,
-                                v_op,
-                                false,
-                            );
-                        }
-                        let p16 = &mut probs[..qt.rows * kt.rows];
-                        let ds16 = &mut dprobs[..qt.rows * kt.rows];
-                        for r in 0..qt.rows {
-                            let i = qt.start + r;
-                            let (position, lse_r) = (q_positions[i], lse[shape.lse_index(b, h, i)]);
-                            let d_r = row_dots[shape.lse_index(b, h, i)];
-                            let at = r * kt.rows..(r + 1) * kt.rows;
-                            let (s_row, dp_row) = (&s[at.clone()], &dp[at.clone()]);
-                            let (p_row, ds_row) = (&mut p16[at.clone()], &mut ds16[at]);
-                            for c in 0..kt.rows {
-                                if key_positions[c] <= position && lse_r != f32::NEG_INFINITY {
-                                    let p = fast_exp(s_row[c] * scale - lse_r);
-                                    p_row[c] = Bf16::from_f32(p);
-                                    ds_row[c] = Bf16::from_f32(p * (dp_row[c] - d_r) * scale);
-                                } else {
-                                    p_row[c] = Bf16::ZERO;
-                                    ds_row[c] = Bf16::ZERO;
-                                }
-                            }
-                        }
-                        let dq_tile = dq_ptr.matrix(q_row, qt.rows, hd, qs);
-                        let (p_view, ds_view) = (
-                            View::new(p16, qt.rows, kt.rows),
-                            View::new(ds16, qt.rows, kt.rows),
-                        );
-                        // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of
-                        // the heads of group g and the dk, dv columns of kv head g; the
-                        // gradient buffers do not overlap the inputs, and the kernel runs here.
-                        unsafe {
-                            kernel.pack_lhs(pt, p_view.t());
-                            kernel.pack_lhs(ds_op, ds_view);
-                            kernel.pack_lhs(dst, ds_view.t());
-                            kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
-                            kernel.multiply_tiles(dq_tile, ds_op, k_rhs, true);
-                            kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
-                        }
-                    }
-                }
-            }
-        },
+    let positions = (q_positions, kv_positions);
+    let (inputs, saved) = ((q, kv), (lse, row_dots));
+    masked_backward(
+        dq, dkv, dout, inputs, saved, positions, shape, scale, kernel,
     );
 }
 
