@@ -275,8 +275,8 @@ pub fn attention_forward(
 }
 
 /// Causal attention forward on `kernel` (f32, or bf16 with the probabilities rounded, see
-/// `attention_bf16.rs`), one task per (sequence, head, query block). The kernel must run on
-/// this CPU.
+/// `attention_bf16.rs`), one task per (sequence, head, query block). Panics if the CPU does
+/// not run the kernel.
 pub(crate) fn causal_forward<K: TileSoftmax>(
     out: &mut [f32],
     qkv: &[K::Elem],
@@ -285,6 +285,7 @@ pub(crate) fn causal_forward<K: TileSoftmax>(
     scale: f32,
     kernel: K,
 ) -> Vec<f32> {
+    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
     check_shapes(qkv, layout, shape);
     let hd = shape.head_dim;
     let out_stride = shape.heads * hd;
@@ -315,7 +316,7 @@ pub(crate) fn causal_forward<K: TileSoftmax>(
         |(scores, probs, acc, q_op, p_op), (b, h, qi)| {
             let g = h / shape.queries_per_kv_head();
             let (q0, q_rows) = shape.block_rows(qi);
-            // SAFETY: the caller runs the kernel on a CPU that has it.
+            // SAFETY: the kernel runs on this CPU (asserted above).
             unsafe { kernel.pack_lhs(q_op, query_tile(qkv, layout, shape, b, h, qi)) };
             let acc = &mut acc[..q_rows * hd];
             acc.fill(0.0);
@@ -414,7 +415,7 @@ pub fn attention_backward(
 
 /// Causal attention backward on `kernel`, one task per (sequence, kv head): the forward's `out`
 /// and `lse`, the output gradient `dout` and `qkv` as the kernel takes them; writes the q, k
-/// and v parts of `dqkv` (f32). The kernel must run on this CPU.
+/// and v parts of `dqkv` (f32). Panics if the CPU does not run the kernel.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_backward<K: TileSoftmax>(
     dqkv: &mut [f32],
@@ -427,6 +428,7 @@ pub(crate) fn causal_backward<K: TileSoftmax>(
     scale: f32,
     kernel: K,
 ) {
+    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
     check_shapes(qkv, layout, shape);
     assert_eq!(dqkv.len(), qkv.len(), "dqkv buffer size");
     let (hd, rs) = (shape.head_dim, layout.row_stride);
@@ -469,7 +471,7 @@ pub(crate) fn causal_backward<K: TileSoftmax>(
             let [kt, vt, ks, pt, ds_op, dst] = ops;
             for kj in 0..shape.blocks() {
                 let k_rows = shape.block_rows(kj).1;
-                // SAFETY: the caller runs the kernel on a CPU that has it; `grad_ptr` is `dqkv`.
+                // SAFETY: the kernel runs on this CPU (asserted above); `grad_ptr` is `dqkv`.
                 let (dk, dv) = unsafe {
                     let operands = [&mut *kt, &mut *vt, &mut *ks];
                     prepare_key_block(operands, kernel, qkv, grad_ptr, layout, shape, (b, g, kj))

@@ -221,7 +221,7 @@ fn packed_key_tiles<K: TileKernel>(
 
 /// Masked attention forward of one block on `kernel` (f32, or bf16 with the probabilities
 /// rounded, see `masked_attention_bf16.rs`), one task per (sequence, head, query tile), given
-/// the (query, key) positions. The kernel must run on this CPU.
+/// the (query, key) positions. Panics if the CPU does not run the kernel.
 pub(crate) fn masked_forward<K: TileSoftmax>(
     out: &mut [f32],
     q: &[K::Elem],
@@ -231,6 +231,7 @@ pub(crate) fn masked_forward<K: TileSoftmax>(
     scale: f32,
     kernel: K,
 ) -> Vec<f32> {
+    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
     check_inputs(q, kv, q_positions, kv_positions, shape);
     assert_eq!(out.len(), shape.q_elements(), "attention output size");
     let (hd, qs) = (shape.head_dim, shape.q_stride());
@@ -256,7 +257,7 @@ pub(crate) fn masked_forward<K: TileSoftmax>(
         |(scores, probs, acc, q_op, p_op), (b, h, qt)| {
             let g = h / shape.queries_per_kv_head();
             let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-            // SAFETY: the caller runs the kernel on a CPU that has it.
+            // SAFETY: the kernel runs on this CPU (asserted above).
             unsafe { kernel.pack_lhs(q_op, tile(q, q_row, qt.rows, hd, qs)) };
             let acc = &mut acc[..qt.rows * hd];
             acc.fill(0.0);
@@ -425,8 +426,8 @@ pub fn masked_attention_backward(
 
 /// Masked attention backward of one block on `kernel`, one task per (sequence, kv head), from
 /// the output gradient, q and kv as the kernel takes them, the final `lse` with its row dots,
-/// and the (query, key) positions; adds into `dq` and `dkv` (f32). The kernel must run on this
-/// CPU.
+/// and the (query, key) positions; adds into `dq` and `dkv` (f32). Panics if the CPU does not
+/// run the kernel.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn masked_backward<K: TileSoftmax>(
     dq: &mut [f32],
@@ -439,6 +440,7 @@ pub(crate) fn masked_backward<K: TileSoftmax>(
     scale: f32,
     kernel: K,
 ) {
+    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
     check_inputs(q, kv, q_positions, kv_positions, shape);
     assert_eq!(dq.len(), q.len(), "dq buffer size");
     assert_eq!(dkv.len(), kv.len(), "dkv buffer size");
@@ -470,7 +472,7 @@ pub(crate) fn masked_backward<K: TileSoftmax>(
                     let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
                     let q_tile = tile(q, q_row, qt.rows, hd, qs);
                     let d_out = tile(dout, q_row, qt.rows, hd, qs);
-                    // SAFETY: the caller runs the kernel on a CPU that has it.
+                    // SAFETY: the kernel runs on this CPU (asserted above).
                     unsafe { block.pack(kernel, q_tile, d_out) };
                 }
             }

@@ -131,6 +131,10 @@ impl F32Kernel {
 impl TileKernel for F32Kernel {
     type Elem = f32;
 
+    fn runs_here(self) -> bool {
+        self.is_available()
+    }
+
     unsafe fn pack_lhs(self, op: &mut TileOperand, a: View<'_>) {
         match self {
             #[cfg(target_arch = "x86_64")]

@@ -122,6 +122,10 @@ pub fn matmul_bf16_with(
 impl TileKernel for Bf16Kernel {
     type Elem = Bf16;
 
+    fn runs_here(self) -> bool {
+        self.is_available()
+    }
+
     unsafe fn pack_lhs(self, op: &mut TileOperand, a: View<'_, Bf16>) {
         match self {
             #[cfg(target_arch = "x86_64")]

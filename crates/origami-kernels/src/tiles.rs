@@ -93,9 +93,12 @@ impl TileOperand {
 /// A GEMM kernel that multiplies prepared [`TileOperand`]s on the calling thread: the f32 and
 /// the bf16 kernels, so that the attention kernels prepare their blocks the same way in both
 /// precisions.
-pub(crate) trait TileKernel: Copy + Send + Sync {
+pub(crate) trait TileKernel: Copy + Send + Sync + std::fmt::Debug {
     /// The element type of the operands.
     type Elem: Copy + Sync;
+
+    /// Whether this CPU runs the kernel.
+    fn runs_here(self) -> bool;
 
     /// Prepares `a` (`m × k`) as the left operand of [`TileKernel::multiply_tiles`].
     ///
