@@ -20,15 +20,18 @@
 //! its `tile_softmax::TileSoftmax` says where the probabilities go, in place in f32 or rounded
 //! into tiles of their own in bf16.
 
-use crate::math::fast_exp;
+use crate::attention_task::{
+    add_pair_gradients, add_weighted_values, fold_row, own, pair_scores, BackwardScratch,
+    ForwardScratch, QueryBlock, TILE,
+};
 use crate::matmul::{F32Kernel, RawMatrix, View};
 use crate::row_exp::scaled_max;
-use crate::tile_softmax::{BackwardTiles, TileSoftmax};
+use crate::tile_softmax::TileSoftmax;
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
 /// Tile edge for queries and keys.
-pub(crate) const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = TILE;
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,44 +136,6 @@ fn packed_key_blocks<K: TileKernel>(
         .collect()
 }
 
-/// One query block of one head prepared for the backward's products: `Q` and `dO` as left
-/// operands (`S = Q·Kᵀ`, `dP = dO·Vᵀ`) and as right operands (`dK += dSᵀ·Q`, `dV += Pᵀ·dO`).
-#[derive(Default)]
-pub(crate) struct QueryBlock {
-    pub(crate) q_lhs: TileOperand,
-    pub(crate) dout_lhs: TileOperand,
-    pub(crate) q_rhs: TileOperand,
-    pub(crate) dout_rhs: TileOperand,
-}
-
-impl QueryBlock {
-    /// Packs the four operands from the block's queries `q` and output gradient `d_out`.
-    ///
-    /// # Safety
-    /// The CPU runs the kernel.
-    pub(crate) unsafe fn pack<K: TileKernel>(
-        &mut self,
-        kernel: K,
-        q: View<'_, K::Elem>,
-        d_out: View<'_, K::Elem>,
-    ) {
-        kernel.pack_lhs(&mut self.q_lhs, q);
-        kernel.pack_lhs(&mut self.dout_lhs, d_out);
-        kernel.pack_rhs(&mut self.q_rhs, q);
-        kernel.pack_rhs(&mut self.dout_rhs, d_out);
-    }
-}
-
-/// A backward task's prepared operands: the query blocks of each head of its group (filled by
-/// [`QueryBlock::pack`]) and six per-key-block and per-tile-pair operands (`Kᵀ`, `Vᵀ`, `K`,
-/// `Pᵀ`, `dS`, `dSᵀ`), empty until first packed.
-pub(crate) fn backward_operands(group: usize) -> (Vec<Vec<QueryBlock>>, [TileOperand; 6]) {
-    (
-        (0..group).map(|_| Vec::new()).collect(),
-        [(); 6].map(|_| TileOperand::default()),
-    )
-}
-
 /// Prepares every query block of head `h` in sequence `b` (`dout` is `[batch·seq, heads·hd]`),
 /// reusing the operands' buffers.
 #[allow(clippy::too_many_arguments)]
@@ -230,7 +195,7 @@ fn query_tile<T>(
 /// The CPU runs the kernel; `grad` points to a buffer of `qkv`'s size.
 #[allow(clippy::too_many_arguments)]
 unsafe fn prepare_key_block<K: TileKernel>(
-    [kt, vt, ks]: [&mut TileOperand; 3],
+    [kt, vt, ks]: &mut [TileOperand; 3],
     kernel: K,
     qkv: &[K::Elem],
     grad: SharedOut,
@@ -250,17 +215,6 @@ unsafe fn prepare_key_block<K: TileKernel>(
         grad.matrix(at + layout.k_offset, k_rows, hd, rs),
         grad.matrix(at + layout.v_offset, k_rows, hd, rs),
     )
-}
-
-/// A task's own `rows × cols` row-major buffer as a product's output.
-pub(crate) fn own(buffer: &mut [f32], rows: usize, cols: usize) -> RawMatrix {
-    RawMatrix {
-        ptr: buffer.as_mut_ptr(),
-        rows,
-        cols,
-        row_stride: cols,
-        col_stride: 1,
-    }
 }
 
 /// Causal attention forward. Writes `out[batch·seq, heads·head_dim]`, returns `lse[batch, heads, seq]`.
@@ -304,24 +258,23 @@ pub(crate) fn causal_forward<K: TileSoftmax>(
         })
         .collect();
     tasks.into_par_iter().for_each_init(
-        || {
-            (
-                vec![0.0f32; BLOCK * BLOCK],
-                K::own_buffer(BLOCK * BLOCK),
-                vec![0.0f32; BLOCK * hd],
-                TileOperand::default(),
-                TileOperand::default(),
-            )
-        },
-        |(scores, probs, acc, q_op, p_op), (b, h, qi)| {
+        || ForwardScratch::new::<K>(hd),
+        |task, (b, h, qi)| {
+            let ForwardScratch {
+                scores,
+                probs,
+                acc,
+                q_op,
+                p_op,
+            } = task;
             let g = h / shape.queries_per_kv_head();
             let (q0, q_rows) = shape.block_rows(qi);
             // SAFETY: the kernel runs on this CPU (asserted above).
             unsafe { kernel.pack_lhs(q_op, query_tile(qkv, layout, shape, b, h, qi)) };
             let acc = &mut acc[..q_rows * hd];
             acc.fill(0.0);
-            let mut max = [f32::NEG_INFINITY; BLOCK];
-            let mut sum = [0.0f32; BLOCK];
+            let mut max = [f32::NEG_INFINITY; TILE];
+            let mut sum = [0.0f32; TILE];
             for kj in 0..=qi {
                 let k_rows = shape.block_rows(kj).1;
                 let (kt, vs) = &key_blocks[(b * shape.kv_heads + g) * shape.blocks() + kj];
@@ -333,21 +286,15 @@ pub(crate) fn causal_forward<K: TileSoftmax>(
                     let valid = if kj == qi { r + 1 } else { k_rows };
                     let row = r * k_rows..(r + 1) * k_rows;
                     let new_max = max[r].max(scaled_max(&s[row.start..][..valid], scale));
-                    let correction = fast_exp(max[r] - new_max);
                     let tile_sum = K::exp_row(s, p, row, valid, scale, new_max);
-                    sum[r] = sum[r] * correction + tile_sum;
-                    max[r] = new_max;
-                    if correction != 1.0 {
-                        acc[r * hd..(r + 1) * hd]
-                            .iter_mut()
-                            .for_each(|a| *a *= correction);
-                    }
+                    let acc_row = &mut acc[r * hd..(r + 1) * hd];
+                    fold_row(&mut max[r], &mut sum[r], acc_row, new_max, tile_sum);
                 }
+                let probabilities = K::product_input(s, p);
                 // SAFETY: as above.
                 unsafe {
-                    kernel.pack_lhs(p_op, View::new(K::product_input(s, p), q_rows, k_rows));
-                    kernel.multiply_tiles(own(acc, q_rows, hd), p_op, vs, true);
-                }
+                    add_weighted_values(kernel, p_op, probabilities, (q_rows, k_rows), vs, acc)
+                };
             }
             for r in 0..q_rows {
                 let s = q0 + r;
@@ -452,14 +399,14 @@ pub(crate) fn causal_backward<K: TileSoftmax>(
         .collect();
     let group = shape.queries_per_kv_head();
     tasks.into_par_iter().for_each_init(
-        || {
-            (
-                [(); 2].map(|_| vec![0.0f32; BLOCK * BLOCK]),
-                [(); 2].map(|_| K::own_buffer(BLOCK * BLOCK)),
-                backward_operands(group),
-            )
-        },
-        |([scores, dscores], [probs, dprobs], (queries, ops)), (b, g)| {
+        || BackwardScratch::new::<K>(group),
+        |task, (b, g)| {
+            let BackwardScratch {
+                queries,
+                keys,
+                pair_ops,
+                tiles,
+            } = task;
             let row = |s: usize| (b * shape.seq + s) * rs;
             // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of the heads of
             // group g and the dk, dv columns of kv head g; they are zeroed here before use.
@@ -468,32 +415,21 @@ pub(crate) fn causal_backward<K: TileSoftmax>(
                 let h = g * group + slot;
                 prepare_query_blocks(blocks, qkv, dout, layout, shape, b, h, kernel);
             }
-            let [kt, vt, ks, pt, ds_op, dst] = ops;
             for kj in 0..shape.blocks() {
                 let k_rows = shape.block_rows(kj).1;
                 // SAFETY: the kernel runs on this CPU (asserted above); `grad_ptr` is `dqkv`.
                 let (dk, dv) = unsafe {
-                    let operands = [&mut *kt, &mut *vt, &mut *ks];
-                    prepare_key_block(operands, kernel, qkv, grad_ptr, layout, shape, (b, g, kj))
+                    prepare_key_block(keys, kernel, qkv, grad_ptr, layout, shape, (b, g, kj))
                 };
+                let [kt, vt, ks] = &*keys;
                 for (slot, blocks) in queries.iter().enumerate() {
                     let h = g * group + slot;
                     for (qi, block) in blocks.iter().enumerate().skip(kj) {
                         let (q0, q_rows) = shape.block_rows(qi);
-                        let n = q_rows * k_rows;
-                        let mut tiles = BackwardTiles {
-                            scores: &mut scores[..n],
-                            dscores: &mut dscores[..n],
-                            probs: K::own_tile(probs, n),
-                            dprobs: K::own_tile(dprobs, n),
-                        };
-                        // SAFETY: as above; the score tiles are this task's own.
-                        unsafe {
-                            let s = own(tiles.scores, q_rows, k_rows);
-                            kernel.multiply_tiles(s, &block.q_lhs, kt, false);
-                            let dp = own(tiles.dscores, q_rows, k_rows);
-                            kernel.multiply_tiles(dp, &block.dout_lhs, vt, false);
-                        }
+                        let pair = (q_rows, k_rows);
+                        let mut tiles = tiles.pair::<K>(q_rows * k_rows);
+                        // SAFETY: as above; the pair's tiles are this task's own.
+                        unsafe { pair_scores(kernel, &mut tiles, pair, block, [kt, vt]) };
                         for r in 0..q_rows {
                             let valid = if kj == qi { r + 1 } else { k_rows };
                             let lse_r = lse[shape.lse_index(b, h, q0 + r)];
@@ -510,18 +446,10 @@ pub(crate) fn causal_backward<K: TileSoftmax>(
                         }
                         let dq =
                             grad_ptr.matrix(row(q0) + layout.q_offset + h * hd, q_rows, hd, rs);
-                        let p = K::product_input(tiles.scores, tiles.probs);
-                        let ds = K::product_input(tiles.dscores, tiles.dprobs);
-                        let (p_view, ds_view) =
-                            (View::new(p, q_rows, k_rows), View::new(ds, q_rows, k_rows));
                         // SAFETY: see the zeroing above; dq, dk, dv do not overlap the inputs.
                         unsafe {
-                            kernel.pack_lhs(pt, p_view.t());
-                            kernel.pack_lhs(ds_op, ds_view);
-                            kernel.pack_lhs(dst, ds_view.t());
-                            kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
-                            kernel.multiply_tiles(dq, ds_op, ks, true);
-                            kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
+                            let grads = [dq, dk, dv];
+                            add_pair_gradients(kernel, tiles, pair, pair_ops, block, ks, grads);
                         }
                     }
                 }

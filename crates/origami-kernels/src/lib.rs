@@ -10,6 +10,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod attention_bf16;
+mod attention_task;
 pub mod bf16;
 pub mod cross_entropy;
 #[cfg(target_arch = "x86_64")]

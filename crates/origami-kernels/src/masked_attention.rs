@@ -24,16 +24,19 @@
 //! the f32 one here and the bf16 one in `masked_attention_bf16.rs`. A (query, key) tile pair
 //! with every key visible runs the causal kernel's vectorised row passes.
 
-use crate::attention::{backward_operands, own, QueryBlock};
+use crate::attention_task::{
+    add_pair_gradients, add_weighted_values, fold_row, own, pair_scores, BackwardScratch,
+    ForwardScratch, QueryBlock, TILE,
+};
 use crate::math::fast_exp;
-use crate::matmul::{F32Kernel, View};
+use crate::matmul::F32Kernel;
 use crate::row_exp::scaled_max;
-use crate::tile_softmax::{BackwardTiles, TileSoftmax};
+use crate::tile_softmax::TileSoftmax;
 use crate::tiles::{tile, SharedOut, TileKernel, TileOperand};
 use rayon::prelude::*;
 
 /// Tile edge for queries and keys.
-pub(crate) const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = TILE;
 
 /// Sizes of one masked attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,16 +248,15 @@ pub(crate) fn masked_forward<K: TileSoftmax>(
         .flat_map(|b| (0..shape.heads).flat_map(move |h| q_tiles.iter().map(move |&t| (b, h, t))))
         .collect();
     tasks.into_par_iter().for_each_init(
-        || {
-            (
-                vec![0.0f32; BLOCK * BLOCK],
-                K::own_buffer(BLOCK * BLOCK),
-                vec![0.0f32; BLOCK * hd],
-                TileOperand::default(),
-                TileOperand::default(),
-            )
-        },
-        |(scores, probs, acc, q_op, p_op), (b, h, qt)| {
+        || ForwardScratch::new::<K>(hd),
+        |task, (b, h, qt)| {
+            let ForwardScratch {
+                scores,
+                probs,
+                acc,
+                q_op,
+                p_op,
+            } = task;
             let g = h / shape.queries_per_kv_head();
             let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
             // SAFETY: the kernel runs on this CPU (asserted above).
@@ -295,7 +297,6 @@ pub(crate) fn masked_forward<K: TileSoftmax>(
                         continue;
                     }
                     let new_max = max[r].max(tile_max);
-                    let correction = fast_exp(max[r] - new_max);
                     let tile_sum = if unmasked {
                         K::exp_row(s, p, row, kt.rows, scale, new_max)
                     } else {
@@ -310,20 +311,12 @@ pub(crate) fn masked_forward<K: TileSoftmax>(
                         }
                         tile_sum
                     };
-                    sum[r] = sum[r] * correction + tile_sum;
-                    max[r] = new_max;
-                    if correction != 1.0 {
-                        acc[r * hd..(r + 1) * hd]
-                            .iter_mut()
-                            .for_each(|a| *a *= correction);
-                    }
+                    let acc_row = &mut acc[r * hd..(r + 1) * hd];
+                    fold_row(&mut max[r], &mut sum[r], acc_row, new_max, tile_sum);
                 }
+                let (probabilities, pair) = (K::product_input(s, p), (qt.rows, kt.rows));
                 // SAFETY: as above; `acc` is this task's own.
-                unsafe {
-                    let p_view = View::new(K::product_input(s, p), qt.rows, kt.rows);
-                    kernel.pack_lhs(p_op, p_view);
-                    kernel.multiply_tiles(own(acc, qt.rows, hd), p_op, v_op, true);
-                }
+                unsafe { add_weighted_values(kernel, p_op, probabilities, pair, v_op, acc) };
             }
             // SAFETY: task (b, h, tile) alone writes rows of the tile in head h and their lse.
             unsafe { store_tile(out_ptr, lse_ptr, shape, (b, h, qt), acc, &max, &sum) };
@@ -457,14 +450,14 @@ pub(crate) fn masked_backward<K: TileSoftmax>(
         .collect();
     let group = shape.queries_per_kv_head();
     tasks.into_par_iter().for_each_init(
-        || {
-            (
-                [(); 2].map(|_| vec![0.0f32; BLOCK * BLOCK]),
-                [(); 2].map(|_| K::own_buffer(BLOCK * BLOCK)),
-                backward_operands(group),
-            )
-        },
-        |([scores, dscores], [probs, dprobs], (queries, ops)), (b, g)| {
+        || BackwardScratch::new::<K>(group),
+        |task, (b, g)| {
+            let BackwardScratch {
+                queries,
+                keys,
+                pair_ops,
+                tiles,
+            } = task;
             for (slot, blocks) in queries.iter_mut().enumerate() {
                 let h = g * group + slot;
                 blocks.resize_with(q_tiles.len(), QueryBlock::default);
@@ -476,17 +469,18 @@ pub(crate) fn masked_backward<K: TileSoftmax>(
                     unsafe { block.pack(kernel, q_tile, d_out) };
                 }
             }
-            let [k_op, v_op, k_rhs, pt, ds_op, dst] = ops;
             for kt in &kv_tiles {
                 let kv_row = (b * shape.kv_len + kt.start) * ks;
                 let k = tile(kv, kv_row + g * hd, kt.rows, hd, ks);
                 let v = tile(kv, kv_row + v_offset + g * hd, kt.rows, hd, ks);
                 // SAFETY: as above.
                 unsafe {
+                    let [k_op, v_op, k_rhs] = &mut *keys;
                     kernel.pack_rhs(k_op, k.t());
                     kernel.pack_rhs(v_op, v.t());
                     kernel.pack_rhs(k_rhs, k);
                 }
+                let [k_op, v_op, k_rhs] = &*keys;
                 let dk = dkv_ptr.matrix(kv_row + g * hd, kt.rows, hd, ks);
                 let dv = dkv_ptr.matrix(kv_row + v_offset + g * hd, kt.rows, hd, ks);
                 let key_positions = &kv_positions[kt.start..kt.start + kt.rows];
@@ -497,20 +491,10 @@ pub(crate) fn masked_backward<K: TileSoftmax>(
                             continue;
                         }
                         let q_row = (b * shape.q_len + qt.start) * qs + h * hd;
-                        let n = qt.rows * kt.rows;
-                        let mut tiles = BackwardTiles {
-                            scores: &mut scores[..n],
-                            dscores: &mut dscores[..n],
-                            probs: K::own_tile(probs, n),
-                            dprobs: K::own_tile(dprobs, n),
-                        };
-                        // SAFETY: as above; the score tiles are this task's own.
-                        unsafe {
-                            let s = own(tiles.scores, qt.rows, kt.rows);
-                            kernel.multiply_tiles(s, &block.q_lhs, k_op, false);
-                            let dp = own(tiles.dscores, qt.rows, kt.rows);
-                            kernel.multiply_tiles(dp, &block.dout_lhs, v_op, false);
-                        }
+                        let pair = (qt.rows, kt.rows);
+                        let mut tiles = tiles.pair::<K>(qt.rows * kt.rows);
+                        // SAFETY: as above; the pair's tiles are this task's own.
+                        unsafe { pair_scores(kernel, &mut tiles, pair, block, [k_op, v_op]) };
                         for r in 0..qt.rows {
                             let i = qt.start + r;
                             let (position, lse_r) = (q_positions[i], lse[shape.lse_index(b, h, i)]);
@@ -527,22 +511,12 @@ pub(crate) fn masked_backward<K: TileSoftmax>(
                             }
                         }
                         let dq_tile = dq_ptr.matrix(q_row, qt.rows, hd, qs);
-                        let p = K::product_input(tiles.scores, tiles.probs);
-                        let ds = K::product_input(tiles.dscores, tiles.dprobs);
-                        let (p_view, ds_view) = (
-                            View::new(p, qt.rows, kt.rows),
-                            View::new(ds, qt.rows, kt.rows),
-                        );
                         // SAFETY: task (b, g) alone touches, in sequence b, the dq columns of
                         // the heads of group g and the dk, dv columns of kv head g; the
                         // gradient buffers do not overlap the inputs.
                         unsafe {
-                            kernel.pack_lhs(pt, p_view.t());
-                            kernel.pack_lhs(ds_op, ds_view);
-                            kernel.pack_lhs(dst, ds_view.t());
-                            kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
-                            kernel.multiply_tiles(dq_tile, ds_op, k_rhs, true);
-                            kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
+                            let grads = [dq_tile, dk, dv];
+                            add_pair_gradients(kernel, tiles, pair, pair_ops, block, k_rhs, grads);
                         }
                     }
                 }
