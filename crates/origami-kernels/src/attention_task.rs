@@ -69,9 +69,9 @@ pub(crate) unsafe fn add_weighted_values<K: TileKernel>(
     values: &TileOperand,
     acc: &mut [f32],
 ) {
-    kernel.pack_lhs(p_op, View::new(probs, rows, cols));
     let width = acc.len() / rows;
-    kernel.multiply_tiles(own(acc, rows, width), p_op, values, true);
+    let probs = View::new(probs, rows, cols);
+    kernel.multiply_once(own(acc, rows, width), p_op, probs, values, true);
 }
 
 /// One query block of one head prepared for the backward's products: `Q` and `dO` as left
@@ -187,10 +187,7 @@ pub(crate) unsafe fn add_pair_gradients<K: TileSoftmax>(
 ) {
     let p = View::new(K::product_input(tiles.scores, tiles.probs), rows, cols);
     let ds = View::new(K::product_input(tiles.dscores, tiles.dprobs), rows, cols);
-    kernel.pack_lhs(pt, p.t());
-    kernel.pack_lhs(ds_op, ds);
-    kernel.pack_lhs(dst, ds.t());
-    kernel.multiply_tiles(dv, pt, &block.dout_rhs, true);
-    kernel.multiply_tiles(dq, ds_op, keys, true);
-    kernel.multiply_tiles(dk, dst, &block.q_rhs, true);
+    kernel.multiply_once(dv, pt, p.t(), &block.dout_rhs, true);
+    kernel.multiply_once(dq, ds_op, ds, keys, true);
+    kernel.multiply_once(dk, dst, ds.t(), &block.q_rhs, true);
 }

@@ -176,6 +176,25 @@ impl TileKernel for F32Kernel {
             ),
         }
     }
+
+    /// The portable kernel reads the left operand where it lies (its GEMM takes any strides);
+    /// the microkernel packs it first.
+    unsafe fn multiply_once(
+        self,
+        c: RawMatrix,
+        scratch: &mut TileOperand,
+        a: View<'_>,
+        b: &TileOperand,
+        accumulate: bool,
+    ) {
+        match self {
+            F32Kernel::Portable => product_into(self, c, a, b.plain_view(), accumulate, Par::Seq),
+            F32Kernel::Fma512 => {
+                self.pack_lhs(scratch, a);
+                self.multiply_tiles(c, scratch, b, accumulate);
+            }
+        }
+    }
 }
 
 /// A read-only matrix view over a slice, with element `(i, j)` at `i·row_stride + j·col_stride`.

@@ -56,14 +56,16 @@ pub(crate) struct Line(pub(crate) [u32; 16]);
 /// key or value block meets every query block after it, a query block every key block before
 /// it. For an AVX-512 microkernel it holds the operand packed into the microkernel's panels
 /// (`packed_gemm::pack_lhs`, `packed_gemm::pack_rhs`), so a product only runs the register
-/// tiles; for a portable kernel, a row-major f32 copy. Buffers only grow: a warm operand
+/// tiles; for a portable kernel, an f32 copy read through strides. Buffers only grow: a warm operand
 /// re-prepared for the next block does not allocate.
 #[derive(Default)]
 pub(crate) struct TileOperand {
     /// The packed panels (microkernel form).
     pub(crate) panels: Vec<Line>,
-    /// The row-major copy (portable form).
+    /// The copy (portable form), row-major or, see `plain_transposed`, column-major.
     pub(crate) plain: Vec<f32>,
+    /// Whether `plain` holds the operand's columns one after the other.
+    pub(crate) plain_transposed: bool,
     /// Rows of the operand as multiplied (`m` of a left operand, `k` of a right one).
     pub(crate) rows: usize,
     /// Columns of the operand as multiplied (`k` of a left operand, `n` of a right one).
@@ -71,22 +73,40 @@ pub(crate) struct TileOperand {
 }
 
 impl TileOperand {
-    /// Prepares the portable form: `v`'s elements widened to f32, row-major.
+    /// Prepares the portable form: `v`'s elements widened to f32, copied along the stored
+    /// rows. A transposed view (the stored rows are its columns) is kept as stored and read
+    /// transposed by the product, so no copy strides through memory (a column of a tile whose
+    /// rows lie 4 KiB apart falls into one cache set).
     pub(crate) fn set_plain<T: Copy>(&mut self, v: View<'_, T>, widen: impl Fn(T) -> f32) {
         let (rows, cols) = v.shape();
         let (data, row_stride, col_stride) = v.raw();
         self.plain.clear();
-        for i in 0..rows {
-            let row = &data[i * row_stride..];
-            self.plain
-                .extend((0..cols).map(|j| widen(row[j * col_stride])));
+        self.plain_transposed = col_stride != 1 && row_stride == 1;
+        let (lines, line_len, line_stride, step) = if self.plain_transposed {
+            (cols, rows, col_stride, row_stride)
+        } else {
+            (rows, cols, row_stride, col_stride)
+        };
+        for i in 0..lines {
+            let line = &data[i * line_stride..];
+            if step == 1 {
+                self.plain
+                    .extend(line[..line_len].iter().map(|&x| widen(x)));
+            } else {
+                self.plain
+                    .extend((0..line_len).map(|j| widen(line[j * step])));
+            }
         }
         (self.rows, self.cols) = (rows, cols);
     }
 
     /// The portable form as a view.
     pub(crate) fn plain_view(&self) -> View<'_> {
-        View::new(&self.plain, self.rows, self.cols)
+        if self.plain_transposed {
+            View::new(&self.plain, self.cols, self.rows).t()
+        } else {
+            View::new(&self.plain, self.rows, self.cols)
+        }
     }
 }
 
@@ -124,4 +144,22 @@ pub(crate) trait TileKernel: Copy + Send + Sync + std::fmt::Debug {
         b: &TileOperand,
         accumulate: bool,
     );
+
+    /// `c = a·b` or `c += a·b` for a left operand multiplied only once (a task's own tile of
+    /// probabilities or score gradients): the kernel prepares it in `scratch`, unless it can
+    /// read `a` where it lies.
+    ///
+    /// # Safety
+    /// As [`TileKernel::multiply_tiles`].
+    unsafe fn multiply_once(
+        self,
+        c: RawMatrix,
+        scratch: &mut TileOperand,
+        a: View<'_, Self::Elem>,
+        b: &TileOperand,
+        accumulate: bool,
+    ) {
+        self.pack_lhs(scratch, a);
+        self.multiply_tiles(c, scratch, b, accumulate);
+    }
 }
