@@ -49,6 +49,9 @@ pub enum PlanError {
     /// A precision name that is not known.
     #[error("unknown precision {0:?} (known: bf16, f32)")]
     UnknownPrecision(String),
+    /// A recomputation mode that is not known.
+    #[error("unknown recomputation {0:?} (known: none, selective, full)")]
+    UnknownRecompute(String),
     /// A run size that must be positive is zero.
     #[error("{what} must be positive, got 0")]
     ZeroRun {

@@ -12,7 +12,7 @@ use crate::pipeline::{PipelineCache, PipelineRun};
 use crate::stage::{stages, LayerKinds, Stage};
 use crate::step::{Rates, StageTime, StepTime};
 use crate::work::{Collective, CommKind, Passes, WorkInputs};
-use crate::{Hardware, Layout, ModelShape, PlanError, Precision};
+use crate::{Hardware, Layout, ModelShape, PlanError, Precision, Recompute};
 
 /// What is being planned: a model trained on a cluster.
 #[derive(Clone, Debug)]
@@ -35,6 +35,8 @@ pub struct PlanInputs {
     pub cp_all_to_all: bool,
     /// Expert rows of the busiest rank over the uniform share.
     pub expert_imbalance: f64,
+    /// What each transformer layer's backward recomputes instead of keeping.
+    pub recompute: Recompute,
 }
 
 impl PlanInputs {
@@ -70,6 +72,8 @@ pub struct Evaluation {
     pub edp: usize,
     /// Micro-batches per step on each pipeline.
     pub micro_batches: usize,
+    /// What each transformer layer's backward recomputes (the run's `--recompute`).
+    pub recompute: Recompute,
     /// Whether it fits in the device (or node) memory.
     pub fits: bool,
     /// The busiest rank's memory, GiB.
@@ -166,6 +170,7 @@ impl Planner {
             cp_all_to_all: i.cp_all_to_all,
             expert_imbalance: i.expert_imbalance,
             output_chunk_rows: hardware.engine.output_chunk_rows,
+            recompute: i.recompute,
         };
         let kinds = LayerKinds::new(&work_inputs);
         let stages = stages(&i.model, layout, &split);
@@ -275,6 +280,7 @@ impl Planner {
             dp: parallel.dp(),
             edp: parallel.edp(),
             micro_batches,
+            recompute: i.recompute,
             fits,
             memory_per_rank_gib: memory.total(),
             memory_per_node_gib: node_gib,
@@ -397,6 +403,7 @@ pub(crate) fn paper_planner(
         distributed_optimizer: true,
         cp_all_to_all: false,
         expert_imbalance: 1.0,
+        recompute: Recompute::None,
     })
     .unwrap()
 }

@@ -190,6 +190,7 @@ mod tests {
             cp_all_to_all: false,
             expert_imbalance: 1.0,
             output_chunk_rows: None,
+            recompute: crate::Recompute::None,
         };
         let kinds = LayerKinds::new(&inputs);
         let sharding = Sharding {

@@ -3,10 +3,11 @@
 
 use std::fmt::Write;
 
-use crate::{Evaluation, Hardware, StagePace};
+use crate::{Evaluation, Hardware, Recompute, StagePace};
 
-/// The assumptions behind every figure, from the hardware's engine settings.
-pub fn assumptions(hardware: &Hardware) -> Vec<String> {
+/// The assumptions behind every figure, from the hardware's engine settings and the run's
+/// recomputation.
+pub fn assumptions(hardware: &Hardware, recompute: Recompute) -> Vec<String> {
     let e = &hardware.engine;
     let overlap = |on: bool, what: &str, under: &str| {
         if on {
@@ -37,6 +38,11 @@ pub fn assumptions(hardware: &Hardware) -> Vec<String> {
             "element-wise glue between kernels (residual adds, router scores, permutation) runs on each rank's own thread at one core's bandwidth".into()
         } else {
             "element-wise glue between kernels runs as kernels at the memory bandwidth".into()
+        },
+        match recompute {
+            Recompute::None => "no recomputation: every layer keeps what its backward reads".into(),
+            Recompute::Selective => "selective recomputation: each layer's backward runs the attention core (with its context-parallel exchange), the SwiGLUs and the norms again, gathering the norm outputs over tp again; the recomputed tensors live only during that layer's backward".into(),
+            Recompute::Full => "full recomputation: each layer keeps its input; its backward runs the whole forward again, communication included; the recomputed tensors live only during that layer's backward".into(),
         },
     ]
 }
@@ -85,8 +91,8 @@ pub fn explain(e: &Evaluation, hardware: &Hardware) -> String {
     let _ = writeln!(out, "layout {}", e.layout);
     let _ = writeln!(
         out,
-        "  dp {} · edp {} · {} micro-batches per step · schedule {}",
-        e.dp, e.edp, e.micro_batches, e.pipeline.schedule
+        "  dp {} · edp {} · {} micro-batches per step · schedule {} · recompute {}",
+        e.dp, e.edp, e.micro_batches, e.pipeline.schedule, e.recompute
     );
     let _ = writeln!(
         out,
@@ -157,7 +163,7 @@ pub fn explain(e: &Evaluation, hardware: &Hardware) -> String {
         out.push_str(&stage_paces(e));
     }
     let _ = writeln!(out, "assumptions:");
-    for line in assumptions(hardware) {
+    for line in assumptions(hardware, e.recompute) {
         let _ = writeln!(out, "  - {line}");
     }
     out

@@ -12,6 +12,11 @@
 //!   Tensor-parallel collectives hide under the layer's GEMMs and the context-parallel ring
 //!   under the attention core when the engine overlaps them (what exceeds the window stays
 //!   exposed); expert dispatch, expert-tensor-parallel and pipeline transfers are exposed.
+//! - **Recomputation** ([`crate::recompute`]): what a layer's backward runs again of its
+//!   forward joins the backward — every part of it under `full`, collectives included; the
+//!   attention core, the norms and the SwiGLUs under `selective` (and the context-parallel
+//!   exchange) — and widens the overlap windows of the backward by the GEMMs and attention it
+//!   adds.
 //! - **Pipeline**: the schedule is simulated with the busiest stage's forward and backward
 //!   times per micro-batch; the bubble is the makespan beyond the busy time.
 //! - **Per step**: gradient reduction (exposed beyond one micro-batch's backward when the
@@ -25,7 +30,7 @@ use crate::network::{collective_seconds, comm_seconds, Spans};
 use crate::precision::Bytes;
 use crate::stage::{LayerKinds, Stage};
 use crate::work::{Collective, CommKind, Gemm, LayerWork, Passes};
-use crate::Hardware;
+use crate::{Hardware, Recompute};
 
 /// Seconds by kind of compute.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -235,7 +240,24 @@ impl Rates<'_> {
         let glue = per_pass(work.glue_bytes, glue_rate, glue_share);
         // The dispatcher's overhead, split over the passes like its all-to-alls (half each).
         let dispatch = work.routed_bytes * engine.dispatch_overhead_per_byte * share;
-        let compute = ComputeTime {
+        let redo = match work.recompute {
+            Recompute::None => ComputeTime::default(),
+            Recompute::Selective => ComputeTime {
+                attention: work.selective_redo.attention_flops / (self.peak * attention_efficiency)
+                    * share,
+                memory_bound: work.selective_redo.memory_bytes / self.memory_rate() * share,
+                ..ComputeTime::default()
+            },
+            Recompute::Full => ComputeTime {
+                dense_gemm: dense_forward,
+                expert_gemm: expert_forward,
+                attention: attention.forward,
+                memory_bound: memory.forward + cross_entropy.forward + glue.forward,
+                optimizer: 0.0,
+                dispatch_overhead: dispatch / 2.0,
+            },
+        };
+        let mut compute = ComputeTime {
             dense_gemm: 3.0 * dense_forward,
             expert_gemm: 3.0 * expert_forward,
             attention: attention.total(),
@@ -243,6 +265,7 @@ impl Rates<'_> {
             optimizer: 0.0,
             dispatch_overhead: dispatch,
         };
+        compute.add(redo);
         let mut passes = Passes {
             forward: dense_forward
                 + expert_forward
@@ -256,18 +279,25 @@ impl Rates<'_> {
                 + memory.backward
                 + cross_entropy.backward
                 + glue.backward
-                + dispatch / 2.0,
+                + dispatch / 2.0
+                + redo.total(),
         };
         let mut exposed = CommTime::default();
         let mut hidden = CommTime::default();
         for comm in &work.comms {
-            let seconds = comm_seconds(self.hardware, self.spans, comm);
+            let mut seconds = comm_seconds(self.hardware, self.spans, comm);
+            if work.recompute.repeats(comm.kind) {
+                seconds.backward += seconds.forward;
+            }
             let window = match comm.kind {
                 CommKind::TensorParallel if engine.overlap_tensor_parallel => Passes {
                     forward: dense_forward,
-                    backward: 2.0 * dense_forward,
+                    backward: 2.0 * dense_forward + redo.dense_gemm,
                 },
-                CommKind::ContextParallel if engine.overlap_context_parallel => attention,
+                CommKind::ContextParallel if engine.overlap_context_parallel => Passes {
+                    forward: attention.forward,
+                    backward: attention.backward + redo.attention,
+                },
                 _ => Passes::default(),
             };
             let shown = Passes {
@@ -506,5 +536,77 @@ mod tests {
                 .abs()
                 < 1e-9
         );
+    }
+
+    #[test]
+    fn recomputation_adds_to_the_backward_what_it_runs_again() {
+        let hardware = Hardware::h100_dgx();
+        let spans = Spans::new(
+            &origami_parallel::Topology::new(
+                &origami_parallel::ParallelConfig::default()
+                    .layout(1)
+                    .unwrap(),
+            ),
+            8,
+        );
+        let rates = Rates {
+            hardware: &hardware,
+            peak: 989.5e12,
+            kernels: hardware.kernel_efficiency(Precision::Bf16),
+            bytes: Precision::Bf16.bytes(MixedPrecision::Megatron),
+            sharing: 1.0,
+            serial_sharing: 1.0,
+            spans: &spans,
+        };
+        let gemm = Gemm {
+            name: "qkv",
+            m: 4096.0,
+            k: 4096.0,
+            n: 4096.0,
+            count: 1.0,
+            grouped: false,
+        };
+        let plain = LayerWork {
+            gemms: vec![gemm],
+            attention_flops: Passes {
+                forward: 1e12,
+                backward: 2e12,
+            },
+            memory_bytes: Passes {
+                forward: 1e9,
+                backward: 2e9,
+            },
+            selective_redo: crate::work::SelectiveRedo {
+                attention_flops: 1e12,
+                memory_bytes: 0.25e9,
+            },
+            ..LayerWork::default()
+        };
+        let with = |recompute| {
+            rates.layer(
+                &LayerWork {
+                    recompute,
+                    ..plain.clone()
+                },
+                1.0,
+            )
+        };
+        let (none, selective, full) = (
+            with(Recompute::None),
+            with(Recompute::Selective),
+            with(Recompute::Full),
+        );
+        // Full: the backward runs the whole forward again; the forward is unchanged.
+        assert_eq!(full.passes.forward, none.passes.forward);
+        let extra = full.passes.backward - none.passes.backward;
+        assert!((extra / none.passes.forward - 1.0).abs() < 1e-12);
+        assert!((full.compute.dense_gemm / none.compute.dense_gemm - 4.0 / 3.0).abs() < 1e-12);
+        // Selective: the attention core's forward and a quarter of the element-wise forward.
+        let e = &hardware.efficiency;
+        let attention = 1e12 / (989.5e12 * rates.kernels.attention);
+        let memory = 0.25e9 / (hardware.device.memory_bandwidth * e.memory);
+        let extra = selective.passes.backward - none.passes.backward;
+        assert!((extra / (attention + memory) - 1.0).abs() < 1e-12);
+        assert_eq!(selective.compute.dense_gemm, none.compute.dense_gemm);
     }
 }

@@ -17,6 +17,7 @@ use origami_parallel::GroupKind;
 use serde::Serialize;
 
 use crate::precision::Bytes;
+use crate::recompute::Recompute;
 use crate::{Layout, ModelShape};
 
 /// Forward and backward parts of one quantity.
@@ -181,6 +182,19 @@ pub struct LayerWork {
     /// Bytes of routed tokens this rank dispatches (`T_loc · k · h`), for the dispatcher's
     /// per-byte overhead.
     pub routed_bytes: f64,
+    /// What the backward runs again of the forward (set by [`Recompute::apply`]).
+    pub recompute: Recompute,
+    /// The forward work a selective recomputation runs again.
+    pub selective_redo: SelectiveRedo,
+}
+
+/// The parts of a layer's forward that `selective` recomputation runs again in the backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct SelectiveRedo {
+    /// FLOPs of the attention core's forward.
+    pub attention_flops: f64,
+    /// Bytes of the norms' and SwiGLUs' forward passes.
+    pub memory_bytes: f64,
 }
 
 impl LayerWork {
@@ -215,6 +229,8 @@ pub struct WorkInputs<'a> {
     pub expert_imbalance: f64,
     /// Rows of the output layer computed at once (`None`: the whole micro-batch).
     pub output_chunk_rows: Option<usize>,
+    /// What a transformer layer's backward recomputes.
+    pub recompute: Recompute,
 }
 
 /// f32 statistics and index tensors keep their own sizes whatever the activation type.
@@ -246,11 +262,12 @@ impl WorkInputs<'_> {
 
     /// Sequence-parallel collectives over tp of the region's `[T_reg, h]`: forward, `entering`
     /// all-gathers of a GEMM input into a region and `leaving` reduce-scatters of partial sums
-    /// out of it; backward, the same count of collectives of their gradients, plus, with
-    /// regathering and when the region starts with a column-parallel GEMM, one more all-gather
-    /// of its input for the weight gradient. A region (attention, an MLP) enters and leaves
-    /// (1 + 1 forward, 2 backward); the embedding only leaves, the output layer only enters.
-    fn sequence_parallel(&self, entering: f64, leaving: f64, column_input: bool) -> Option<Comm> {
+    /// out of it; backward, the same count of collectives of their gradients, plus, when
+    /// `regathered` (the region's input was kept as a slice, or recomputed), one more
+    /// all-gather of its input for the weight gradient. A region (attention, an MLP) enters and
+    /// leaves (1 + 1 forward, 2 backward); the embedding only leaves, the output layer only
+    /// enters.
+    fn sequence_parallel(&self, entering: f64, leaving: f64, regathered: bool) -> Option<Comm> {
         let tp = self.layout.tp;
         if tp == 1 {
             return None;
@@ -258,11 +275,7 @@ impl WorkInputs<'_> {
         let one =
             |bytes: f64| Self::gather(tp, self.region_tokens() * self.model.hidden as f64 * bytes);
         let (input, other) = (one(self.bytes.gemm_input), one(self.bytes.activation));
-        let regather = if self.regather && column_input {
-            1.0
-        } else {
-            0.0
-        };
+        let regather = if regathered { 1.0 } else { 0.0 };
         Some(Comm {
             kind: CommKind::TensorParallel,
             collective: Collective::AllGather,
@@ -278,9 +291,11 @@ impl WorkInputs<'_> {
         })
     }
 
-    /// A tensor-parallel region's entry and exit.
-    fn region_comm(&self) -> Option<Comm> {
-        self.sequence_parallel(1.0, 1.0, true)
+    /// A tensor-parallel region's entry and exit; `norm_input` when its input is a norm's
+    /// output, which selective recomputation recomputes and gathers again.
+    fn region_comm(&self, norm_input: bool) -> Option<Comm> {
+        let recomputed = norm_input && self.recompute == Recompute::Selective;
+        self.sequence_parallel(1.0, 1.0, self.regather || recomputed)
     }
 
     /// Tokens kept for a region's GEMM input: the slice with regathering, else the region.
@@ -331,6 +346,8 @@ impl WorkInputs<'_> {
             backward: 2.0 * core,
         });
         work.context_parallel_attention = self.layout.cp > 1;
+        work.selective_redo.attention_flops += core;
+        work.selective_redo.memory_bytes += 2.0 * 2.0 * h * slice * a;
         // Two norms (forward reads x, writes y; backward reads x and dy, writes dx); RoPE
         // rotates q and k in place both ways. Glue: two residual adds (read two, write one)
         // in each pass.
@@ -343,7 +360,7 @@ impl WorkInputs<'_> {
             forward: 2.0 * 3.0 * h * slice * a,
             backward: 2.0 * 3.0 * h * slice * a,
         });
-        work.comms.extend(self.region_comm());
+        work.comms.extend(self.region_comm(true));
         self.context_parallel(work);
         work.stored.extend([
             Stored {
@@ -446,8 +463,9 @@ impl WorkInputs<'_> {
         }
     }
 
-    /// A tensor-parallel SwiGLU MLP of hidden size `ffn` over the region's tokens.
-    fn mlp(&self, work: &mut LayerWork, ffn: usize, names: [&'static str; 4]) {
+    /// A tensor-parallel SwiGLU MLP of hidden size `ffn` over the region's tokens; `norm_input`
+    /// as for [`WorkInputs::region_comm`] (the shared expert keeps its gathered input).
+    fn mlp(&self, work: &mut LayerWork, ffn: usize, names: [&'static str; 4], norm_input: bool) {
         let (tp, a, input) = (
             self.layout.tp as f64,
             self.bytes.activation,
@@ -477,7 +495,8 @@ impl WorkInputs<'_> {
             forward: 3.0 * f * region * a,
             backward: 5.0 * f * region * a,
         });
-        work.comms.extend(self.region_comm());
+        work.selective_redo.memory_bytes += 3.0 * f * region * a;
+        work.comms.extend(self.region_comm(norm_input));
         work.stored.extend([
             Stored {
                 name: names[2],
@@ -508,8 +527,9 @@ impl WorkInputs<'_> {
                 "mlp_gate_up_output",
                 "mlp_activation",
             ],
+            true,
         );
-        work
+        self.recomputed(work)
     }
 
     /// The work of an MoE layer: router, permutation, dispatch over ep (and etp), grouped
@@ -552,6 +572,7 @@ impl WorkInputs<'_> {
             forward: 3.0 * f * rows * a,
             backward: 5.0 * f * rows * a,
         });
+        work.selective_redo.memory_bytes += 3.0 * f * rows * a;
         let glue = 3.0 * e * slice * F32 + (4.0 * h * slots + resort) * a;
         work.glue_bytes.add(Passes {
             forward: glue,
@@ -644,6 +665,7 @@ impl WorkInputs<'_> {
                     "shared_gate_up_output",
                     "shared_activation",
                 ],
+                false,
             );
             if m.shared_expert_gate {
                 work.stored.push(Stored {
@@ -652,6 +674,14 @@ impl WorkInputs<'_> {
                 });
             }
         }
+        self.recomputed(work)
+    }
+
+    /// A transformer layer's `work` as the run's recomputation leaves it: what it keeps, and
+    /// what its backward runs again.
+    fn recomputed(&self, mut work: LayerWork) -> LayerWork {
+        let input = self.slice_tokens() * self.model.hidden as f64 * self.bytes.activation;
+        self.recompute.apply(&mut work, input);
         work
     }
 
@@ -680,7 +710,8 @@ impl WorkInputs<'_> {
             forward: 2.0 * h * slice * a,
             backward: 3.0 * h * slice * a,
         });
-        work.comms.extend(self.sequence_parallel(1.0, 0.0, true));
+        work.comms
+            .extend(self.sequence_parallel(1.0, 0.0, self.regather));
         work.stored.extend([
             Stored {
                 name: "final_norm_input",
@@ -738,6 +769,7 @@ mod tests {
             cp_all_to_all: false,
             expert_imbalance: 1.0,
             output_chunk_rows: Some(1024),
+            recompute: Recompute::None,
         }
     }
 
@@ -972,5 +1004,75 @@ mod tests {
             bytes(&megatron, CommKind::ExpertDispatch),
             (routed * 2.0 * 2.0, routed * 2.0 * 2.0)
         );
+    }
+
+    #[test]
+    fn recomputation_keeps_what_its_mode_keeps_by_hand() {
+        // small, tp 2 · ep 4, 2 sequences of 1024 per rank, f32: T_reg 2048, T_loc 1024, 2048
+        // expert rows of 1024, 256 query columns and 4 query heads per rank.
+        let model = small();
+        let layout: Layout = "tp=2 ep=4 mbs=2".parse().unwrap();
+        let with = |recompute| {
+            WorkInputs {
+                recompute,
+                ..inputs(&model, &layout)
+            }
+            .moe_layer()
+        };
+        let (none, selective, full) = (
+            with(Recompute::None),
+            with(Recompute::Selective),
+            with(Recompute::Full),
+        );
+        // Full keeps the layer's input slice, and the rest lives again in its backward.
+        let input = 1024.0 * 512.0 * 4.0;
+        assert_eq!(full.stored_bytes(), input);
+        assert_eq!(
+            full.backward_working_bytes,
+            none.backward_working_bytes + none.stored_bytes() - input
+        );
+        // Selective drops the gathered attention norm output (2048 · 512), the attention
+        // context (2048 · 256), its statistics (2048 · 4), the MoE norm output (1024 · 512)
+        // and the experts' SwiGLU output (2048 · 1024).
+        let dropped =
+            (2048.0 * 512.0 + 2048.0 * 256.0 + 2048.0 * 4.0 + 1024.0 * 512.0 + 2048.0 * 1024.0)
+                * 4.0;
+        assert_eq!(none.stored_bytes() - selective.stored_bytes(), dropped);
+        assert_eq!(
+            selective.backward_working_bytes,
+            none.backward_working_bytes + dropped
+        );
+        // ...and gathers the attention norm output again in the backward.
+        let tp_calls = |work: &LayerWork| {
+            work.comms
+                .iter()
+                .find(|c| c.kind == CommKind::TensorParallel)
+                .unwrap()
+                .calls
+                .backward
+        };
+        assert_eq!(tp_calls(&selective), tp_calls(&none) + 1.0);
+        assert_eq!(tp_calls(&full), tp_calls(&none));
+        // What selective runs again: the core's forward, the two norms (read 1024 · 512,
+        // write as much) and the SwiGLU (read 2 · 1024, write 1024 per expert row).
+        let core = 2.0 * 2.0 * 1024f64.powi(2) * 64.0 * 4.0;
+        assert_eq!(selective.selective_redo.attention_flops, core);
+        assert_eq!(
+            selective.selective_redo.memory_bytes,
+            (2.0 * 2.0 * 512.0 * 1024.0 + 3.0 * 1024.0 * 2048.0) * 4.0
+        );
+        assert_eq!(
+            (none.recompute, selective.recompute, full.recompute),
+            (Recompute::None, Recompute::Selective, Recompute::Full)
+        );
+        // The output layer and the embedding are never recomputed.
+        let output = |recompute| {
+            WorkInputs {
+                recompute,
+                ..inputs(&model, &layout)
+            }
+            .output_layer()
+        };
+        assert_eq!(output(Recompute::Full), output(Recompute::None));
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use origami_plan::{
-    paper_model, search, Evaluation, Hardware, Layout, PlanInputs, Planner, Precision,
+    paper_model, search, Evaluation, Hardware, Layout, PlanInputs, Planner, Precision, Recompute,
 };
 
 fn planner(model: &str, gpus: usize, global_batch: usize) -> Planner {
@@ -20,6 +20,7 @@ fn planner(model: &str, gpus: usize, global_batch: usize) -> Planner {
         distributed_optimizer: true,
         cp_all_to_all: false,
         expert_imbalance: 1.0,
+        recompute: Recompute::None,
     })
     .unwrap()
 }

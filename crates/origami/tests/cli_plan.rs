@@ -1,6 +1,6 @@
 //! `origami plan` end to end: the JSON of one layout, the ranked table with the no-folding
-//! comparison, the errors for bad input, and `--calibrate` writing the `local` description that
-//! `--hardware local` reads.
+//! comparison, the errors for bad input, recomputation, and `--calibrate` writing the `local`
+//! description that `--hardware local` reads.
 
 use std::process::{Command, Output};
 
@@ -116,6 +116,46 @@ fn bad_input_names_the_numbers() {
     assert!(
         message.contains("etp = 1") && message.contains("tp = 2"),
         "{message}"
+    );
+    let message = error_of(plan("mixtral-8x22b", "128").args(["--recompute", "sometimes"]));
+    assert!(
+        message.contains("\"sometimes\"") && message.contains("none, selective, full"),
+        "{message}"
+    );
+}
+
+#[test]
+fn recomputation_trades_activations_for_backward_time() {
+    let row = |mode: &str| -> serde_json::Value {
+        let out = plan("mixtral-8x22b", "128")
+            .args([
+                "--layout",
+                "tp=2 pp=8 vpp=7 ep=8 etp=1 mbs=1",
+                "--recompute",
+                mode,
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_str(stdout_of(&out).trim()).unwrap()
+    };
+    let rows: Vec<serde_json::Value> = ["none", "selective", "full"].map(row).into();
+    let of = |i: usize, path: [&str; 2]| rows[i][path[0]][path[1]].as_f64().unwrap();
+    for (i, mode) in ["none", "selective", "full"].iter().enumerate() {
+        assert_eq!(rows[i]["recompute"], *mode);
+    }
+    let activations = [0, 1, 2].map(|i| of(i, ["memory", "activations"]));
+    assert!(
+        activations[0] > activations[1] && activations[1] > activations[2],
+        "{activations:?}"
+    );
+    let steps = [0, 1, 2].map(|i| rows[i]["step_time_s"].as_f64().unwrap());
+    assert!(steps[0] < steps[1] && steps[1] < steps[2], "{steps:?}");
+    // Full recomputation runs every expert GEMM's forward again: 4 forwards' time, not 3.
+    let expert_gemm = [0, 2].map(|i| rows[i]["time"]["compute"]["expert_gemm"].as_f64().unwrap());
+    assert!(
+        (expert_gemm[1] / expert_gemm[0] - 4.0 / 3.0).abs() < 1e-9,
+        "{expert_gemm:?}"
     );
 }
 

@@ -6,12 +6,13 @@
 mod plan_step;
 
 use origami::compute::{Compute, PrecisionSetting};
-use origami_plan::Precision;
+use origami_plan::{Precision, Recompute};
 
 #[test]
 fn tiny_bf16_step_peak_memory_is_what_the_planner_predicts() {
     let bf16 = Compute::resolve(PrecisionSetting::Bf16, false);
-    let (measured, predicted) = plan_step::tiny_step_peak_and_prediction(bf16, Precision::Bf16);
+    let ((measured, predicted), _) =
+        plan_step::tiny_step_and_prediction(bf16, Precision::Bf16, Recompute::None);
     assert!(
         (predicted / measured - 1.0).abs() < 0.08,
         "predicted {predicted:.1} MiB, measured {measured:.1} MiB"

@@ -12,7 +12,9 @@ use origami::plan::calibrate::{local_path, write_local};
 use origami::plan::shape::resolve_model;
 use origami::toml_override::apply_override;
 use origami_plan::report::{assumptions, explain, table};
-use origami_plan::{search, Evaluation, Hardware, Layout, PlanInputs, Planner, Precision};
+use origami_plan::{
+    search, Evaluation, Hardware, Layout, PlanInputs, Planner, Precision, Recompute,
+};
 use serde::Serialize;
 
 /// Arguments of `origami plan`.
@@ -64,6 +66,11 @@ pub struct PlanArgs {
     /// Expert rows of the busiest rank over the uniform share (dropless imbalance margin).
     #[arg(long, default_value_t = 1.0)]
     pub expert_imbalance: f64,
+    /// What each transformer layer's backward recomputes instead of keeping, as
+    /// `train.recompute`: none, selective (attention core, SwiGLU and norm outputs) or full
+    /// (each layer from its input).
+    #[arg(long, default_value = "none")]
+    pub recompute: String,
     /// Measure this machine and write the `local` hardware description.
     #[arg(long)]
     pub calibrate: bool,
@@ -107,6 +114,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         distributed_optimizer: !args.no_distributed_optimizer,
         cp_all_to_all: args.cp_all_to_all,
         expert_imbalance: args.expert_imbalance,
+        recompute: args.recompute.parse()?,
     };
     let gpus = inputs.gpus;
     let mut planner = Planner::new(inputs)?;
@@ -143,12 +151,16 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let i = planner.inputs();
+    let run = match i.recompute {
+        Recompute::None => i.precision.to_string(),
+        recompute => format!("{}, recompute {recompute}", i.precision),
+    };
     println!(
         "{} on {} × {} ({}), global batch {} × {} tokens: {} layouts in {:.2} s — {} fit, {} do not, {} invalid",
         i.model.name,
         gpus,
         hardware.name,
-        i.precision,
+        run,
         i.global_batch,
         i.seq,
         result.candidates,
@@ -185,7 +197,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         );
     }
     println!("\nassumptions:");
-    for line in assumptions(&hardware) {
+    for line in assumptions(&hardware, planner.inputs().recompute) {
         println!("  - {line}");
     }
     Ok(())

@@ -1,10 +1,11 @@
 //! Shared by the planner's memory tests (one test binary per precision, so that the peak
-//! resident set, `VmHWM`, is one step's): trains the `tiny` preset for two steps in this
-//! process and asks the planner, on a description of this machine's engine, what the process
-//! should hold at its peak.
+//! resident set, `VmHWM`, is one step's, and one for recomputation): trains the `tiny` preset
+//! for two steps in this process and asks the planner, on a description of this machine's
+//! engine, what the process should hold at its peak and what the step stores for its backward.
 
 use origami::bench::peak_rss_mib;
 use origami::compute::{Compute, WeightCopies};
+use origami::layers::recompute::Recompute as EngineRecompute;
 use origami::model::config::ModelConfig;
 use origami::model::gpt::{GptModel, MicroBatch, SequenceKeys};
 use origami::optim::adamw::AdamWConfig;
@@ -13,15 +14,26 @@ use origami::plan::calibrate::{origami_engine, resident_mib, GLIBC_HEAP_RETENTIO
 use origami::plan::shape::model_shape;
 use origami::train::pipeline::stage_schedule;
 use origami::train::step::{train_step, StepGroups};
-use origami_plan::{Hardware, Layout, PlanInputs, Planner, Precision};
+use origami_plan::{Hardware, Layout, PlanInputs, Planner, Precision, Recompute};
 
-/// Two training steps of `tiny` in `compute`, then the planner's prediction for `precision`:
-/// returns (measured peak, predicted) in MiB.
-pub fn tiny_step_peak_and_prediction(compute: Compute, precision: Precision) -> (f64, f64) {
+/// Two training steps of `tiny` in `compute` with `recompute`, then the planner's prediction
+/// for `precision`: returns the process's peak (measured, predicted) in MiB and the step's
+/// stored activations (measured at their peak, predicted) in MiB.
+pub fn tiny_step_and_prediction(
+    compute: Compute,
+    precision: Precision,
+    recompute: Recompute,
+) -> ((f64, f64), (f64, f64)) {
     let (sequences, seq) = (8, 256);
     let baseline = resident_mib();
     let config = ModelConfig::preset("tiny").unwrap();
-    let model = GptModel::new(config.clone()).unwrap();
+    let model = GptModel::new(config.clone())
+        .unwrap()
+        .with_recompute(match recompute {
+            Recompute::None => EngineRecompute::None,
+            Recompute::Selective => EngineRecompute::Selective,
+            Recompute::Full => EngineRecompute::Full,
+        });
     let mut params = model.init_params(0);
     let mut copies = WeightCopies::new(compute, &params);
     let mut grads = model.registry().zeros();
@@ -49,8 +61,9 @@ pub fn tiny_step_peak_and_prediction(compute: Compute, precision: Precision) -> 
         keys: SequenceKeys::consecutive(0, 0, 0, sequences),
     };
     let schedule = stage_schedule(&model, 1, None).unwrap();
+    let mut stored = 0;
     for _ in 0..2 {
-        train_step(
+        let outcome = train_step(
             &model,
             &mut params,
             &mut copies,
@@ -63,6 +76,7 @@ pub fn tiny_step_peak_and_prediction(compute: Compute, precision: Precision) -> 
             1e-4,
         )
         .unwrap();
+        stored = stored.max(outcome.peak_stored_bytes);
     }
     let measured = peak_rss_mib();
 
@@ -85,14 +99,16 @@ pub fn tiny_step_peak_and_prediction(compute: Compute, precision: Precision) -> 
         distributed_optimizer: false,
         cp_all_to_all: false,
         expert_imbalance: 1.0,
+        recompute,
     })
     .unwrap();
     let layout: Layout = format!("mbs={sequences}").parse().unwrap();
     let evaluation = planner.evaluate(&layout).unwrap();
     let predicted = evaluation.memory_per_node_gib * 1024.0;
     let m = &evaluation.memory;
+    let stored = stored as f64 / (1024.0 * 1024.0);
     eprintln!(
-        "{precision}: baseline {baseline:.1} MiB, measured peak {measured:.1} MiB, predicted {predicted:.1} MiB: {m:?}"
+        "{precision}, recompute {recompute}: baseline {baseline:.1} MiB, measured peak {measured:.1} MiB, predicted {predicted:.1} MiB, stored {stored:.2} MiB: {m:?}"
     );
-    (measured, predicted)
+    ((measured, predicted), (stored, m.activations * 1024.0))
 }
