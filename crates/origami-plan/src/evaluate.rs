@@ -37,6 +37,8 @@ pub struct PlanInputs {
     pub expert_imbalance: f64,
     /// What each transformer layer's backward recomputes instead of keeping.
     pub recompute: Recompute,
+    /// Also search pipelines whose first or last stage holds its own number of layers.
+    pub uneven_stages: bool,
 }
 
 impl PlanInputs {
@@ -158,7 +160,13 @@ impl Planner {
     pub fn evaluate(&mut self, layout: &Layout) -> Result<Evaluation, PlanError> {
         let i = &self.inputs;
         let (parallel, micro_batches) = layout.resolve(&i.model, i.gpus, i.global_batch, i.seq)?;
-        let split = StageLayers::new(i.model.layers, layout.pp, layout.vpp, None, None)?;
+        let split = StageLayers::new(
+            i.model.layers,
+            layout.pp,
+            layout.vpp,
+            layout.first,
+            layout.last,
+        )?;
         let hardware = &i.hardware;
         let bytes = i.precision.bytes(hardware.engine.mixed_precision);
         let work_inputs = WorkInputs {
@@ -404,6 +412,7 @@ pub(crate) fn paper_planner(
         cp_all_to_all: false,
         expert_imbalance: 1.0,
         recompute: Recompute::None,
+        uneven_stages: false,
     })
     .unwrap()
 }

@@ -1,10 +1,12 @@
 //! One candidate layout: the parallel sizes of both folded mappings and the micro-batch size,
-//! written `tp=2 cp=1 pp=8 vpp=1 ep=8 etp=1 mbs=1`.
+//! written `tp=2 cp=1 pp=8 vpp=1 ep=8 etp=1 mbs=1`, and where the pipeline's first or last
+//! stage holds its own number of layers (`first=… last=…`, as the trainer's
+//! `parallel.pp_first_stage_layers` and `pp_last_stage_layers`).
 
 use std::fmt;
 use std::str::FromStr;
 
-use origami_parallel::{ModelDims, ParallelConfig, ParallelLayout};
+use origami_parallel::{ModelDims, ParallelConfig, ParallelError, ParallelLayout};
 use serde::{Serialize, Serializer};
 
 use crate::{ModelShape, PlanError};
@@ -26,9 +28,13 @@ pub struct Layout {
     pub etp: usize,
     /// Sequences per micro-batch.
     pub mbs: usize,
+    /// Layers of the first pipeline stage, when not the even share.
+    pub first: Option<usize>,
+    /// Layers of the last pipeline stage, when not the even share.
+    pub last: Option<usize>,
 }
 
-const KEYS: [&str; 7] = ["tp", "cp", "pp", "vpp", "ep", "etp", "mbs"];
+const KEYS: [&str; 9] = ["tp", "cp", "pp", "vpp", "ep", "etp", "mbs", "first", "last"];
 
 impl Layout {
     /// The parallel configuration (default order `tp-cp-ep-dp-pp`).
@@ -55,7 +61,7 @@ impl Layout {
         seq: usize,
     ) -> Result<(ParallelLayout, usize), PlanError> {
         let parallel = self.parallel_config().layout(world)?;
-        parallel.check_model(&ModelDims {
+        let checked = parallel.check_model(&ModelDims {
             num_layers: model.layers,
             num_heads: model.heads,
             num_query_groups: model.query_groups,
@@ -64,7 +70,12 @@ impl Layout {
             } else {
                 1
             },
-        })?;
+        });
+        match checked {
+            // An uneven split need not divide; the split itself checks it.
+            Err(ParallelError::LayersNotDivisible { .. }) if self.is_uneven() => {}
+            other => other?,
+        }
         let dense_layers = model.moe_layer_count() < model.layers;
         for (what, ffn) in [
             ("dense FFN", if dense_layers { model.dense_ffn } else { 0 }),
@@ -109,6 +120,11 @@ impl Layout {
         Ok((parallel, global_batch / (self.mbs * dp)))
     }
 
+    /// Whether the first or the last stage holds its own number of layers.
+    pub fn is_uneven(&self) -> bool {
+        self.first.is_some() || self.last.is_some()
+    }
+
     /// Whether this layout is possible without folding (Megatron-Core before it): experts
     /// tensor-parallel like attention (etp = tp) and every ep group a sub-group of a dp group.
     /// With pp the slowest axis, dp groups step over ranks `tp·cp` apart and ep groups `etp`
@@ -139,7 +155,14 @@ impl fmt::Display for Layout {
             f,
             "tp={} cp={} pp={} vpp={} ep={} etp={} mbs={}",
             self.tp, self.cp, self.pp, self.vpp, self.ep, self.etp, self.mbs
-        )
+        )?;
+        if let Some(first) = self.first {
+            write!(f, " first={first}")?;
+        }
+        if let Some(last) = self.last {
+            write!(f, " last={last}")?;
+        }
+        Ok(())
     }
 }
 
@@ -153,13 +176,14 @@ impl Serialize for Layout {
 impl FromStr for Layout {
     type Err = PlanError;
 
-    /// `key=value` pairs separated by spaces or commas; keys left out are 1.
+    /// `key=value` pairs separated by spaces or commas; sizes left out are 1, `first` and
+    /// `last` the even share.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let problem = |problem: String| PlanError::LayoutSyntax {
             text: text.to_string(),
             problem,
         };
-        let mut values = [None::<usize>; 7];
+        let mut values = [None::<usize>; 9];
         for pair in text
             .split(|c: char| c.is_whitespace() || c == ',')
             .filter(|p| !p.is_empty())
@@ -182,7 +206,9 @@ impl FromStr for Layout {
             }
             values[slot] = Some(value);
         }
-        let [tp, cp, pp, vpp, ep, etp, mbs] = values.map(|v| v.unwrap_or(1));
+        let [tp, cp, pp, vpp, ep, etp, mbs, first, last] = values;
+        let [tp, cp, pp, vpp, ep, etp, mbs] =
+            [tp, cp, pp, vpp, ep, etp, mbs].map(|v| v.unwrap_or(1));
         Ok(Layout {
             tp,
             cp,
@@ -191,6 +217,8 @@ impl FromStr for Layout {
             ep,
             etp,
             mbs,
+            first,
+            last,
         })
     }
 }
@@ -207,6 +235,14 @@ mod tests {
         assert_eq!(layout.to_string(), text);
         let layout: Layout = "ep=4, tp=2".parse().unwrap();
         assert_eq!((layout.tp, layout.ep, layout.pp, layout.mbs), (2, 4, 1, 1));
+        assert!(!layout.is_uneven());
+        let uneven: Layout = "pp=4 last=6 first=8".parse().unwrap();
+        assert_eq!(
+            uneven.to_string(),
+            "tp=1 cp=1 pp=4 vpp=1 ep=1 etp=1 mbs=1 first=8 last=6"
+        );
+        assert_eq!((uneven.first, uneven.last), (Some(8), Some(6)));
+        assert!(uneven.is_uneven());
         for (bad, says) in [
             ("tp=2 xp=3", "unknown key `xp`"),
             ("tp=two", "`two` is not a whole number"),
@@ -238,6 +274,13 @@ mod tests {
         assert!(message("ep=3", 3, 3, 1024).contains("16 is not divisible by ep = 3"));
         assert!(message("tp=3 cp=1", 5, 5, 1024).contains("world size 5"));
         assert!(message("etp=3", 3, 3, 1023).contains("expert FFN 1024"));
+        // small's 8 layers do not divide by 3 stages, unless the first or last has its own.
+        assert!(message("pp=3", 3, 3, 1024).contains("layers 8 is not divisible by pp·vpp = 3·1"));
+        assert!("pp=3 first=2"
+            .parse::<Layout>()
+            .unwrap()
+            .resolve(&model, 3, 3, 1024)
+            .is_ok());
         let mut dense = model.clone();
         dense.moe_layers[0] = false;
         dense.dense_ffn = 1002;

@@ -21,6 +21,7 @@ fn planner(model: &str, gpus: usize, global_batch: usize) -> Planner {
         cp_all_to_all: false,
         expert_imbalance: 1.0,
         recompute: Recompute::None,
+        uneven_stages: false,
     })
     .unwrap()
 }

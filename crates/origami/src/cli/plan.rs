@@ -71,6 +71,11 @@ pub struct PlanArgs {
     /// (each layer from its input).
     #[arg(long, default_value = "none")]
     pub recompute: String,
+    /// Also search pipelines whose first or last stage holds its own number of layers (within
+    /// two of the even share, as `first=… last=…` in a layout); needed where the layers do not
+    /// divide by pp.
+    #[arg(long)]
+    pub uneven_stages: bool,
     /// Measure this machine and write the `local` hardware description.
     #[arg(long)]
     pub calibrate: bool,
@@ -115,6 +120,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         cp_all_to_all: args.cp_all_to_all,
         expert_imbalance: args.expert_imbalance,
         recompute: args.recompute.parse()?,
+        uneven_stages: args.uneven_stages,
     };
     let gpus = inputs.gpus;
     let mut planner = Planner::new(inputs)?;

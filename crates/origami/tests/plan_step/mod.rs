@@ -100,6 +100,7 @@ pub fn tiny_step_and_prediction(
         cp_all_to_all: false,
         expert_imbalance: 1.0,
         recompute,
+        uneven_stages: false,
     })
     .unwrap();
     let layout: Layout = format!("mbs={sequences}").parse().unwrap();
