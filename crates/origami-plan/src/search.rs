@@ -56,8 +56,11 @@ fn splits(layers: usize, pp: usize, uneven: bool) -> Vec<Split> {
     if !uneven || pp == 1 {
         return found;
     }
-    let mut seen = vec![vec![layers / pp; pp]];
-    seen.truncate(usize::from(even));
+    let mut seen: Vec<Vec<usize>> = if even {
+        vec![vec![layers / pp; pp]]
+    } else {
+        Vec::new()
+    };
     let near = (layers / pp).saturating_sub(2).max(1)..=layers.div_ceil(pp) + 2;
     let options = || std::iter::once(None).chain(near.clone().map(Some));
     for first in options() {
@@ -79,6 +82,7 @@ fn splits(layers: usize, pp: usize, uneven: bool) -> Vec<Split> {
     found
 }
 
+/// Greatest common divisor (`gcd(0, n) = n`).
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
         a
