@@ -1,5 +1,6 @@
 //! Pipelines beyond equivalence: the activations each 1F1B stage holds against the schedule's
-//! bound, a failing stage ending every rank with an error, and the settings a pipeline refuses.
+//! bound and with an uneven first stage, a failing stage ending every rank with an error, and
+//! the settings a pipeline refuses.
 
 use origami::compute::{Compute, Weights};
 use origami::layers::recompute::Recompute;
@@ -49,6 +50,37 @@ fn one_f_one_b_stages_hold_at_most_pp_minus_rank_micro_batches() {
     }
     assert_eq!(report.stages[0].peak_in_flight, pp);
     assert_eq!(report.stages[pp - 1].peak_in_flight, 1);
+}
+
+#[test]
+fn an_uneven_first_stage_holds_its_own_layers() {
+    // tiny's 4 layers over 2 stages: 2 + 2, or 1 + 3 with the first stage's own count.
+    let stages = |first_stage_layers| {
+        run(&BenchSettings {
+            preset: "tiny".into(),
+            steps: 1,
+            micro_batch: Some(1),
+            micro_batches: 2,
+            seq: Some(32),
+            layout: BenchLayout {
+                world: 2,
+                pp: 2,
+                first_stage_layers,
+                ..BenchLayout::default()
+            },
+            compute: Compute::F32,
+            profile: false,
+            recompute: Recompute::None,
+        })
+        .unwrap()
+        .stages
+    };
+    let (even, uneven) = (stages(None), stages(Some(1)));
+    let per_micro_batch = |s: &[origami::bench::StageReport], i: usize| s[i].micro_batch_stored_mib;
+    // The first stage keeps one layer's activations instead of two (it holds no other tensor).
+    let ratio = per_micro_batch(&uneven, 0) / per_micro_batch(&even, 0);
+    assert!((ratio - 0.5).abs() < 1e-9, "{ratio}");
+    assert!(per_micro_batch(&uneven, 1) > per_micro_batch(&even, 1));
 }
 
 #[test]

@@ -81,6 +81,12 @@ pub struct BenchLayout {
     pub pp: usize,
     /// Model chunks per stage.
     pub vpp: usize,
+    /// Layers of the first pipeline stage when not the even share
+    /// (`parallel.pp_first_stage_layers`).
+    pub first_stage_layers: Option<usize>,
+    /// Layers of the last pipeline stage when not the even share
+    /// (`parallel.pp_last_stage_layers`).
+    pub last_stage_layers: Option<usize>,
     /// Context-parallel exchange.
     pub cp_comm_type: CpCommType,
     /// Shard the optimizer state over data-parallel ranks.
@@ -98,6 +104,8 @@ impl Default for BenchLayout {
             etp: 1,
             pp: 1,
             vpp: 1,
+            first_stage_layers: None,
+            last_stage_layers: None,
             cp_comm_type: CpCommType::P2p,
             distributed_optimizer: false,
         }
@@ -236,7 +244,8 @@ fn run_rank(world: Arc<dyn Communicator>, settings: &BenchSettings) -> anyhow::R
     );
     let model = GptModel::new_parallel(
         config.clone(),
-        ModelParallel::from_state(&state, l.cp_comm_type),
+        ModelParallel::from_state(&state, l.cp_comm_type)
+            .with_stage_layers(l.first_stage_layers, l.last_stage_layers),
     )?
     .with_recompute(settings.recompute);
     let mut params = model.init_params(0);

@@ -50,6 +50,14 @@ pub struct BenchArgs {
     /// Model chunks per pipeline stage (interleaved schedule when > 1).
     #[arg(long, default_value_t = 1)]
     pub vpp: usize,
+    /// Layers of the first pipeline stage, when not the even share (as
+    /// `parallel.pp_first_stage_layers`).
+    #[arg(long)]
+    pub pp_first_stage_layers: Option<usize>,
+    /// Layers of the last pipeline stage, when not the even share (as
+    /// `parallel.pp_last_stage_layers`).
+    #[arg(long)]
+    pub pp_last_stage_layers: Option<usize>,
     /// Context-parallel exchange: p2p or a2a.
     #[arg(long, default_value = "p2p", value_parser = parse_cp_comm_type)]
     pub cp_comm_type: CpCommType,
@@ -177,6 +185,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             etp: args.etp,
             pp: args.pp,
             vpp: args.vpp,
+            first_stage_layers: args.pp_first_stage_layers,
+            last_stage_layers: args.pp_last_stage_layers,
             cp_comm_type: args.cp_comm_type,
             distributed_optimizer: args.distributed_optimizer,
         },
