@@ -434,26 +434,32 @@ mod tests {
     use super::*;
     use crate::{MixedPrecision, Precision};
 
-    #[test]
-    fn a_gemm_runs_at_its_efficiency_or_its_traffic_whichever_is_slower() {
-        let hardware = Hardware::h100_dgx();
-        let spans = Spans::new(
-            &origami_parallel::Topology::new(
-                &origami_parallel::ParallelConfig::default()
-                    .layout(1)
-                    .unwrap(),
-            ),
-            8,
-        );
-        let rates = Rates {
-            hardware: &hardware,
+    /// The group spans of one rank on nodes of 8.
+    fn one_rank_spans() -> Spans {
+        let parallel = origami_parallel::ParallelConfig::default()
+            .layout(1)
+            .unwrap();
+        Spans::new(&origami_parallel::Topology::new(&parallel), 8)
+    }
+
+    /// Megatron's bf16 at 989.5 TFLOP/s on `hardware`, one rank per device.
+    fn bf16_rates<'a>(hardware: &'a Hardware, spans: &'a Spans) -> Rates<'a> {
+        Rates {
+            hardware,
             peak: 989.5e12,
             kernels: hardware.kernel_efficiency(Precision::Bf16),
             bytes: Precision::Bf16.bytes(MixedPrecision::Megatron),
             sharing: 1.0,
             serial_sharing: 1.0,
-            spans: &spans,
-        };
+            spans,
+        }
+    }
+
+    #[test]
+    fn a_gemm_runs_at_its_efficiency_or_its_traffic_whichever_is_slower() {
+        let hardware = Hardware::h100_dgx();
+        let spans = one_rank_spans();
+        let rates = bf16_rates(&hardware, &spans);
         let e = &hardware.efficiency;
         let bandwidth = hardware.device.memory_bandwidth * e.memory;
         // 8192 × 8192 × 8192: compute-bound.
@@ -492,21 +498,8 @@ mod tests {
         let mut hardware = Hardware::h100_dgx();
         hardware.efficiency.optimizer = None;
         hardware.efficiency.cross_entropy = None;
-        let topology = origami_parallel::Topology::new(
-            &origami_parallel::ParallelConfig::default()
-                .layout(1)
-                .unwrap(),
-        );
-        let spans = Spans::new(&topology, 8);
-        let rates = |hardware| Rates {
-            hardware,
-            peak: 989.5e12,
-            kernels: Hardware::kernel_efficiency(hardware, Precision::Bf16),
-            bytes: Precision::Bf16.bytes(MixedPrecision::Megatron),
-            sharing: 1.0,
-            serial_sharing: 1.0,
-            spans: &spans,
-        };
+        let spans = one_rank_spans();
+        let rates = |hardware| bf16_rates(hardware, &spans);
         let work = LayerWork {
             cross_entropy_bytes: Passes {
                 forward: 1e9,
@@ -541,23 +534,8 @@ mod tests {
     #[test]
     fn recomputation_adds_to_the_backward_what_it_runs_again() {
         let hardware = Hardware::h100_dgx();
-        let spans = Spans::new(
-            &origami_parallel::Topology::new(
-                &origami_parallel::ParallelConfig::default()
-                    .layout(1)
-                    .unwrap(),
-            ),
-            8,
-        );
-        let rates = Rates {
-            hardware: &hardware,
-            peak: 989.5e12,
-            kernels: hardware.kernel_efficiency(Precision::Bf16),
-            bytes: Precision::Bf16.bytes(MixedPrecision::Megatron),
-            sharing: 1.0,
-            serial_sharing: 1.0,
-            spans: &spans,
-        };
+        let spans = one_rank_spans();
+        let rates = bf16_rates(&hardware, &spans);
         let gemm = Gemm {
             name: "qkv",
             m: 4096.0,
